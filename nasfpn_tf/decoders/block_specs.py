@@ -1,0 +1,138 @@
+"""Pyramid architectures as data: lists of merging-cell specs read by one builder.
+
+A spec is a list of `BlockSpec(level, op, inputs, is_output)`. The candidates start as the
+pyramid inputs P{min_level}..P{max_level} (indices 0..L-1); cell k appends its output as index
+L+k. `inputs` are two candidate indices, `op` a key of `nasfpn_tf.layers.MERGING_CELLS`, and the
+cells with `is_output` give the pyramid's outputs, one per level.
+"""
+from typing import NamedTuple, Sequence, Tuple, Union
+
+from nasfpn_tf.layers.merging_cell import MERGING_CELLS
+
+
+class BlockSpec(NamedTuple):
+  level: int
+  op: str
+  inputs: Tuple[int, int]
+  is_output: bool
+
+
+# The 7-cell NAS-FPN of the paper (Fig. 6), the authors' table. Levels 3..7.
+NASFPN = (
+    BlockSpec(4, 'global_pooling', (1, 3), False),
+    BlockSpec(4, 'sum', (1, 5), False),
+    BlockSpec(3, 'sum', (0, 6), True),
+    BlockSpec(4, 'sum', (6, 7), True),
+    BlockSpec(5, 'global_pooling', (7, 8), True),
+    BlockSpec(7, 'global_pooling', (6, 9), True),
+    BlockSpec(6, 'global_pooling', (9, 10), True),
+)
+
+
+def fpn(min_level: int = 3, max_level: int = 7) -> Tuple[BlockSpec, ...]:
+  """Vanilla FPN (paper Fig. 7a) in the same search space, for levels min_level..max_level.
+
+  The top-down pathway: from the second-highest level down, each output merges its lateral input
+  with the upsampled output of the level above. The top level, with nothing above it, merges its
+  input with the max-pooled output of the level below, so each level's output is one cell (with
+  R-50 @256 on P3-P7 this gives FPN R-50's 34.0M params of Table 1).
+  """
+  num_levels = max_level - min_level + 1
+  cells = [BlockSpec(max_level - 1, 'sum', (num_levels - 2, num_levels - 1), True)]
+  for level in range(max_level - 2, min_level - 1, -1):
+    cells.append(BlockSpec(level, 'sum', (level - min_level, num_levels + len(cells) - 1), True))
+  cells.append(BlockSpec(max_level, 'sum', (num_levels - 1, num_levels), True))
+  return tuple(cells)
+
+
+# NAS-FPNLite, levels 3..6: ours. The paper's 15-cell table was never published. This one is
+# hand-built in the search space from the traits the paper reports of the searched cells (Fig. 7):
+# a top-down pass where coarse features gate finer ones by global pooling (cells 0-2), a
+# bottom-up pass (3-6), a second top-down pass that also reuses the P5 input (7-10), then one
+# output cell per level built on the newest features (11-14). It has the paper's 15 cells, and
+# its level mix (2 cells at P3, 4 at P4, 5 at P5, 4 at P6) puts MobileNetV2 3@48 and 7@64 within
+# a few percent of Table 1's FLOPs and params (see experiments/model_table.py).
+NASFPN_LITE = (
+    BlockSpec(5, 'global_pooling', (2, 3), False),   # 4: P5 gated by P6
+    BlockSpec(4, 'global_pooling', (1, 4), False),   # 5: P4 gated by cell 0
+    BlockSpec(3, 'sum', (0, 5), False),              # 6: P3 + cell 1
+    BlockSpec(4, 'sum', (5, 6), False),              # 7: bottom-up
+    BlockSpec(5, 'sum', (4, 7), False),              # 8
+    BlockSpec(6, 'global_pooling', (3, 8), False),   # 9
+    BlockSpec(6, 'sum', (8, 9), False),              # 10
+    BlockSpec(5, 'global_pooling', (8, 10), False),  # 11: top-down again
+    BlockSpec(5, 'sum', (2, 11), False),             # 12: reuses the P5 input
+    BlockSpec(6, 'global_pooling', (10, 12), False), # 13
+    BlockSpec(4, 'global_pooling', (7, 12), False),  # 14
+    BlockSpec(3, 'sum', (6, 14), True),              # 15: P3 out
+    BlockSpec(4, 'sum', (14, 15), True),             # 16: P4 out
+    BlockSpec(5, 'global_pooling', (15, 16), True),  # 17: P5 out
+    BlockSpec(6, 'global_pooling', (13, 17), True),  # 18: P6 out
+)
+
+# Names usable in gin and configs: fixed tables (levels as written) or, for the regular FPN,
+# a function of (min_level, max_level).
+SPECS = {'nasfpn': NASFPN, 'nasfpn_lite': NASFPN_LITE, 'fpn': fpn}
+
+SpecLike = Union[str, Sequence[Sequence]]
+
+
+def resolve(block_specs: SpecLike, min_level: int = 3,
+            max_level: int = 7) -> Tuple[BlockSpec, ...]:
+  """A spec from its name in `SPECS` or from rows (level, op, (in0, in1), is_output)."""
+  if isinstance(block_specs, str):
+    if block_specs not in SPECS:
+      raise ValueError(f'Unknown block spec {block_specs!r}; known specs: {sorted(SPECS)}.')
+    spec = SPECS[block_specs]
+    return spec(min_level, max_level) if callable(spec) else spec
+  specs = []
+  for i, row in enumerate(block_specs):
+    if isinstance(row, dict):
+      row = (row['level'], row['op'], row['inputs'], row['is_output'])
+    if len(row) != 4:
+      raise ValueError(f'cell {i}: a block spec is (level, op, (input0, input1), is_output), '
+                       f'got {row!r}.')
+    level, op, inputs, is_output = row
+    specs.append(BlockSpec(int(level), str(op), tuple(int(j) for j in inputs), bool(is_output)))
+  return tuple(specs)
+
+
+def to_config(specs: Sequence[BlockSpec]):
+  """JSON-friendly rows, the inverse of `resolve`."""
+  return [[s.level, s.op, list(s.inputs), s.is_output] for s in specs]
+
+
+def validate(specs: Sequence[BlockSpec], min_level: int, max_level: int) -> None:
+  """Raises ValueError naming the cell at fault when `specs` cannot build a min..max pyramid."""
+  if min_level > max_level:
+    raise ValueError(f'min_level {min_level} is above max_level {max_level}.')
+  if not specs:
+    raise ValueError('A block spec needs at least one cell.')
+  num_inputs = max_level - min_level + 1
+  producers = {}
+  for k, spec in enumerate(specs):
+    where = f'cell {k} {tuple(spec)}'
+    if spec.op not in MERGING_CELLS:
+      raise ValueError(f'{where}: unknown op {spec.op!r}; ops are {sorted(MERGING_CELLS)}.')
+    if not min_level <= spec.level <= max_level:
+      raise ValueError(f'{where}: level {spec.level} is outside min_level..max_level = '
+                       f'{min_level}..{max_level}.')
+    if len(spec.inputs) != 2:
+      raise ValueError(f'{where}: needs exactly two inputs, got {len(spec.inputs)}.')
+    available = num_inputs + k
+    for index in spec.inputs:
+      if not 0 <= index < available:
+        raise ValueError(
+            f'{where}: input {index} does not exist yet; cell {k} can read candidates '
+            f'0..{available - 1} (the {num_inputs} pyramid inputs P{min_level}..P{max_level}'
+            + (f' and cells 0..{k - 1})' if k else ')') + '.')
+    if spec.is_output:
+      producers.setdefault(spec.level, []).append(k)
+  for level in range(min_level, max_level + 1):
+    cells = producers.get(level, [])
+    if not cells:
+      raise ValueError(f'No output cell produces level {level}; a spec for levels '
+                       f'{min_level}..{max_level} needs one output cell per level.')
+    if len(cells) > 1:
+      raise ValueError(f'Level {level} is produced twice, by output cells {cells}; '
+                       'exactly one output cell per level is allowed.')

@@ -1,0 +1,139 @@
+"""The NAS-FPN pyramid: one generic builder that turns a block spec into a Keras model."""
+from typing import Any, Dict, Mapping
+
+import tensorflow as tf
+import tf_keras
+
+from nasfpn_tf.decoders import block_specs as specs_lib
+from nasfpn_tf.layers import common
+from nasfpn_tf.layers.merging_cell import MERGING_CELLS
+from nasfpn_tf.layers.resample import ResampleToLevel
+
+
+@tf_keras.utils.register_keras_serializable(package='nasfpn_tf')
+class NASFPN(tf_keras.Model):
+  """A pyramid network from the NAS-FPN search space, stacked `num_repeats` times.
+
+  Takes the backbone's features as a dict {'3': C3, '4': C4, ...} and returns
+  {'3': P3, ..., str(max_level): P_max}, all with `num_filters` channels. Inputs are reduced to
+  `num_filters` by 1x1 conv + BN where their channel count differs; levels above the backbone's
+  are made by 2x2/2 max pooling of the level below. Each repeat has its own weights. The spec
+  (`block_specs`: a name in `block_specs.SPECS` or rows) is the architecture: 'nasfpn' (the
+  paper's 7 cells, P3-P7), 'fpn' (vanilla FPN, the baseline, any levels) or 'nasfpn_lite' (ours,
+  P3-P6; with `use_separable_conv=True` as in the paper).
+  """
+
+  def __init__(self,
+               input_specs: Mapping[str, Any],
+               min_level: int = 3,
+               max_level: int = 7,
+               block_specs: specs_lib.SpecLike = 'nasfpn',
+               num_filters: int = 256,
+               num_repeats: int = 7,
+               use_separable_conv: bool = False,
+               activation: str = 'relu',
+               use_sync_bn: bool = False,
+               norm_momentum: float = 0.99,
+               norm_epsilon: float = 1e-3,
+               dropblock_keep_prob=None,
+               dropblock_size: int = 3,
+               dropblock_ramp_steps: int = 0,
+               kernel_regularizer=None,
+               bias_regularizer=None,
+               **kwargs):
+    specs = specs_lib.resolve(block_specs, min_level, max_level)
+    specs_lib.validate(specs, min_level, max_level)
+    if num_repeats < 1:
+      raise ValueError(f'num_repeats must be >= 1, got {num_repeats}.')
+    input_specs = {str(k): tf.TensorShape(v) for k, v in input_specs.items()}
+    _check_inputs(input_specs, min_level, max_level)
+    kernel_regularizer = tf_keras.regularizers.get(kernel_regularizer)
+    bias_regularizer = tf_keras.regularizers.get(bias_regularizer)
+    norm = dict(use_sync_bn=use_sync_bn, norm_momentum=norm_momentum, norm_epsilon=norm_epsilon)
+    regularizers = dict(kernel_regularizer=kernel_regularizer, bias_regularizer=bias_regularizer)
+    cell_kwargs = dict(filters=num_filters, use_separable_conv=use_separable_conv,
+                       activation=activation, dropblock_keep_prob=dropblock_keep_prob,
+                       dropblock_size=dropblock_size, dropblock_ramp_steps=dropblock_ramp_steps,
+                       **norm, **regularizers)
+
+    inputs = {level: tf_keras.Input(shape=shape[1:], name=f'c{level}')
+              for level, shape in input_specs.items()}
+    feats = []
+    for level in range(min_level, max_level + 1):
+      if str(level) in inputs:
+        feats.append(ResampleToLevel(level, level, num_filters, name=f'p{level}_lateral',
+                                     **norm, **regularizers)(inputs[str(level)]))
+      else:
+        feats.append(ResampleToLevel(level - 1, level, num_filters,
+                                     name=f'p{level}_from_p{level - 1}',
+                                     **norm, **regularizers)(feats[-1]))
+    for repeat in range(num_repeats):
+      feats = _build_pyramid(feats, min_level, specs, f'repeat{repeat}', cell_kwargs)
+    outputs = {str(level): feat for level, feat in zip(range(min_level, max_level + 1), feats)}
+    super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+    self._config = dict(
+        input_specs={k: v.as_list() for k, v in input_specs.items()}, min_level=min_level,
+        max_level=max_level, block_specs=specs_lib.to_config(specs), num_filters=num_filters,
+        num_repeats=num_repeats, use_separable_conv=use_separable_conv, activation=activation,
+        **norm, dropblock_keep_prob=dropblock_keep_prob, dropblock_size=dropblock_size,
+        dropblock_ramp_steps=dropblock_ramp_steps,
+        **common.serialize_regularizers(kernel_regularizer, bias_regularizer))
+    self.block_specs = specs
+    self._output_specs = {level: feat.shape for level, feat in outputs.items()}
+
+  @property
+  def output_specs(self) -> Dict[str, tf.TensorShape]:
+    """{level: TensorShape} of the outputs."""
+    return self._output_specs
+
+  def get_config(self):
+    return dict(self._config, name=self.name)
+
+  @classmethod
+  def from_config(cls, config, custom_objects=None):
+    return cls(**config)
+
+
+def _check_inputs(input_specs, min_level, max_level):
+  """Inputs must start at min_level and divide evenly down to max_level."""
+  if str(min_level) not in input_specs:
+    raise ValueError(f'The backbone features {sorted(input_specs)} lack level {min_level}, '
+                     f'the pyramid min_level.')
+  for level, shape in input_specs.items():
+    if shape.rank != 4:
+      raise ValueError(f'Input feature {level!r} must be NHWC, got shape {shape}.')
+    factor = 2**max(max_level - int(level), 0)
+    for axis, size in (('height', shape[1]), ('width', shape[2])):
+      if size is not None and size % factor:
+        raise ValueError(
+            f'Input feature {level!r} has {axis} {size}, which does not divide by '
+            f'2^(max_level - {level}) = {factor}: pad images to a multiple of '
+            f'2^max_level = {2**max_level}.')
+
+
+def _build_pyramid(feats, min_level, specs, prefix, cell_kwargs):
+  """One pyramid network: cells read and extend the candidate list; returns outputs by level."""
+  candidates = list(feats)
+  levels = list(range(min_level, min_level + len(feats)))
+  consumers = [0] * len(feats)
+  outputs = {}
+  for k, spec in enumerate(specs):
+    picked = list(spec.inputs)
+    for index in picked:
+      consumers[index] += 1
+    if spec.is_output:
+      # Dangling features: same-level candidates nothing has read yet are added to the output.
+      for index, (level, count) in enumerate(zip(levels, consumers)):
+        if count == 0 and level == spec.level:
+          picked.append(index)
+          consumers[index] += 1
+    cell = MERGING_CELLS[spec.op](
+        input_levels=[levels[i] for i in picked], output_level=spec.level,
+        name=f'{prefix}_cell{k}_{spec.op}_p{spec.level}', **cell_kwargs)
+    candidates.append(cell([candidates[i] for i in picked]))
+    levels.append(spec.level)
+    consumers.append(0)
+    if spec.is_output:
+      outputs[spec.level] = candidates[-1]
+  return [outputs[level] for level in range(min_level, min_level + len(feats))]
