@@ -1,0 +1,55 @@
+"""The architecture drawing: its graph matches the builder's wiring, and each spec renders."""
+import importlib.util
+import pathlib
+
+import pytest
+
+from nasfpn_tf.decoders.block_specs import NASFPN, BlockSpec, resolve
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / 'experiments' / 'draw_architecture.py'
+_SPEC = importlib.util.spec_from_file_location('draw_architecture', _PATH)
+draw_architecture = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(draw_architecture)
+
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def test_nasfpn_edges_hand_counted():
+  # Candidates 0..4 are P3..P7, cell k is 5 + k. Two inputs per cell, plus the dangling P5 and P7
+  # inputs, unread until the P5 (cell 4) and P7 (cell 5) output cells.
+  expected = [
+      (1, 5, 'input'), (3, 5, 'input'),
+      (1, 6, 'input'), (5, 6, 'input'),
+      (0, 7, 'input'), (6, 7, 'input'),
+      (6, 8, 'input'), (7, 8, 'input'),
+      (7, 9, 'input'), (8, 9, 'input'), (2, 9, 'dangling'),
+      (6, 10, 'input'), (9, 10, 'input'), (4, 10, 'dangling'),
+      (9, 11, 'input'), (10, 11, 'input'),
+  ]
+  assert [tuple(edge) for edge in draw_architecture.spec_edges(NASFPN, 3, 7)] == expected
+
+
+@pytest.mark.parametrize('name,min_level,max_level', [
+    ('nasfpn', 3, 7), ('nasfpn_lite', 3, 6), ('fpn', 3, 7), ('fpn', 2, 5)])
+def test_draws_png(tmp_path, name, min_level, max_level):
+  path = tmp_path / f'{name}.png'
+  draw_architecture.draw_spec(resolve(name, min_level, max_level), min_level, max_level,
+                              str(path), title=name)
+  data = path.read_bytes()
+  assert data.startswith(PNG_SIGNATURE)
+  assert 10_000 < len(data) < 2_000_000
+
+
+def test_natural_levels():
+  assert draw_architecture.natural_levels('nasfpn') == (3, 7)
+  assert draw_architecture.natural_levels('nasfpn_lite') == (3, 6)
+  assert draw_architecture.natural_levels('fpn') == (3, 7)
+
+
+def test_bad_spec_raises(tmp_path):
+  reads_the_future = NASFPN[:2] + (BlockSpec(3, 'sum', (0, 12), True),) + NASFPN[3:]
+  with pytest.raises(ValueError, match='does not exist yet'):
+    draw_architecture.draw_spec(reads_the_future, 3, 7, str(tmp_path / 'bad.png'))
+  with pytest.raises(ValueError, match='No output cell produces level 8'):
+    draw_architecture.draw_spec(NASFPN, 3, 8, str(tmp_path / 'bad.png'))
+  assert not (tmp_path / 'bad.png').exists()
