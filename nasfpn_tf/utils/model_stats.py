@@ -3,8 +3,9 @@
 FLOPs come from the TF profiler on the frozen inference graph (training=False, batch 1, a fixed
 input shape), so they are what the graph executes, not a formula kept in sync by hand. The
 profiler counts 2 FLOPs per multiply-add for Conv2D, DepthwiseConv2dNative and MatMul (the
-paper's convention) and 1 per output element for element-wise ops such as BiasAdd, AddV2, Mul and
-MaxPool; BatchNorm (FusedBatchNormV3), ReLU and Sigmoid count 0.
+paper's convention), 1 per output element for element-wise ops such as BiasAdd, AddV2 and Mul, the
+kernel area per output for MaxPool; BatchNorm (FusedBatchNormV3), ReLU, Sigmoid and reduce-max
+count 0.
 """
 import contextlib
 import logging
