@@ -1,0 +1,267 @@
+r"""Converts a COCO instances json + image folder into sharded detection TFRecords.
+
+  python -m nasfpn_tf.data.create_coco_tfrecord \
+      --annotations_file=coco/annotations/instances_train2017.json \
+      --image_dir=coco/train2017 --output_prefix=/data/coco/train --num_shards=32
+
+Writes `{prefix}-00000-of-00032.tfrecord` ... and `{prefix}-label_map.json` (category id -> name),
+then prints one JSON line on stdout saying what was written, converted, clipped and skipped (and
+why), so a partly broken dataset never loses data silently. Examples use the TFM keys of
+`nasfpn_tf.data.tfexample`; class labels are the json's own category ids.
+"""
+import collections
+import concurrent.futures
+import io
+import json
+import math
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from PIL import Image
+import tensorflow as tf
+
+from nasfpn_tf.data import tfexample
+
+_ANNOTATIONS_FILE = flags.DEFINE_string(
+    'annotations_file', None, 'COCO instances json (e.g. annotations/instances_train2017.json).')
+_IMAGE_DIR = flags.DEFINE_string(
+    'image_dir', None, "Folder that the json's image `file_name`s are relative to.")
+_OUTPUT_PREFIX = flags.DEFINE_string(
+    'output_prefix', None, 'Output path prefix: shards go to {prefix}-SSSSS-of-NNNNN.tfrecord and '
+    'the category map to {prefix}-label_map.json; missing folders are created.')
+_NUM_SHARDS = flags.DEFINE_integer(
+    'num_shards', 1, 'Number of TFRecord shards; written images go round robin in json order.',
+    lower_bound=1)
+_NUM_THREADS = flags.DEFINE_integer(
+    'num_threads', 8, 'Threads reading, checking and re-encoding images.', lower_bound=1)
+
+JPEG_QUALITY = 95
+_CHUNK = 256  # Images decoded ahead of the writer; bounds memory on full COCO.
+
+
+class CocoFormatError(ValueError):
+  """The annotations file is unreadable or not COCO instances json (message names the file)."""
+
+
+class _SkipImage(Exception):
+  """An image that cannot go into the records: `reason` is its summary key."""
+
+  def __init__(self, reason, detail):
+    super().__init__(detail)
+    self.reason = reason
+
+
+def shard_paths(output_prefix, num_shards):
+  """The shard file names, in shard order."""
+  return [f'{output_prefix}-{i:05d}-of-{num_shards:05d}.tfrecord' for i in range(num_shards)]
+
+
+def label_map_path(output_prefix):
+  return f'{output_prefix}-label_map.json'
+
+
+def load_coco(annotations_file):
+  """Reads and checks the json; returns (images, categories {id: name}, annotations)."""
+  try:
+    with open(annotations_file, encoding='utf-8') as f:
+      data = json.load(f)
+  except FileNotFoundError as e:
+    raise CocoFormatError(f'{annotations_file}: annotations file not found') from e
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CocoFormatError(f'{annotations_file}: not valid JSON ({e})') from e
+  if not isinstance(data, dict) or not isinstance(data.get('images'), list) or not isinstance(
+      data.get('categories'), list):
+    raise CocoFormatError(f'{annotations_file}: not COCO instances json (needs "images" and '
+                          '"categories" lists)')
+  annotations = data.get('annotations', [])  # Absent in test-dev style files: all negatives.
+  if not isinstance(annotations, list):
+    raise CocoFormatError(f'{annotations_file}: "annotations" is not a list')
+
+  categories = {}
+  for i, category in enumerate(data['categories']):
+    if not isinstance(category, dict) or not isinstance(category.get('id'), int) or not isinstance(
+        category.get('name'), str):
+      raise CocoFormatError(f'{annotations_file}: categories[{i}] needs an integer "id" and a '
+                            f'"name", got {category!r}')
+    if category['id'] in categories:
+      raise CocoFormatError(f'{annotations_file}: category id {category["id"]} appears twice')
+    categories[category['id']] = category['name']
+
+  seen_ids = set()
+  for i, image in enumerate(data['images']):
+    if not isinstance(image, dict) or 'id' not in image or not isinstance(
+        image.get('file_name'), str):
+      raise CocoFormatError(f'{annotations_file}: images[{i}] needs "id" and "file_name", got '
+                            f'{image!r}')
+    if image['id'] in seen_ids:
+      raise CocoFormatError(f'{annotations_file}: image id {image["id"]} appears twice')
+    seen_ids.add(image['id'])
+  return data['images'], categories, annotations
+
+
+def convert_box(bbox, height, width):
+  """COCO [x, y, w, h] pixels -> (skip reason or None, normalized yxyx box, whether clipped).
+
+  Boxes partly outside the image are clipped to it; degenerate (w or h <= 0) and fully outside
+  boxes are skipped with a reason.
+  """
+  if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or
+      not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
+    return 'malformed_bbox', None, False
+  x, y, w, h = (float(v) for v in bbox)
+  if w <= 0 or h <= 0:
+    return 'degenerate', None, False
+  x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
+  if x1 <= x0 or y1 <= y0:
+    return 'outside_image', None, False
+  clipped = (x0, y0, x1, y1) != (x, y, x + w, y + h)
+  return None, [y0 / height, x0 / width, y1 / height, x1 / width], clipped
+
+
+def read_image(path):
+  """Returns (RGB JPEG bytes, height, width, conversion or None); raises _SkipImage.
+
+  The file is fully decoded with PIL so corrupt or truncated images are caught here, not in
+  training. Anything but an RGB JPEG (grayscale, CMYK, PNG, ...) is re-encoded as RGB JPEG and
+  the conversion is returned as 'FORMAT/MODE'.
+  """
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except FileNotFoundError as e:
+    raise _SkipImage('missing_file', f'{path}: image file not found') from e
+  except OSError as e:
+    raise _SkipImage('unreadable_file', f'{path}: cannot read ({e})') from e
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      image.load()
+      width, height = image.size
+      if image.format == 'JPEG' and image.mode == 'RGB':
+        return data, height, width, None
+      conversion = f'{image.format}/{image.mode}'
+      out = io.BytesIO()
+      image.convert('RGB').save(out, format='JPEG', quality=JPEG_QUALITY)
+      return out.getvalue(), height, width, conversion
+  except Exception as e:  # pylint: disable=broad-except  # Any decoder failure means unusable.
+    raise _SkipImage('undecodable', f'{path}: cannot decode image ({type(e).__name__}: {e})') from e
+
+
+def _group_annotations(annotations, image_ids, categories, skipped_boxes):
+  """{image id: [annotation]} for annotations whose image and category exist; counts the rest."""
+  by_image = collections.defaultdict(list)
+  for annotation in annotations:
+    if not isinstance(annotation, dict):
+      skipped_boxes['malformed_annotation'] += 1
+    elif annotation.get('image_id') not in image_ids:
+      skipped_boxes['unknown_image_id'] += 1
+    elif annotation.get('category_id') not in categories:
+      skipped_boxes['unknown_category_id'] += 1
+    else:
+      by_image[annotation['image_id']].append(annotation)
+  return by_image
+
+
+def convert(annotations_file, image_dir, output_prefix, num_shards=1, num_threads=8):
+  """Writes the shards and the label map; returns the summary dict that the CLI prints."""
+  if not os.path.isdir(image_dir):
+    raise CocoFormatError(f'--image_dir {image_dir}: not a folder')
+  images, categories, annotations = load_coco(annotations_file)
+  skipped_boxes = collections.Counter()
+  by_image = _group_annotations(annotations, {image['id'] for image in images}, categories,
+                                skipped_boxes)
+
+  counts = collections.Counter()
+  skipped_image_files = collections.defaultdict(list)
+  converted = collections.Counter()
+  size_mismatches = []
+  paths = shard_paths(output_prefix, num_shards)
+  if os.path.dirname(output_prefix):
+    tf.io.gfile.makedirs(os.path.dirname(output_prefix))
+  writers = [tf.io.TFRecordWriter(path) for path in paths]
+
+  def load(image):
+    try:
+      return read_image(os.path.join(image_dir, image['file_name']))
+    except _SkipImage as skip:
+      return skip
+
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    for start in range(0, len(images), _CHUNK):
+      chunk = images[start:start + _CHUNK]
+      for image, loaded in zip(chunk, pool.map(load, chunk)):
+        image_annotations = by_image.get(image['id'], [])
+        if isinstance(loaded, _SkipImage):
+          logging.warning('Skipping image id %s: %s', image['id'], loaded)
+          skipped_image_files[loaded.reason].append(image['file_name'])
+          skipped_boxes['image_skipped'] += len(image_annotations)
+          continue
+        encoded, height, width, conversion = loaded
+        if conversion:
+          converted[conversion] += 1
+        if (image.get('height'), image.get('width')) != (height, width):
+          size_mismatches.append({'file': image['file_name'],
+                                  'json_hw': [image.get('height'), image.get('width')],
+                                  'actual_hw': [height, width]})
+        boxes, classes, texts, crowd, areas = [], [], [], [], []
+        for annotation in image_annotations:
+          reason, box, clipped = convert_box(annotation.get('bbox'), height, width)
+          if reason:
+            skipped_boxes[reason] += 1
+            continue
+          counts['clipped_boxes'] += clipped
+          is_crowd = int(bool(annotation.get('iscrowd', 0)))
+          counts['crowd_boxes'] += is_crowd
+          boxes.append(box)
+          classes.append(annotation['category_id'])
+          texts.append(categories[annotation['category_id']])
+          crowd.append(is_crowd)
+          area = annotation.get('area')
+          areas.append(area if isinstance(area, (int, float)) and area > 0 else
+                       (box[2] - box[0]) * height * (box[3] - box[1]) * width)
+        example = tfexample.encode_example(encoded, height, width, image['id'],
+                                           image['file_name'], boxes, classes, texts, crowd, areas)
+        writers[counts['images_written'] % num_shards].write(example)
+        counts['images_written'] += 1
+        counts['boxes_written'] += len(boxes)
+        counts['negative_images'] += not boxes
+      logging.info('Processed %d / %d images', min(start + _CHUNK, len(images)), len(images))
+  for writer in writers:
+    writer.close()
+
+  with tf.io.gfile.GFile(label_map_path(output_prefix), 'w') as f:
+    json.dump({str(k): v for k, v in sorted(categories.items())}, f, indent=1)
+  return {
+      'images_written': counts['images_written'],
+      'boxes_written': counts['boxes_written'],
+      'crowd_boxes': counts['crowd_boxes'],
+      'clipped_boxes': counts['clipped_boxes'],
+      'negative_images': counts['negative_images'],
+      'converted_images': dict(sorted(converted.items())),
+      'size_mismatches': size_mismatches,
+      'skipped_images': {k: len(v) for k, v in sorted(skipped_image_files.items())},
+      'skipped_image_files': dict(sorted(skipped_image_files.items())),
+      'skipped_boxes': dict(sorted(skipped_boxes.items())),
+      'num_shards': num_shards,
+      'shards': paths,
+      'label_map': label_map_path(output_prefix),
+      'categories': {str(k): v for k, v in sorted(categories.items())},
+  }
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  try:
+    summary = convert(_ANNOTATIONS_FILE.value, _IMAGE_DIR.value, _OUTPUT_PREFIX.value,
+                      _NUM_SHARDS.value, _NUM_THREADS.value)
+  except CocoFormatError as e:
+    sys.exit(f'create_coco_tfrecord: {e}')
+  print(json.dumps(summary), flush=True)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['annotations_file', 'image_dir', 'output_prefix'])
+  app.run(main)
