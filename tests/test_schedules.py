@@ -198,3 +198,17 @@ def test_gin_binding_override(clean_gin):
   s = StepDecayWithWarmup(warmup_steps=0)
   assert s.boundaries == [60, 80]
   assert lr(s, 70) == pytest.approx(0.008, rel=1e-5)
+
+
+def test_gin_dropblock_binds_the_model_builder(clean_gin):
+  from nasfpn_tf.layers import DropBlock
+  from nasfpn_tf.models import build_retinanet
+  parse('dropblock.gin', 'schedule_step_150ep_dropblock.gin')
+  assert gin.query_parameter('build_retinanet.dropblock_keep_prob') == 0.9
+  assert gin.query_parameter('build_retinanet.dropblock_size') == 3
+  model = build_retinanet(image_size=(128, 128), num_classes=3, backbone='resnet10',
+                          num_filters=16, num_repeats=1, head_num_convs=1, head_num_filters=16)
+  dropblocks = [m for m in model.submodules if isinstance(m, DropBlock)]
+  # One DropBlock after every merging cell of the 7-cell pyramid, keep 0.9, 3x3 blocks.
+  assert len(dropblocks) == 7
+  assert {(d.keep_prob, d.block_size, d.ramp_steps) for d in dropblocks} == {(0.9, 3, 0)}
