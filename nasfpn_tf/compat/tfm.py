@@ -1,0 +1,254 @@
+"""TF Model Garden (`official.vision`) NAS-FPN decoders as `nasfpn_tf.decoders.NASFPN`.
+
+Lets checkpoints trained with TFM be used here: build the TFM decoder, restore its checkpoint,
+then `pyramid_from_tfm(decoder)` returns our pyramid computing the same function.
+
+Weights are matched by graph structure, not by layer order: TFM's functional model lists its
+layers by graph depth, not by creation, and its layers are unnamed. Every TFM cell is identified
+by its merge op and the features it reads (in order), found by walking its graph back from the
+cell's conv; our cells are walked the same way, so each of our cells finds the one TFM cell
+computing the same thing from the same features.
+"""
+from typing import Dict, List, Sequence, Tuple
+
+import tensorflow as tf
+import tf_keras
+
+from nasfpn_tf.decoders import block_specs as specs_lib
+from nasfpn_tf.decoders.nasfpn import NASFPN
+from nasfpn_tf.layers.merging_cell import MERGING_CELLS, GlobalPoolingCell, MergingCell
+
+_CONVS = (tf_keras.layers.Conv2D, tf_keras.layers.SeparableConv2D)
+_BN = tf_keras.layers.BatchNormalization
+_OPS = {'attention': 'global_pooling', 'sum': 'sum'}
+# TFM's `_resample_feature_map` brings every cell input to its default `target_num_filters`, 256,
+# so any other width adds a 1x1 conv + BN per cell input, which our pyramid does not have.
+_TFM_CELL_INPUT_FILTERS = 256
+
+
+def block_specs_from_tfm(tfm_block_specs: Sequence) -> Tuple[specs_lib.BlockSpec, ...]:
+  """Our block specs from TFM's `BlockSpec` objects ('attention' is our 'global_pooling')."""
+  specs = []
+  for k, spec in enumerate(tfm_block_specs):
+    if spec.combine_fn not in _OPS:
+      raise ValueError(f'TFM cell {k}: unknown combine_fn {spec.combine_fn!r}; '
+                       f'known: {sorted(_OPS)}.')
+    specs.append(specs_lib.BlockSpec(int(spec.level), _OPS[spec.combine_fn],
+                                     tuple(int(i) for i in spec.input_offsets),
+                                     bool(spec.is_output)))
+  return tuple(specs)
+
+
+def pyramid_from_tfm(tfm_decoder) -> NASFPN:
+  """Our NASFPN with the architecture of a built TFM NASFPN decoder and copies of its weights.
+
+  It takes the same dict of backbone features and returns the same dict of levels.
+  """
+  config = tfm_decoder.get_config()
+  min_level, max_level = config['min_level'], config['max_level']
+  # TFM's get_config() omits the block specs.
+  specs = block_specs_from_tfm(tfm_decoder._block_specs)  # pylint: disable=protected-access
+  if config['num_filters'] != _TFM_CELL_INPUT_FILTERS:
+    raise ValueError(
+        f"TFM NASFPN with num_filters={config['num_filters']} projects every cell input to "
+        f'{_TFM_CELL_INPUT_FILTERS} channels (1x1 conv + BN; the default target_num_filters of '
+        'its _resample_feature_map), which nasfpn_tf.decoders.NASFPN has no layers for; only '
+        f'num_filters={_TFM_CELL_INPUT_FILTERS} converts.')
+  # TFM outputs the last num_levels cells; ours the is_output cells. They must coincide.
+  num_levels = max_level - min_level + 1
+  output_cells = [k for k, spec in enumerate(specs) if spec.is_output]
+  last_cells = list(range(len(specs) - num_levels, len(specs)))
+  if output_cells != last_cells:
+    raise ValueError(
+        f'The TFM block specs mark cells {output_cells} as outputs, but TFM outputs the last '
+        f'{num_levels} cells {last_cells}; such a spec has no nasfpn_tf equivalent.')
+  pyramid = NASFPN(
+      input_specs={level: tf.TensorShape(shape) for level, shape in
+                   config['input_specs'].items()},
+      min_level=min_level, max_level=max_level, block_specs=specs,
+      num_filters=config['num_filters'], num_repeats=config['num_repeats'],
+      use_separable_conv=config['use_separable_conv'], activation=config['activation'],
+      use_sync_bn=config['use_sync_bn'], norm_momentum=config['norm_momentum'],
+      norm_epsilon=config['norm_epsilon'], kernel_regularizer=config['kernel_regularizer'],
+      bias_regularizer=config['bias_regularizer'])
+  load_tfm_weights(pyramid, tfm_decoder)
+  return pyramid
+
+
+def load_tfm_weights(pyramid: NASFPN, tfm_decoder) -> None:
+  """Copies the weights of a TFM NASFPN decoder into `pyramid`, of the same architecture.
+
+  Raises ValueError, naming the layer, when a layer has no counterpart or shapes differ; then
+  nothing is copied.
+  """
+  tfm_inputs, tfm_outputs = tfm_decoder.input, tfm_decoder.output
+  config = pyramid.get_config()
+  min_level, max_level = config['min_level'], config['max_level']
+  if sorted(tfm_inputs) != sorted(pyramid.input) or sorted(tfm_outputs) != sorted(pyramid.output):
+    raise ValueError(f'The TFM decoder maps levels {sorted(tfm_inputs)} to '
+                     f'{sorted(tfm_outputs)}, the pyramid {sorted(pyramid.input)} to '
+                     f'{sorted(pyramid.output)}.')
+  # Our symbolic tensors -> TFM's, grown as layers are matched.
+  tfm_of = {id(ours): tfm_inputs[level] for level, ours in pyramid.input.items()}
+  copied = set()
+  assignments = []  # (our variable, TFM value), assigned once everything matched.
+
+  for level in range(min_level, max_level + 1):
+    if str(level) in tfm_inputs:
+      ours = pyramid.get_layer(f'p{level}_lateral')
+      tfm_x = tfm_of[id(_input_of(ours)[0])]
+      tfm_convs = [layer for layer in _consumers(tfm_x) if isinstance(layer, _CONVS)]
+      if (ours.conv is None) != (not tfm_convs):
+        raise ValueError(f'{ours.name}: projection (1x1 conv + BN) in the pyramid: '
+                         f'{ours.conv is not None}, in the TFM decoder: {bool(tfm_convs)}.')
+      if tfm_convs:
+        (tfm_conv,) = tfm_convs
+        (tfm_bn,) = _consumers(_output_of(tfm_conv))
+        if not isinstance(tfm_bn, _BN):
+          raise ValueError(f'{ours.name}: TFM {tfm_conv.name} is not followed by a BN.')
+        assignments += _conv_pairs(tfm_conv, ours.conv, ours.name)
+        assignments += _bn_pairs(tfm_bn, ours.norm, ours.name)
+        copied.update((tfm_bn, tfm_conv))
+        tfm_x = _output_of(tfm_bn)
+    else:
+      # Levels above the backbone's: TFM max-pools the level below right after making it, so
+      # its first max pooling consumer (creation order) is this level's input.
+      ours = pyramid.get_layer(f'p{level}_from_p{level - 1}')
+      pools = [layer for layer in _consumers(tfm_of[id(_input_of(ours)[0])])
+               if isinstance(layer, tf_keras.layers.MaxPool2D)]
+      if not pools or pools[0].pool_size != (2, 2):
+        raise ValueError(f'{ours.name}: the TFM decoder does not max-pool P{level - 1} by 2.')
+      tfm_x = _output_of(pools[0])
+    tfm_of[id(_output_of(ours))] = tfm_x
+
+  tfm_cells = _tfm_cells(tfm_decoder, copied, list(tfm_of.values()))
+  op_of = {cls: op for op, cls in MERGING_CELLS.items()}
+  # Functional models list layers in topological order: a cell's inputs are matched before it.
+  for layer in (layer for layer in pyramid.layers if isinstance(layer, MergingCell)):
+    inputs = [tfm_of[id(x)] for x in _input_of(layer)]
+    if isinstance(layer, GlobalPoolingCell) and layer.input_levels[0] < layer.input_levels[1]:
+      inputs[0], inputs[1] = inputs[1], inputs[0]  # TFM reads the coarse input first.
+    key = (op_of[type(layer)], tuple(id(x) for x in _unique(inputs)))
+    shape = _output_of(layer).shape[1:3]
+    matches = [cell for cell in tfm_cells.get(key, [])
+               if cell[1] not in copied and _output_of(cell[1]).shape[1:3] == shape]
+    if len(matches) != 1:
+      raise ValueError(f'{layer.name}: {len(matches)} TFM cells read the same features with '
+                       f'the same op at the same size (expected exactly one).')
+    tfm_conv, tfm_bn = matches[0]
+    assignments += _conv_pairs(tfm_conv, layer.conv, layer.name)
+    assignments += _bn_pairs(tfm_bn, layer.norm, layer.name)
+    copied.update((tfm_conv, tfm_bn))
+    tfm_of[id(_output_of(layer))] = _output_of(tfm_bn)
+
+  left = [layer.name for layer in tfm_decoder.layers if layer.weights and layer not in copied]
+  if left:
+    raise ValueError(f'TFM layers without a counterpart in the pyramid: {left}.')
+  for level, ours in pyramid.output.items():
+    if tfm_of[id(ours)] is not tfm_outputs[level]:
+      raise ValueError(f'Output level {level} of the pyramid and of the TFM decoder come '
+                       'from different cells.')
+  for variable, value in assignments:
+    variable.assign(value)
+
+
+def _tfm_cells(tfm_decoder, projections, features) -> Dict[tuple, List[tuple]]:
+  """{(op, ids of the features read, coarse first): [(conv, bn), ...]} of TFM's cells.
+
+  `features` are the pyramid inputs; every BN output is a feature too (a cell output).
+  """
+  bns = [layer for layer in tfm_decoder.layers
+         if isinstance(layer, _BN) and layer not in projections]
+  stops = {id(x) for x in features} | {id(_output_of(bn)) for bn in bns}
+  cells = {}
+  for bn in bns:
+    conv = _producer(_input_of(bn)[0])
+    if not isinstance(conv, _CONVS):
+      raise ValueError(f'TFM layer {bn.name} does not follow a conv.')
+    sources, ops = _walk_back(_input_of(conv)[0], stops)
+    op = 'global_pooling' if 'math.reduce_max' in ops else 'sum'
+    cells.setdefault((op, tuple(id(x) for x in sources)), []).append((conv, bn))
+  return cells
+
+
+def _walk_back(tensor, stops):
+  """The stop tensors `tensor` is computed from, in order of first use, and the ops on the way."""
+  sources, ops, seen = [], set(), set()
+
+  def visit(x):
+    if id(x) in seen:
+      return
+    seen.add(id(x))
+    if id(x) in stops:
+      sources.append(x)
+      return
+    layer = _producer(x)
+    if layer.weights:
+      raise ValueError(f'TFM layer {layer.name} with weights lies inside a cell; the pyramid '
+                       'has no such layer.')
+    ops.add(getattr(layer, 'symbol', type(layer).__name__))
+    node = layer.inbound_nodes[x._keras_history.node_index]  # pylint: disable=protected-access
+    for parent in node.keras_inputs:
+      visit(parent)
+
+  visit(tensor)
+  return sources, ops
+
+
+def _conv_pairs(src, dst, name):
+  """(our variable, TFM value) for kernels and bias; a TFM 1x1 separable projection is folded
+  into our 1x1 conv."""
+  if isinstance(src, tf_keras.layers.SeparableConv2D):
+    if isinstance(dst, tf_keras.layers.SeparableConv2D):
+      pairs = [(dst.depthwise_kernel, src.depthwise_kernel),
+               (dst.pointwise_kernel, src.pointwise_kernel)]
+    elif src.kernel_size == (1, 1) and src.depth_multiplier == 1:
+      # depthwise (1, 1, C, 1) scales each input channel before pointwise (1, 1, C, F).
+      pairs = [(dst.kernel, src.depthwise_kernel * src.pointwise_kernel)]
+    else:
+      raise ValueError(f'{name}: TFM {src.name} is separable, {dst.name} is not.')
+  elif isinstance(dst, tf_keras.layers.SeparableConv2D):
+    raise ValueError(f'{name}: {dst.name} is separable, TFM {src.name} is not.')
+  else:
+    pairs = [(dst.kernel, src.kernel)]
+  return _checked(pairs + [(dst.bias, src.bias)], name, src.name)
+
+
+def _bn_pairs(src, dst, name):
+  return _checked([(dst.gamma, src.gamma), (dst.beta, src.beta), (dst.moving_mean, src.moving_mean),
+           (dst.moving_variance, src.moving_variance)], name, src.name)
+
+
+def _checked(pairs, name, src_name):
+  for dst, src in pairs:
+    if dst.shape != src.shape:
+      raise ValueError(f'{name}: {dst.name} has shape {dst.shape}, but TFM {src_name} '
+                       f'gives {src.shape}.')
+  return pairs
+
+
+def _producer(tensor):
+  return tensor._keras_history.layer  # pylint: disable=protected-access
+
+
+def _input_of(layer) -> list:
+  """The symbolic inputs of a layer's first call (the call that built the functional model)."""
+  return layer.inbound_nodes[0].keras_inputs
+
+
+def _output_of(layer):
+  return tf.nest.flatten(layer.inbound_nodes[0].outputs)[0]
+
+
+def _consumers(tensor) -> list:
+  """Layers called on `tensor`, in call order."""
+  return [node.layer for node in _producer(tensor).outbound_nodes
+          if any(x is tensor for x in node.keras_inputs)]
+
+
+def _unique(tensors):
+  out = []
+  for x in tensors:
+    if not any(x is y for y in out):
+      out.append(x)
+  return out
