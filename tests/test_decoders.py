@@ -219,3 +219,9 @@ def test_mixed_float16_outputs():
     assert all(np.isfinite(out.numpy()).all() for out in outputs.values())
   finally:
     tf_keras.mixed_precision.set_global_policy(previous)
+
+
+def test_inconsistent_input_sizes_name_the_level():
+  with pytest.raises(ValueError, match="Input feature '4' has height 16, but level 3 has 16"):
+    NASFPN({'3': [None, 16, 16, 8], '4': [None, 16, 8, 8], '5': [None, 4, 4, 8]}, max_level=5,
+           num_filters=8, block_specs='fpn', num_repeats=1)

@@ -100,9 +100,17 @@ def _check_inputs(input_specs, min_level, max_level):
   if str(min_level) not in input_specs:
     raise ValueError(f'The backbone features {sorted(input_specs)} lack level {min_level}, '
                      f'the pyramid min_level.')
+  base = input_specs[str(min_level)]
   for level, shape in input_specs.items():
     if shape.rank != 4:
       raise ValueError(f'Input feature {level!r} must be NHWC, got shape {shape}.')
+    for axis, size, base_size in ((1, shape[1], base[1]), (2, shape[2], base[2])):
+      scale = 2.0**(int(level) - min_level)
+      if None not in (size, base_size) and size != int(-(-base_size // scale)):
+        raise ValueError(
+            f'Input feature {level!r} has {"height" if axis == 1 else "width"} {size}, but '
+            f'level {min_level} has {base_size}: each level must be half the size of the one '
+            'below.')
     factor = 2**max(max_level - int(level), 0)
     for axis, size in (('height', shape[1]), ('width', shape[2])):
       if size is not None and size % factor:

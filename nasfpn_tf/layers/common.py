@@ -1,5 +1,4 @@
 """Settings shared by every conv + BN in the package, so pyramid, head and cells agree."""
-import tensorflow as tf
 import tf_keras
 
 
@@ -7,7 +6,7 @@ def conv_kwargs(use_separable_conv=False, kernel_regularizer=None, bias_regulari
   """Initializers as in the authors' code and TF Model Garden (He init, fan-out)."""
   init = lambda: tf_keras.initializers.VarianceScaling(
       scale=2.0, mode='fan_out', distribution='untruncated_normal')
-  kwargs = {'bias_initializer': tf.zeros_initializer(), 'bias_regularizer': bias_regularizer}
+  kwargs = {'bias_initializer': 'zeros', 'bias_regularizer': bias_regularizer}
   if use_separable_conv:
     kwargs.update(depthwise_initializer=init(), pointwise_initializer=init(),
                   depthwise_regularizer=kernel_regularizer,
