@@ -21,6 +21,11 @@ class NASFPN(tf_keras.Model):
   (`block_specs`: a name in `block_specs.SPECS` or rows) is the architecture: 'nasfpn' (the
   paper's 7 cells, P3-P7), 'fpn' (vanilla FPN, the baseline, any levels) or 'nasfpn_lite' (ours,
   P3-P6; with `use_separable_conv=True` as in the paper).
+
+  `merge_filters` (default: `num_filters`, as the paper) is the width at which cells merge their
+  inputs. TF Model Garden's NASFPN always merges at 256, whatever `num_filters`, with a 1x1
+  conv + BN on each cell input when they differ; `compat.tfm.pyramid_from_tfm` sets 256 to
+  reproduce it.
   """
 
   def __init__(self,
@@ -30,6 +35,7 @@ class NASFPN(tf_keras.Model):
                block_specs: specs_lib.SpecLike = 'nasfpn',
                num_filters: int = 256,
                num_repeats: int = 7,
+               merge_filters=None,
                use_separable_conv: bool = False,
                activation: str = 'relu',
                use_sync_bn: bool = False,
@@ -51,7 +57,8 @@ class NASFPN(tf_keras.Model):
     bias_regularizer = tf_keras.regularizers.get(bias_regularizer)
     norm = dict(use_sync_bn=use_sync_bn, norm_momentum=norm_momentum, norm_epsilon=norm_epsilon)
     regularizers = dict(kernel_regularizer=kernel_regularizer, bias_regularizer=bias_regularizer)
-    cell_kwargs = dict(filters=num_filters, use_separable_conv=use_separable_conv,
+    cell_kwargs = dict(filters=num_filters, merge_filters=merge_filters,
+                       use_separable_conv=use_separable_conv,
                        activation=activation, dropblock_keep_prob=dropblock_keep_prob,
                        dropblock_size=dropblock_size, dropblock_ramp_steps=dropblock_ramp_steps,
                        **norm, **regularizers)
@@ -75,7 +82,8 @@ class NASFPN(tf_keras.Model):
     self._config = dict(
         input_specs={k: v.as_list() for k, v in input_specs.items()}, min_level=min_level,
         max_level=max_level, block_specs=specs_lib.to_config(specs), num_filters=num_filters,
-        num_repeats=num_repeats, use_separable_conv=use_separable_conv, activation=activation,
+        num_repeats=num_repeats, merge_filters=merge_filters,
+        use_separable_conv=use_separable_conv, activation=activation,
         **norm, dropblock_keep_prob=dropblock_keep_prob, dropblock_size=dropblock_size,
         dropblock_ramp_steps=dropblock_ramp_steps,
         **common.serialize_regularizers(kernel_regularizer, bias_regularizer))

@@ -27,9 +27,12 @@ class MergingCell(tf_keras.layers.Layer):
   """Base merging cell; `merge(a, b)` is the binary op.
 
   Call it on a list of features: `[input0, input1, *dangling]`, whose levels are `input_levels`.
+  Inputs are merged at `merge_filters` channels (default `filters`), each brought there by a
+  1x1 conv + BN only if its channel count differs.
   """
 
-  def __init__(self, input_levels, output_level, filters, use_separable_conv=False,
+  def __init__(self, input_levels, output_level, filters, merge_filters=None,
+               use_separable_conv=False,
                activation='relu', use_sync_bn=False, norm_momentum=0.99, norm_epsilon=1e-3,
                dropblock_keep_prob=None, dropblock_size=3, dropblock_ramp_steps=0,
                kernel_regularizer=None, bias_regularizer=None, **kwargs):
@@ -40,7 +43,8 @@ class MergingCell(tf_keras.layers.Layer):
     self.output_level = output_level
     self._config = dict(
         input_levels=self.input_levels, output_level=output_level, filters=filters,
-        use_separable_conv=use_separable_conv, activation=activation, use_sync_bn=use_sync_bn,
+        merge_filters=merge_filters, use_separable_conv=use_separable_conv, activation=activation,
+        use_sync_bn=use_sync_bn,
         norm_momentum=norm_momentum, norm_epsilon=norm_epsilon,
         dropblock_keep_prob=dropblock_keep_prob, dropblock_size=dropblock_size,
         dropblock_ramp_steps=dropblock_ramp_steps)
@@ -49,7 +53,8 @@ class MergingCell(tf_keras.layers.Layer):
     self._activation = tf_keras.activations.get(activation)
     norm = dict(use_sync_bn=use_sync_bn, norm_momentum=norm_momentum, norm_epsilon=norm_epsilon)
     self.resamplers = [
-        ResampleToLevel(level, output_level, filters, name=f'resample{i}_from_l{level}',
+        ResampleToLevel(level, output_level, merge_filters or filters,
+                        name=f'resample{i}_from_l{level}',
                         kernel_regularizer=self._kernel_regularizer,
                         bias_regularizer=self._bias_regularizer, **norm)
         for i, level in enumerate(self.input_levels)]
