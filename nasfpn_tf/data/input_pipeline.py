@@ -1,0 +1,242 @@
+"""RetinaNet training and evaluation input pipelines over detection TFRecords (TFM style).
+
+The image size, anchor settings and num_classes come from the model's config
+(`RetinaNet.get_config()`, i.e. the `build_retinanet` gin bindings), so labels are always made
+for the anchors the model predicts on. Images are RGB float32 pixels in [0, 255]: the model
+normalizes them itself. Class ids are the dataset's own ids, kept raw (0 is background), so
+every id must lie in [1, num_classes).
+"""
+import sys
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import gin
+import tensorflow as tf
+from official.vision.ops import anchor, box_ops, preprocess_ops
+
+from nasfpn_tf.data import tfexample
+
+AUTOTUNE = tf.data.AUTOTUNE
+# The `RetinaNet.get_config()` entries the pipeline needs.
+MODEL_KEYS = ('image_size', 'num_classes', 'min_level', 'max_level', 'anchor_num_scales',
+              'anchor_aspect_ratios', 'anchor_size')
+
+
+def _model_settings(model_config: Mapping[str, Any]) -> Dict[str, Any]:
+  """The pipeline's view of the model config, validated before any data is read."""
+  missing = [key for key in MODEL_KEYS if key not in model_config]
+  if missing:
+    raise ValueError(f'model_config lacks {missing}; pass RetinaNet.get_config() (needs '
+                     f'{list(MODEL_KEYS)}).')
+  settings = {key: model_config[key] for key in MODEL_KEYS}
+  image_size = [int(s) for s in settings['image_size']]
+  stride = 2**int(settings['max_level'])
+  if len(image_size) != 2 or any(s <= 0 or s % stride for s in image_size):
+    raise ValueError(
+        f'image_size {image_size} must be [height, width], each a multiple of 2^max_level = '
+        f"{stride} (max_level = {settings['max_level']}), so every pyramid level divides evenly.")
+  settings['image_size'] = image_size
+  return settings
+
+
+def anchor_boxes(model_config: Mapping[str, Any]) -> Dict[str, tf.Tensor]:
+  """{level: [h, w, A*4]} TFM anchors in input pixels: the same boxes as `RetinaNet.anchor_boxes`."""
+  s = _model_settings(model_config)
+  return anchor.Anchor(s['min_level'], s['max_level'], s['anchor_num_scales'],
+                       [float(r) for r in s['anchor_aspect_ratios']], s['anchor_size'],
+                       s['image_size']).multilevel_boxes
+
+
+def _list_files(file_pattern: str) -> Sequence[str]:
+  """Files matching `file_pattern`; fails early when none match or they hold no record."""
+  files = sorted(tf.io.gfile.glob(file_pattern))
+  if not files:
+    raise ValueError(f'no files match the file pattern {file_pattern!r}')
+  # Reads one record at most (unless leading files are empty): cheap even on remote storage.
+  if not any(True for _ in tf.data.TFRecordDataset(files).take(1)):
+    raise ValueError(f'empty dataset: the {len(files)} file(s) matching {file_pattern!r} hold '
+                     'no records')
+  return files
+
+
+def _records(file_pattern: str, input_context: Optional[tf.distribute.InputContext],
+             training: bool, cycle_length: int) -> tf.data.Dataset:
+  """Serialized examples of this input pipeline's shard, files shuffled when training."""
+  files = _list_files(file_pattern)
+  num_pipelines = input_context.num_input_pipelines if input_context else 1
+  pipeline_id = input_context.input_pipeline_id if input_context else 0
+  dataset = tf.data.Dataset.from_tensor_slices(files)
+  # Sharding files saves every pipeline reading all the data; too few files: shard records.
+  shard_files = len(files) >= num_pipelines
+  if num_pipelines > 1 and shard_files:
+    dataset = dataset.shard(num_pipelines, pipeline_id)
+  if training:
+    dataset = dataset.shuffle(len(files), reshuffle_each_iteration=True)
+  dataset = dataset.interleave(tf.data.TFRecordDataset, cycle_length=min(cycle_length, len(files)),
+                               num_parallel_calls=AUTOTUNE, deterministic=not training)
+  if num_pipelines > 1 and not shard_files:
+    dataset = dataset.shard(num_pipelines, pipeline_id)
+  return dataset
+
+
+def _checked_classes(data: Dict[str, tf.Tensor], num_classes: int,
+                     file_pattern: str) -> tf.Tensor:
+  """Class ids, asserted in [1, num_classes): one out of range would corrupt the one-hot targets."""
+  classes = tf.cast(data['classes'], tf.int32)
+  where = [f'in {file_pattern!r}, image source_id', data['source_id'], 'has classes', classes]
+  with tf.control_dependencies([
+      tf.debugging.Assert(
+          tf.reduce_all(classes < num_classes),
+          [f'class id >= num_classes = {num_classes} (raise build_retinanet.num_classes to the '
+           'largest dataset id + 1):'] + where),
+      tf.debugging.Assert(
+          tf.reduce_all(classes > 0),
+          ['class id 0 is background; dataset ids must be >= 1:'] + where),
+  ]):
+    return tf.identity(classes)
+
+
+def _per_replica_batch(global_batch_size: int,
+                       input_context: Optional[tf.distribute.InputContext]) -> int:
+  if input_context:
+    return input_context.get_per_replica_batch_size(global_batch_size)
+  return global_batch_size
+
+
+@gin.configurable(denylist=['model_config', 'input_context'])
+def build_train_dataset(file_pattern: str,
+                        global_batch_size: int,
+                        model_config: Mapping[str, Any],
+                        input_context: Optional[tf.distribute.InputContext] = None,
+                        aug_scale_min: float = 0.8,
+                        aug_scale_max: float = 1.2,
+                        flip_prob: float = 0.5,
+                        match_threshold: float = 0.5,
+                        unmatched_threshold: float = 0.5,
+                        shuffle_buffer_size: int = 1000,
+                        cycle_length: int = 16) -> tf.data.Dataset:
+  """Endless, shuffled, augmented (images, labels) batches for RetinaNet training.
+
+  Per image (the paper's recipe, TFM's retinanet parser): random horizontal flip with
+  `flip_prob`; multiscale jitter: the image is resized to fit `image_size` scaled by a random
+  factor in [aug_scale_min, aug_scale_max], then randomly cropped / zero-padded to `image_size`;
+  boxes follow, are clipped to the visible image and dropped once empty. Crowd boxes are left
+  out, as TFM does (`skip_crowd_during_training`): giving them zero weight in the labeler would
+  also zero every negative anchor whose best match is a crowd box. Anchors are labeled with TFM's
+  `AnchorLabeler(match_threshold, unmatched_threshold)`.
+
+  Returns batches of `input_context.get_per_replica_batch_size(global_batch_size)` (the whole
+  global batch without a context): images float32 [B, H, W, 3], and labels: 'cls_targets'
+  {level: [B, h, w, A]} int32 (class id, -1 for negative or ignored), 'box_targets'
+  {level: [B, h, w, A*4]}, 'cls_weights' and 'box_weights' [B, num_anchors], 'image_info'
+  [B, 4, 2] (see `build_eval_dataset`), what `RetinaNetLoss` consumes.
+  """
+  settings = _model_settings(model_config)
+  image_size = settings['image_size']
+  anchors = anchor_boxes(settings)
+  labeler = anchor.AnchorLabeler(match_threshold, unmatched_threshold)
+
+  def parse(serialized):
+    data = tfexample.decode_example(serialized)
+    classes = _checked_classes(data, settings['num_classes'], file_pattern)
+    not_crowd = tf.logical_not(data['is_crowd'])
+    boxes = tf.boolean_mask(data['boxes'], not_crowd)
+    classes = tf.boolean_mask(classes, not_crowd)
+
+    image, boxes, _ = preprocess_ops.random_horizontal_flip(data['image'], boxes,
+                                                            prob=flip_prob)
+    boxes = box_ops.denormalize_boxes(boxes, tf.shape(image)[:2])
+    image, image_info = preprocess_ops.resize_and_crop_image(
+        image, image_size, padded_size=image_size, aug_scale_min=aug_scale_min,
+        aug_scale_max=aug_scale_max)
+    # Clipped to the crop window: boxes of a jittered-up image can leave it.
+    boxes = preprocess_ops.resize_and_crop_boxes(boxes, image_info[2], image_info[1],
+                                                 image_info[3])
+    kept = box_ops.get_non_empty_box_indices(boxes)
+    boxes, classes = tf.gather(boxes, kept), tf.gather(classes, kept)
+
+    cls_targets, box_targets, _, cls_weights, box_weights = labeler.label_anchors(
+        anchors, boxes, classes[:, None])
+    labels = {
+        'cls_targets': {level: tf.cast(t, tf.int32) for level, t in cls_targets.items()},
+        'box_targets': box_targets,
+        'cls_weights': cls_weights,
+        'box_weights': box_weights,
+        'image_info': image_info,
+    }
+    return tf.ensure_shape(image, image_size + [3]), labels
+
+  dataset = _records(file_pattern, input_context, training=True, cycle_length=cycle_length)
+  dataset = dataset.shuffle(shuffle_buffer_size).repeat()
+  dataset = dataset.map(parse, num_parallel_calls=AUTOTUNE, deterministic=False)
+  dataset = dataset.batch(_per_replica_batch(global_batch_size, input_context),
+                          drop_remainder=True)
+  return dataset.prefetch(AUTOTUNE)
+
+
+@gin.configurable(denylist=['model_config', 'input_context'])
+def build_eval_dataset(file_pattern: str,
+                       global_batch_size: int,
+                       model_config: Mapping[str, Any],
+                       input_context: Optional[tf.distribute.InputContext] = None,
+                       max_num_instances: int = 100,
+                       cycle_length: int = 16) -> tf.data.Dataset:
+  """One deterministic pass of (images, labels) batches for evaluation.
+
+  Each image is resized to fit `image_size` (aspect ratio kept, no jitter) and zero-padded at the
+  bottom / right. Labels: 'image_info' [B, 4, 2] = TFM's [[orig_h, orig_w], [out_h, out_w],
+  [y_scale, x_scale], [offset_y, offset_x]] (what `to_original_image` needs; out is
+  `image_size`, as TFM 2.20 fills it, the image content being round(orig * scale)),
+  'source_id' [B] string, and 'groundtruths': 'boxes' [B, max_num_instances, 4] (ymin, xmin,
+  ymax, xmax in original pixels; padding -1), 'classes' (dataset ids; padding -1), 'is_crowd'
+  (padding False), 'area' (padding -1), 'num_instances' [B], 'height', 'width' [B]. An image
+  with more than `max_num_instances` objects keeps the first ones, with a warning on stderr.
+  The last batch may be smaller.
+  """
+  settings = _model_settings(model_config)
+  image_size = settings['image_size']
+
+  def parse(serialized):
+    data = tfexample.decode_example(serialized)
+    classes = _checked_classes(data, settings['num_classes'], file_pattern)
+    image, image_info = preprocess_ops.resize_and_crop_image(
+        data['image'], image_size, padded_size=image_size)
+    num_instances = tf.shape(classes)[0]
+    if num_instances > max_num_instances:
+      tf.print('WARNING: image', data['source_id'], 'in', file_pattern, 'has', num_instances,
+               'ground-truth objects; evaluation keeps the first', max_num_instances,
+               '(build_eval_dataset.max_num_instances)', output_stream=sys.stderr)
+    boxes = box_ops.denormalize_boxes(data['boxes'], tf.shape(data['image'])[:2])
+
+    def pad(values, value):
+      return preprocess_ops.clip_or_pad_to_fixed_size(values, max_num_instances, value)
+
+    groundtruths = {
+        'boxes': pad(boxes, -1.0),
+        'classes': pad(classes, -1),
+        'is_crowd': tf.cast(pad(tf.cast(data['is_crowd'], tf.int32), 0), tf.bool),
+        'area': pad(data['area'], -1.0),
+        'num_instances': tf.minimum(num_instances, max_num_instances),
+        'height': data['height'],
+        'width': data['width'],
+    }
+    labels = {'image_info': image_info, 'source_id': data['source_id'],
+              'groundtruths': groundtruths}
+    return tf.ensure_shape(image, image_size + [3]), labels
+
+  dataset = _records(file_pattern, input_context, training=False, cycle_length=cycle_length)
+  dataset = dataset.map(parse, num_parallel_calls=AUTOTUNE)
+  dataset = dataset.batch(_per_replica_batch(global_batch_size, input_context))
+  return dataset.prefetch(AUTOTUNE)
+
+
+def to_original_image(boxes: tf.Tensor, image_info: tf.Tensor) -> tf.Tensor:
+  """Boxes in model-input pixels -> original image pixels, clipped to the original image.
+
+  boxes [B, K, 4] (ymin, xmin, ymax, xmax) and image_info [B, 4, 2] from the pipeline:
+  undoes the crop offset, then the scale (input = original * scale - offset).
+  """
+  image_info = tf.cast(image_info, tf.float32)
+  original_size, scale, offset = image_info[:, 0:1], image_info[:, 2:3], image_info[:, 3:4]
+  boxes = (tf.cast(boxes, tf.float32) + tf.tile(offset, [1, 1, 2])) / tf.tile(scale, [1, 1, 2])
+  return tf.clip_by_value(boxes, 0.0, tf.tile(original_size, [1, 1, 2]))
+
