@@ -32,7 +32,8 @@ class DetectionGenerator(tf_keras.layers.Layer):
   def __init__(self, image_size: Sequence[int], num_classes: int, pre_nms_top_k: int = 1000,
                pre_nms_score_threshold: float = 0.05, nms_iou_threshold: float = 0.5,
                max_detections: int = 100, **kwargs):
-    super().__init__(trainable=False, **kwargs)
+    kwargs.setdefault('trainable', False)
+    super().__init__(**kwargs)
     self.image_size = [int(s) for s in image_size]
     self.num_classes = num_classes
     self.pre_nms_top_k = pre_nms_top_k
@@ -85,7 +86,7 @@ class DetectionGenerator(tf_keras.layers.Layer):
     }
 
   def get_config(self):
-    return {**super().get_config(), 'image_size': self.image_size,
+    return {**super().get_config(), 'image_size': list(self.image_size),
             'num_classes': self.num_classes, 'pre_nms_top_k': self.pre_nms_top_k,
             'pre_nms_score_threshold': self.pre_nms_score_threshold,
             'nms_iou_threshold': self.nms_iou_threshold, 'max_detections': self.max_detections}

@@ -1,0 +1,56 @@
+"""The head mirrors TFM's RetinaNetHead: same params, and copied weights give the same outputs."""
+import numpy as np
+import pytest
+import tensorflow as tf
+from official.vision.modeling.heads import dense_prediction_heads
+
+from nasfpn_tf.models.head import RetinaNetHead
+
+
+def _features(min_level, max_level, channels, batch=1, size=32):
+  return {str(l): tf.random.normal([batch, size // 2**(l - min_level),
+                                    size // 2**(l - min_level) * 2, channels])
+          for l in range(min_level, max_level + 1)}
+
+
+def test_params_equal_tfm_head_91_classes_9_anchors_256_filters():
+  ours = RetinaNetHead(3, 7, num_classes=91, num_anchors_per_location=9)
+  ours(_features(3, 7, 256, size=16))
+  assert ours.count_params() == 6_732_375
+
+
+@pytest.mark.parametrize('separable', [False, True])
+def test_tfm_weights_give_tfm_outputs(separable):
+  kwargs = dict(min_level=3, max_level=5, num_classes=4, num_anchors_per_location=3,
+                num_convs=2, num_filters=16, use_separable_conv=separable)
+  tfm = dense_prediction_heads.RetinaNetHead(**kwargs)
+  ours = RetinaNetHead(**kwargs)
+  features = _features(3, 5, 16, batch=2)
+  tfm_scores, tfm_boxes, _ = tfm(features)
+  ours(features)
+  assert [w.shape for w in ours.weights] == [w.shape for w in tfm.weights]
+  ours.set_weights(tfm.get_weights())
+  scores, boxes = ours(features, training=False)
+  tfm_scores, tfm_boxes, _ = tfm(features, training=False)
+  for level in ('3', '4', '5'):
+    np.testing.assert_allclose(scores[level], tfm_scores[level], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(boxes[level], tfm_boxes[level], rtol=1e-5, atol=1e-6)
+  assert scores['3'].shape == [2, 32, 64, 12] and boxes['5'].shape == [2, 8, 16, 12]
+
+
+def test_class_prior_bias_and_per_level_norms():
+  head = RetinaNetHead(3, 4, num_classes=2, num_anchors_per_location=1, num_convs=1,
+                       num_filters=8)
+  head(_features(3, 4, 8))
+  np.testing.assert_allclose(head.classifier.bias.numpy(), np.log(0.01 / 0.99), rtol=1e-6)
+  np.testing.assert_array_equal(head.box_regressor.bias.numpy(), 0.0)
+  # One shared conv per branch, one BN per level.
+  assert len(head.cls_convs) == 1 and len(head.cls_norms) == 2
+  assert head.cls_norms[0][0] is not head.cls_norms[1][0]
+
+
+def test_config_round_trip():
+  head = RetinaNetHead(3, 5, num_classes=3, num_anchors_per_location=2, num_convs=1,
+                       num_filters=8, use_separable_conv=True, kernel_regularizer='l2')
+  clone = RetinaNetHead.from_config(head.get_config())
+  assert clone.get_config() == head.get_config()

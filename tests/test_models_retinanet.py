@@ -1,0 +1,87 @@
+"""RetinaNet: output shapes, detect(), config and .keras round trips, image size check, factory."""
+import inspect
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+from nasfpn_tf.models import RetinaNet, build_retinanet
+
+TINY = dict(image_size=(128, 256), num_classes=4, backbone='resnet10', min_level=3, max_level=7,
+            num_filters=32, num_repeats=1, head_num_convs=1, head_num_filters=32,
+            anchor_num_scales=2, anchor_aspect_ratios=(1.0, 2.0), max_detections=20)
+
+
+@pytest.fixture(scope='module')
+def model():
+  return RetinaNet(**TINY)
+
+
+@pytest.fixture(scope='module')
+def images():
+  return tf.random.stateless_uniform([2, 128, 256, 3], seed=[1, 2], maxval=255.0)
+
+
+def test_raw_outputs_non_square_batch_2(model, images):
+  outputs = model(images, training=False)
+  for level in range(3, 8):
+    size = [2, 128 // 2**level, 256 // 2**level]
+    assert outputs['cls_outputs'][str(level)].shape == size + [4 * 4]
+    assert outputs['box_outputs'][str(level)].shape == size + [4 * 4]
+    assert model.anchor_boxes[str(level)].shape == size[1:] + [4 * 4]
+  assert sorted(outputs['cls_outputs']) == ['3', '4', '5', '6', '7']
+
+
+def test_detect(model, images):
+  detections = model.detect(images)
+  assert detections['detection_boxes'].shape == [2, 20, 4]
+  assert detections['detection_scores'].shape == [2, 20]
+  assert detections['detection_classes'].dtype == tf.int32
+  assert detections['num_detections'].shape == [2]
+  boxes = detections['detection_boxes'].numpy()
+  assert boxes.min() >= 0 and boxes[..., 2].max() <= 128 and boxes[..., 3].max() <= 256
+  # Untrained logits sit at the 0.01 prior, below the 0.05 threshold.
+  assert detections['num_detections'].numpy().tolist() == [0, 0]
+
+
+def test_config_round_trip(model):
+  clone = RetinaNet.from_config(model.get_config())
+  assert clone.get_config() == model.get_config()
+  assert clone.count_params() == model.count_params()
+
+
+def test_keras_save_reload_identical_outputs(model, images, tmp_path):
+  path = str(tmp_path / 'tiny.keras')
+  model.save(path)
+  reloaded = tf_keras.models.load_model(path)
+  assert isinstance(reloaded, RetinaNet)
+  expected, outputs = model(images, training=False), reloaded(images, training=False)
+  tf.nest.map_structure(np.testing.assert_array_equal, expected, outputs)
+
+
+def test_training_updates_batch_norm_everywhere(model, images):
+  clone = RetinaNet.from_config(model.get_config())
+  parts = {'backbone': clone.backbone, 'decoder': clone.decoder, 'head': clone.head}
+  moving = {k: [w for w in p.non_trainable_weights if 'moving_mean' in w.name]
+            for k, p in parts.items()}
+  before = {k: [w.numpy() for w in ws] for k, ws in moving.items()}
+  clone(images, training=True)
+  for k, ws in moving.items():
+    assert ws and not all(np.array_equal(b, w.numpy()) for b, w in zip(before[k], ws)), k
+
+
+def test_bad_image_size_names_the_binding():
+  with pytest.raises(ValueError, match=r'build_retinanet\.image_size.*2\^max_level = 128'):
+    RetinaNet(**dict(TINY, image_size=(100, 256)))
+
+
+def test_l2_weight_decay_adds_regularization_losses():
+  model = RetinaNet(**dict(TINY, image_size=(128, 128), l2_weight_decay=1e-4))
+  assert len(model.losses) > 20
+
+
+def test_factory_signature_matches_model():
+  params = lambda f: {k: p.default for k, p in inspect.signature(f).parameters.items()
+                      if p.kind == p.POSITIONAL_OR_KEYWORD and k != 'self'}
+  assert params(build_retinanet) == params(RetinaNet.__init__)
