@@ -1,8 +1,11 @@
 """FLOP and parameter counts against hand counts on models small enough to count by hand."""
+import gin
 import pytest
 import tensorflow as tf
 import tf_keras
 
+from nasfpn_tf.config import GIN_CONFIGS_DIR, parse_gin
+from nasfpn_tf.models import build_retinanet
 from nasfpn_tf.utils import count_flops, count_params
 
 
@@ -55,3 +58,12 @@ def test_incomplete_shapes_are_an_error():
 
   with pytest.raises(ValueError, match='incomplete static shapes'):
     count_flops(positives_doubled, (4,))
+
+
+def test_nasfpn_r50_640_matches_paper_table1():
+  """Paper Table 1, NAS-FPN R-50 (7@256) at 640: 281.3B FLOPs (±1%), 60.3M params (±0.5%)."""
+  parse_gin([str(GIN_CONFIGS_DIR / 'nasfpn_r50_7x256_640.gin')])
+  model = build_retinanet()
+  gin.clear_config()  # Later tests in this process build from their own bindings.
+  assert count_params(model) == pytest.approx(60.3e6, rel=0.005)
+  assert count_flops(model, model.image_size + [3]) == pytest.approx(281.3e9, rel=0.01)
