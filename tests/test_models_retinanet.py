@@ -45,6 +45,25 @@ def test_detect(model, images):
   assert detections['num_detections'].numpy().tolist() == [0, 0]
 
 
+def test_detect_in_graph_with_unknown_batch(model, images):
+  """As exported: a tf.function with a None batch gives the eager results."""
+  detect = tf.function(model.detect, input_signature=[tf.TensorSpec([None, 128, 256, 3])])
+  generator = model.detection_generator
+  raw = model(images, training=False)
+  # Lift the class logits so that detections exist.
+  raw['cls_outputs'] = {k: v + 4.0 for k, v in raw['cls_outputs'].items()}
+  lifted = tf.function(lambda c, b: generator(c, b, model.anchor_boxes),
+                       input_signature=[{k: tf.TensorSpec([None] + v.shape[1:])
+                                         for k, v in raw['cls_outputs'].items()},
+                                        {k: tf.TensorSpec([None] + v.shape[1:])
+                                         for k, v in raw['box_outputs'].items()}])
+  graph = lifted(raw['cls_outputs'], raw['box_outputs'])
+  eager = generator(raw['cls_outputs'], raw['box_outputs'], model.anchor_boxes)
+  assert graph['num_detections'].numpy().tolist() == [20, 20]
+  tf.nest.map_structure(np.testing.assert_array_equal, graph, eager)
+  tf.nest.map_structure(np.testing.assert_array_equal, detect(images), model.detect(images))
+
+
 def test_config_round_trip(model):
   clone = RetinaNet.from_config(model.get_config())
   assert clone.get_config() == model.get_config()

@@ -49,16 +49,19 @@ class DetectionGenerator(tf_keras.layers.Layer):
     classes can be selected (a 10x smaller top-k for 91 classes).
     """
     batch = tf.shape(logits)[0]
+    height, width, channels = logits.shape[1:]  # static: sizes k, also for an unknown batch
+    num_anchors = height * width * channels // self.num_classes
     foreground = self.num_classes - 1
-    logits = tf.reshape(tf.cast(logits, tf.float32), [batch, -1, self.num_classes])[:, :, 1:]
-    k = min(self.pre_nms_top_k, logits.shape[1])
+    logits = tf.reshape(tf.cast(logits, tf.float32),
+                        [batch, num_anchors, self.num_classes])[:, :, 1:]
+    k = min(self.pre_nms_top_k, num_anchors)
     _, top_anchors = tf.math.top_k(tf.reduce_max(logits, axis=2), k=k, sorted=False)
     pair_logits = tf.reshape(tf.gather(logits, top_anchors, batch_dims=1), [batch, -1])
     top_logits, top_pairs = tf.math.top_k(pair_logits, k=k, sorted=False)
     anchor_indices = tf.gather(top_anchors, top_pairs // foreground, batch_dims=1)
     classes = top_pairs % foreground + 1
-    deltas = tf.gather(tf.reshape(tf.cast(deltas, tf.float32), [batch, -1, 4]), anchor_indices,
-                       batch_dims=1)
+    deltas = tf.gather(tf.reshape(tf.cast(deltas, tf.float32), [batch, num_anchors, 4]),
+                       anchor_indices, batch_dims=1)
     anchors = tf.gather(tf.reshape(tf.cast(anchors, tf.float32), [-1, 4]), anchor_indices)
     boxes = box_ops.decode_boxes(deltas, anchors)
     return boxes, tf.sigmoid(top_logits), classes
