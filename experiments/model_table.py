@@ -15,7 +15,7 @@ import time
 from typing import NamedTuple, Optional
 
 import tf_keras
-from absl import app, flags
+from absl import app, flags, logging
 
 from nasfpn_tf.config import GIN_CONFIGS_DIR, parse_gin
 from nasfpn_tf.models import build_retinanet
@@ -103,6 +103,9 @@ def markdown(rows, results) -> str:
 
 def main(argv):
   del argv  # No positional arguments.
+  if not (FLAGS['verbosity'].present or FLAGS['v'].present):
+    # TF Model Garden logs every MobileNet block at INFO, burying the progress lines.
+    logging.set_verbosity(logging.WARNING)
   rows = ROWS
   if FLAGS.only:
     known = {row.name: row for row in ROWS}
