@@ -1,4 +1,4 @@
-"""Backbones: trimmed to C3-C5 (params), BN training flag reaches TFM layers, input normalization."""
+"""Backbones: trimmed to C3-C5 (params), the BN training flag reaches TFM layers, normalization."""
 import numpy as np
 import pytest
 import tensorflow as tf

@@ -1,4 +1,4 @@
-"""Post-processing vs a plain numpy pipeline: per-level top-k, decode, clip, per-class greedy NMS."""
+"""Post-processing vs a numpy pipeline: per-level top-k, decode, clip, per-class greedy NMS."""
 import numpy as np
 import pytest
 import tensorflow as tf

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
+from nasfpn_tf.decoders import block_specs
 from nasfpn_tf.models import RetinaNet, build_retinanet
 
 TINY = dict(image_size=(128, 256), num_classes=4, backbone='resnet10', min_level=3, max_level=7,
@@ -68,6 +69,13 @@ def test_config_round_trip(model):
   clone = RetinaNet.from_config(model.get_config())
   assert clone.get_config() == model.get_config()
   assert clone.count_params() == model.count_params()
+
+
+def test_custom_block_specs_round_trip():
+  model = RetinaNet(**dict(TINY, image_size=(128, 128), block_specs=block_specs.fpn(3, 7)))
+  config = model.get_config()
+  assert config['block_specs'] == block_specs.to_config(block_specs.fpn(3, 7))
+  assert RetinaNet.from_config(config).count_params() == model.count_params()
 
 
 def test_keras_save_reload_identical_outputs(model, images, tmp_path):

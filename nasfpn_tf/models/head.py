@@ -47,7 +47,8 @@ class RetinaNetHead(tf_keras.layers.Layer):
         'classnet', 'scores', num_anchors_per_location * num_classes,
         tf_keras.initializers.Constant(-np.log((1 - CLASS_PRIOR) / CLASS_PRIOR)), levels, norm)
     self.box_convs, self.box_norms, self.box_regressor = self._branch(
-        'boxnet', 'boxes', num_anchors_per_location * 4, tf_keras.initializers.Zeros(), levels, norm)
+        'boxnet', 'boxes', num_anchors_per_location * 4, tf_keras.initializers.Zeros(), levels,
+        norm)
 
   def _branch(self, prefix, predictor_name, predictor_filters, predictor_bias, levels, norm):
     """Shared convs, per-level norms, then the predictor: TFM's creation order and names."""

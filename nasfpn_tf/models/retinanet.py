@@ -6,6 +6,7 @@ import tf_keras
 from official.vision.ops import anchor
 
 from nasfpn_tf.decoders import NASFPN
+from nasfpn_tf.decoders import block_specs as block_specs_lib
 from nasfpn_tf.models import backbones
 from nasfpn_tf.models.head import RetinaNetHead
 from nasfpn_tf.models.postprocess import DetectionGenerator
@@ -22,7 +23,8 @@ class RetinaNet(tf_keras.Model):
   A*4] deltas}}, the network measured as "backbone + pyramid + head". `detect(images)` adds the
   post-processing. `anchor_boxes` {level: [h, w, A*4]} are TFM `Anchor` boxes in input pixels,
   what the training labeler needs. `num_classes` counts background (class 0, never predicted).
-  `l2_weight_decay` adds TFM's L2 kernel regularizer (weight_decay / 2 * sum w^2).
+  `activation` is the pyramid's and head's (TFM backbones keep their own). `l2_weight_decay`
+  adds TFM's L2 kernel regularizer (weight_decay / 2 * sum w^2) to backbone, pyramid and head.
   """
 
   def __init__(self,
@@ -58,6 +60,9 @@ class RetinaNet(tf_keras.Model):
     _check_image_size(image_size, max_level)
     config = {k: v for k, v in locals().items() if k not in ('self', 'kwargs', '__class__')}
     config['anchor_aspect_ratios'] = [float(r) for r in anchor_aspect_ratios]
+    if not isinstance(block_specs, str):  # rows or BlockSpecs -> JSON-friendly rows
+      config['block_specs'] = block_specs_lib.to_config(
+          block_specs_lib.resolve(block_specs, min_level, max_level))
     norm = dict(use_sync_bn=use_sync_bn, norm_momentum=norm_momentum, norm_epsilon=norm_epsilon)
     regularizer = tf_keras.regularizers.l2(l2_weight_decay / 2.0) if l2_weight_decay else None
     num_anchors = anchor_num_scales * len(anchor_aspect_ratios)
