@@ -108,7 +108,9 @@ def test_l2_weight_decay_adds_regularization_losses():
   assert len(model.losses) > 20
 
 
-def test_factory_signature_matches_model():
-  params = lambda f: {k: p.default for k, p in inspect.signature(f).parameters.items()
-                      if p.kind == p.POSITIONAL_OR_KEYWORD and k != 'self'}
-  assert params(build_retinanet) == params(RetinaNet.__init__)
+def test_factory_accepts_exactly_the_model_arguments():
+  from nasfpn_tf.models import factory
+  params = [k for k, p in inspect.signature(RetinaNet.__init__).parameters.items()
+            if p.kind == p.POSITIONAL_OR_KEYWORD and k != 'self']
+  assert factory.MODEL_ARGUMENTS == tuple(params)
+  assert 'num_repeats' in params and 'kwargs' not in params
