@@ -6,9 +6,13 @@ from official.vision.modeling.decoders import nasfpn as tfm_nasfpn
 
 from nasfpn_tf.compat.tfm import block_specs_from_tfm, load_tfm_weights, pyramid_from_tfm
 from nasfpn_tf.decoders import NASFPN, block_specs
+from nasfpn_tf.layers.merging_cell import MergingCell
 
 # C3 16x32 (a 128x256 image): non-square, and divisible down to P7 (1x2).
 SMALL_BACKBONE = {'3': [None, 16, 32, 32], '4': [None, 8, 16, 64], '5': [None, 4, 8, 128]}
+# Features read by the cells of one repeat of the paper's spec: 2 per cell, and the dangling P5
+# and P7 (added to the output cells at their level).
+NASFPN_CELL_INPUTS = 7 * 2 + 2
 
 
 def tfm_specs(specs):
@@ -45,6 +49,10 @@ def random_tfm(input_specs=None, **kwargs):
   return decoder
 
 
+def cells(pyramid):
+  return [layer for layer in pyramid.layers if isinstance(layer, MergingCell)]
+
+
 def features(input_specs, batch=3):
   return {level: tf.random.normal([batch, *shape[1:]]) for level, shape in input_specs.items()}
 
@@ -66,15 +74,35 @@ def test_default_nasfpn_matches_tfm(num_repeats):
   pyramid = pyramid_from_tfm(decoder)
   assert isinstance(pyramid, NASFPN)
   assert pyramid.block_specs == block_specs.NASFPN
+  assert pyramid.get_config()['merge_filters'] is None
+  assert not any(resampler.conv for cell in cells(pyramid) for resampler in cell.resamplers)
   assert pyramid.count_params() == decoder.count_params()
   assert_same_outputs(decoder, pyramid, SMALL_BACKBONE)
 
 
-def test_backbone_levels_at_num_filters_and_above_min_level():
-  """C4 already has 256 channels (no projection); C6 comes from the backbone; C2 is unused."""
-  input_specs = {'2': [None, 64, 32, 16], '3': [None, 32, 16, 32], '4': [None, 16, 8, 256],
-                 '5': [None, 8, 4, 128], '6': [None, 4, 2, 8]}
-  decoder = random_tfm(input_specs, num_repeats=2)
+# TFM merges cell inputs at 256 channels: with other num_filters each cell input has a 1x1 conv
+# + BN, our resamplers' (merge_filters=256).
+@pytest.mark.parametrize('num_repeats,num_filters',
+                         [(1, 32), (3, 32), (7, 32), (1, 64), (3, 64), (7, 64), (1, 128)])
+def test_other_num_filters_match_tfm(num_repeats, num_filters):
+  decoder = random_tfm(num_repeats=num_repeats, num_filters=num_filters)
+  pyramid = pyramid_from_tfm(decoder)
+  assert pyramid.get_config()['merge_filters'] == 256
+  resamplers = [resampler for cell in cells(pyramid) for resampler in cell.resamplers]
+  assert len(resamplers) == NASFPN_CELL_INPUTS * num_repeats
+  assert all(resampler.conv.kernel.shape == (1, 1, num_filters, 256)
+             for resampler in resamplers)
+  assert pyramid.count_params() == decoder.count_params()
+  assert_same_outputs(decoder, pyramid, SMALL_BACKBONE)
+
+
+@pytest.mark.parametrize('num_filters,num_repeats', [(256, 2), (64, 1)])
+def test_backbone_levels_at_num_filters_and_above_min_level(num_filters, num_repeats):
+  """C4 already has num_filters channels (no lateral projection: with 64, TFM's cells project
+  the backbone feature itself); C6 comes from the backbone; C2 is unused."""
+  input_specs = {'2': [None, 64, 32, 16], '3': [None, 32, 16, 32],
+                 '4': [None, 16, 8, num_filters], '5': [None, 8, 4, 128], '6': [None, 4, 2, 8]}
+  decoder = random_tfm(input_specs, num_repeats=num_repeats, num_filters=num_filters)
   pyramid = pyramid_from_tfm(decoder)
   assert pyramid.get_layer('p4_lateral').conv is None
   assert pyramid.get_layer('p6_lateral').conv is not None
@@ -99,15 +127,24 @@ def test_separable_lite_spec_other_levels_and_settings():
   assert_same_outputs(decoder, pyramid, SMALL_BACKBONE)
 
 
+def test_separable_other_num_filters_matches_tfm():
+  """Separable at 48 filters: TFM's 1x1 separable projections of the cell inputs to 256 are
+  folded into our resamplers' plain 1x1 convs too."""
+  num_repeats, num_filters = 1, 48
+  decoder = random_tfm(num_repeats=num_repeats, num_filters=num_filters,
+                       use_separable_conv=True)
+  pyramid = pyramid_from_tfm(decoder)
+  assert pyramid.get_config()['merge_filters'] == 256
+  # One depthwise scale per input channel of every 1x1 projection: the laterals' (C3-C5), and
+  # the cell inputs' (num_filters each).
+  lateral = sum(shape[-1] for shape in SMALL_BACKBONE.values())
+  cell_inputs = NASFPN_CELL_INPUTS * num_repeats * num_filters
+  assert decoder.count_params() - pyramid.count_params() == lateral + cell_inputs
+  assert_same_outputs(decoder, pyramid, SMALL_BACKBONE)
+
+
 def test_block_specs_from_tfm_renames_attention():
   assert block_specs_from_tfm(tfm_nasfpn.build_block_specs()) == block_specs.NASFPN
-
-
-def test_num_filters_other_than_256_is_refused():
-  decoder = tfm_nasfpn.NASFPN({k: tf.TensorShape(v) for k, v in SMALL_BACKBONE.items()},
-                              num_filters=64, num_repeats=1)
-  with pytest.raises(ValueError, match='num_filters=64 projects every cell input to 256'):
-    pyramid_from_tfm(decoder)
 
 
 def test_spec_whose_outputs_are_not_the_last_cells_is_refused():
@@ -127,3 +164,8 @@ def test_mismatched_copies_raise():
     load_tfm_weights(NASFPN(SMALL_BACKBONE, block_specs='fpn', num_repeats=1), decoder)
   with pytest.raises(ValueError, match='TFM layers without a counterpart'):
     load_tfm_weights(NASFPN(SMALL_BACKBONE, num_repeats=1), random_tfm(num_repeats=2))
+  with pytest.raises(ValueError, match=r'repeat0_cell0_global_pooling_p4/resample\d_from_l\d: '
+                     r'projection .* merge_filters=256'):
+    load_tfm_weights(NASFPN(SMALL_BACKBONE, num_filters=64, num_repeats=1),  # Merges at 64.
+                     tfm_nasfpn.NASFPN({k: tf.TensorShape(v) for k, v in SMALL_BACKBONE.items()},
+                                       num_filters=64, num_repeats=1))

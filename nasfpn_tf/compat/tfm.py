@@ -8,6 +8,11 @@ layers by graph depth, not by creation, and its layers are unnamed. Every TFM ce
 by its merge op and the features it reads (in order), found by walking its graph back from the
 cell's conv; our cells are walked the same way, so each of our cells finds the one TFM cell
 computing the same thing from the same features.
+
+TFM merges cell inputs at 256 channels whatever `num_filters`: with another width, every cell
+input (input0, input1, then the dangling ones) is first projected by its own 1x1 conv + BN, which
+become our cells' `resamplers[i].conv` / `.norm` (`merge_filters=256`). The cell walk stops at
+these projections and sees through each to the feature it projects.
 """
 from typing import Dict, List, Sequence, Tuple
 
@@ -22,8 +27,8 @@ _CONVS = (tf_keras.layers.Conv2D, tf_keras.layers.SeparableConv2D)
 _BN = tf_keras.layers.BatchNormalization
 _OPS = {'attention': 'global_pooling', 'sum': 'sum'}
 # TFM's `_resample_feature_map` brings every cell input to its default `target_num_filters`, 256,
-# so any other width adds a 1x1 conv + BN per cell input, which our pyramid does not have.
-_TFM_CELL_INPUT_FILTERS = 256
+# so any other width adds a 1x1 conv + BN per cell input: our `merge_filters`.
+_TFM_MERGE_FILTERS = 256
 
 
 def block_specs_from_tfm(tfm_block_specs: Sequence) -> Tuple[specs_lib.BlockSpec, ...]:
@@ -48,12 +53,6 @@ def pyramid_from_tfm(tfm_decoder) -> NASFPN:
   min_level, max_level = config['min_level'], config['max_level']
   # TFM's get_config() omits the block specs.
   specs = block_specs_from_tfm(tfm_decoder._block_specs)  # pylint: disable=protected-access
-  if config['num_filters'] != _TFM_CELL_INPUT_FILTERS:
-    raise ValueError(
-        f"TFM NASFPN with num_filters={config['num_filters']} projects every cell input to "
-        f'{_TFM_CELL_INPUT_FILTERS} channels (1x1 conv + BN; the default target_num_filters of '
-        'its _resample_feature_map), which nasfpn_tf.decoders.NASFPN has no layers for; only '
-        f'num_filters={_TFM_CELL_INPUT_FILTERS} converts.')
   # TFM outputs the last num_levels cells; ours the is_output cells. They must coincide.
   num_levels = max_level - min_level + 1
   output_cells = [k for k, spec in enumerate(specs) if spec.is_output]
@@ -67,6 +66,8 @@ def pyramid_from_tfm(tfm_decoder) -> NASFPN:
                    config['input_specs'].items()},
       min_level=min_level, max_level=max_level, block_specs=specs,
       num_filters=config['num_filters'], num_repeats=config['num_repeats'],
+      merge_filters=(None if config['num_filters'] == _TFM_MERGE_FILTERS
+                     else _TFM_MERGE_FILTERS),
       use_separable_conv=config['use_separable_conv'], activation=config['activation'],
       use_sync_bn=config['use_sync_bn'], norm_momentum=config['norm_momentum'],
       norm_epsilon=config['norm_epsilon'], kernel_regularizer=config['kernel_regularizer'],
@@ -97,22 +98,27 @@ def load_tfm_weights(pyramid: NASFPN, tfm_decoder) -> None:
     if str(level) in tfm_inputs:
       ours = pyramid.get_layer(f'p{level}_lateral')
       tfm_x = tfm_of[id(_input_of(ours)[0])]
-      tfm_convs = [layer for layer in _consumers(tfm_x) if isinstance(layer, _CONVS)]
+      # The lateral projection outputs num_filters channels. Other 1x1 convs reading the input
+      # (when it has num_filters channels already, so TFM has no lateral projection) are the
+      # projections of the cells reading it, to 256 (TFM only has those when num_filters != 256).
+      tfm_convs = [layer for layer in _consumers(tfm_x) if isinstance(layer, _CONVS)
+                   and layer.filters == config['num_filters']]
       if (ours.conv is None) != (not tfm_convs):
         raise ValueError(f'{ours.name}: projection (1x1 conv + BN) in the pyramid: '
                          f'{ours.conv is not None}, in the TFM decoder: {bool(tfm_convs)}.')
       if tfm_convs:
-        (tfm_conv,) = tfm_convs
-        (tfm_bn,) = _consumers(_output_of(tfm_conv))
-        if not isinstance(tfm_bn, _BN):
-          raise ValueError(f'{ours.name}: TFM {tfm_conv.name} is not followed by a BN.')
+        if len(tfm_convs) != 1:
+          raise ValueError(f'{ours.name}: {len(tfm_convs)} TFM convs project C{level} to '
+                           f"{config['num_filters']} channels (expected one).")
+        tfm_conv, tfm_bn = _projection(tfm_convs[0], ours.name)
         assignments += _conv_pairs(tfm_conv, ours.conv, ours.name)
         assignments += _bn_pairs(tfm_bn, ours.norm, ours.name)
         copied.update((tfm_bn, tfm_conv))
         tfm_x = _output_of(tfm_bn)
     else:
       # Levels above the backbone's: TFM max-pools the level below right after making it, so
-      # its first max pooling consumer (creation order) is this level's input.
+      # its first max pooling consumer (creation order) is this level's input. (Cells max-pool
+      # a feature directly only when they do not project it first.)
       ours = pyramid.get_layer(f'p{level}_from_p{level - 1}')
       pools = [layer for layer in _consumers(tfm_of[id(_input_of(ours)[0])])
                if isinstance(layer, tf_keras.layers.MaxPool2D)]
@@ -125,17 +131,30 @@ def load_tfm_weights(pyramid: NASFPN, tfm_decoder) -> None:
   op_of = {cls: op for op, cls in MERGING_CELLS.items()}
   # Functional models list layers in topological order: a cell's inputs are matched before it.
   for layer in (layer for layer in pyramid.layers if isinstance(layer, MergingCell)):
-    inputs = [tfm_of[id(x)] for x in _input_of(layer)]
+    inputs = list(zip((tfm_of[id(x)] for x in _input_of(layer)), layer.resamplers))
     if isinstance(layer, GlobalPoolingCell) and layer.input_levels[0] < layer.input_levels[1]:
       inputs[0], inputs[1] = inputs[1], inputs[0]  # TFM reads the coarse input first.
-    key = (op_of[type(layer)], tuple(id(x) for x in _unique(inputs)))
+    inputs = _unique_unprojected(inputs, projected=lambda resampler: resampler.conv is not None)
+    key = (op_of[type(layer)], tuple(id(x) for x, _ in inputs))
     shape = _output_of(layer).shape[1:3]
     matches = [cell for cell in tfm_cells.get(key, [])
                if cell[1] not in copied and _output_of(cell[1]).shape[1:3] == shape]
     if len(matches) != 1:
       raise ValueError(f'{layer.name}: {len(matches)} TFM cells read the same features with '
                        f'the same op at the same size (expected exactly one).')
-    tfm_conv, tfm_bn = matches[0]
+    tfm_conv, tfm_bn, tfm_projections = matches[0]
+    for (_, resampler), projection in zip(inputs, tfm_projections):
+      name = f'{layer.name}/{resampler.name}'
+      if (resampler.conv is None) != (projection is None):
+        raise ValueError(
+            f'{name}: projection to the merge width (1x1 conv + BN) in the pyramid: '
+            f'{resampler.conv is not None}, in the TFM decoder: {projection is not None} (TFM '
+            f'merges at {_TFM_MERGE_FILTERS} channels: build the pyramid with merge_filters='
+            f'{_TFM_MERGE_FILTERS} when num_filters differs).')
+      if projection is not None:
+        assignments += _conv_pairs(projection[0], resampler.conv, name)
+        assignments += _bn_pairs(projection[1], resampler.norm, name)
+        copied.update(projection)
     assignments += _conv_pairs(tfm_conv, layer.conv, layer.name)
     assignments += _bn_pairs(tfm_bn, layer.norm, layer.name)
     copied.update((tfm_conv, tfm_bn))
@@ -152,23 +171,70 @@ def load_tfm_weights(pyramid: NASFPN, tfm_decoder) -> None:
     variable.assign(value)
 
 
-def _tfm_cells(tfm_decoder, projections, features) -> Dict[tuple, List[tuple]]:
-  """{(op, ids of the features read, coarse first): [(conv, bn), ...]} of TFM's cells.
+def _tfm_cells(tfm_decoder, laterals, features) -> Dict[tuple, List[tuple]]:
+  """{(op, ids of the features read, coarse first): [(conv, bn, projections), ...]} of TFM's cells.
 
-  `features` are the pyramid inputs; every BN output is a feature too (a cell output).
+  `features` are the pyramid inputs (after the `laterals` projections); every cell output is a
+  feature too. `projections` has, per feature read (in the key's order), the (conv, bn)
+  projecting that input to the merge width, or None.
+
+  A TFM conv + BN is a cell input's projection when the conv reads a feature (a pyramid input or
+  the output of a BN) directly; a cell's conv reads the activation of its merge.
   """
-  bns = [layer for layer in tfm_decoder.layers
-         if isinstance(layer, _BN) and layer not in projections]
-  stops = {id(x) for x in features} | {id(_output_of(bn)) for bn in bns}
-  cells = {}
-  for bn in bns:
-    conv = _producer(_input_of(bn)[0])
-    if not isinstance(conv, _CONVS):
-      raise ValueError(f'TFM layer {bn.name} does not follow a conv.')
+  feature_ids = {id(x) for x in features}
+  pairs = []
+  for bn in tfm_decoder.layers:
+    if isinstance(bn, _BN) and bn not in laterals:
+      conv = _producer(_input_of(bn)[0])
+      if not isinstance(conv, _CONVS):
+        raise ValueError(f'TFM layer {bn.name} does not follow a conv.')
+      pairs.append((conv, bn))
+  projections, cells = {}, []
+  for conv, bn in pairs:
+    x = _input_of(conv)[0]
+    if id(x) in feature_ids or isinstance(_producer(x), _BN):
+      if conv.kernel_size != (1, 1):
+        raise ValueError(f'TFM {conv.name} reads a feature directly but is no 1x1 projection.')
+      projections[id(_output_of(bn))] = (conv, bn)
+    else:
+      cells.append((conv, bn))
+  readable = feature_ids | {id(_output_of(bn)) for _, bn in cells}
+  stops = readable | set(projections)
+  tfm_cells = {}
+  for conv, bn in cells:
     sources, ops = _walk_back(_input_of(conv)[0], stops)
     op = 'global_pooling' if 'math.reduce_max' in ops else 'sum'
-    cells.setdefault((op, tuple(id(x) for x in sources)), []).append((conv, bn))
-  return cells
+    read, cell_projections = [], []
+    for x in sources:
+      projection = projections.get(id(x))
+      if projection is not None:
+        x = _input_of(projection[0])[0]  # See through to the projected feature.
+        if id(x) not in readable:
+          raise ValueError(f'TFM projection {projection[0].name} (read by the cell of '
+                           f'{conv.name}) reads no pyramid feature.')
+      read.append(x)
+      cell_projections.append(projection)
+    tfm_cells.setdefault((op, tuple(id(x) for x in read)), []).append(
+        (conv, bn, tuple(cell_projections)))
+  return tfm_cells
+
+
+def _projection(conv, name):
+  """(conv, bn) of a TFM 1x1 projection: the conv and the BN it feeds."""
+  bns = _consumers(_output_of(conv))
+  if len(bns) != 1 or not isinstance(bns[0], _BN):
+    raise ValueError(f'{name}: TFM {conv.name} is not followed by a BN (only).')
+  return conv, bns[0]
+
+
+def _unique_unprojected(entries, projected):
+  """`entries` ((tensor, extra) pairs) without repeats of a tensor read unprojected: walking the
+  graph back reaches a tensor once, but each projection of it separately."""
+  out = []
+  for x, extra in entries:
+    if projected(extra) or not any(y is x and not projected(e) for y, e in out):
+      out.append((x, extra))
+  return out
 
 
 def _walk_back(tensor, stops):
@@ -244,11 +310,3 @@ def _consumers(tensor) -> list:
   """Layers called on `tensor`, in call order."""
   return [node.layer for node in _producer(tensor).outbound_nodes
           if any(x is tensor for x in node.keras_inputs)]
-
-
-def _unique(tensors):
-  out = []
-  for x in tensors:
-    if not any(x is y for y in out):
-      out.append(x)
-  return out
