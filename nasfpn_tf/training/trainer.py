@@ -1,0 +1,379 @@
+"""RetinaNet training and COCO evaluation under a tf.distribute strategy, gin-configurable.
+
+One `RetinaNetTrainer` owns the model (gin `build_retinanet`), the SGD optimizer, the checkpoints and the
+summaries of a model dir. The global step is the optimizer's iteration count: checkpoints carry
+it, so a restarted run resumes with the same step, optimizer slots and learning-rate schedule.
+
+Losses with several replicas: each replica computes the RetinaNet loss on its share of the global
+batch, re-normalized by the positives of the *global* batch (RetinaNetLoss divides by the
+replica's own positives + 1), and the L2 regularization divided by the number of replicas; the
+optimizer sums gradients over replicas, so a step equals the single-device step on the same
+global batch (with sync BN, `build_retinanet.use_sync_bn = True`; without it BN statistics are
+per replica, as in TF Model Garden).
+"""
+import datetime
+import json
+import os
+import time
+from typing import Any, Callable, Dict, Mapping, Optional, Union
+
+import gin
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from nasfpn_tf.data import input_pipeline
+from nasfpn_tf.evaluation import coco_metrics
+from nasfpn_tf.layers.dropblock import set_dropblock_step
+from nasfpn_tf.models.factory import build_retinanet
+from nasfpn_tf.models.losses import RetinaNetLoss
+from nasfpn_tf.training import checkpointing
+from nasfpn_tf.training import distribute
+# Registers the schedules that `RetinaNetTrainer.learning_rate` can reference.
+from nasfpn_tf.training import schedules  # noqa: F401  pylint: disable=unused-import
+
+MODES = ('train', 'eval', 'train_and_eval')
+LOSS_KEYS = ('total_loss', 'cls_loss', 'box_loss', 'reg_loss')
+METRICS_FILE = 'eval_metrics.json'
+_POLICIES = {None: None, 'bfloat16': 'mixed_bfloat16', 'float16': 'mixed_float16'}
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss or the weights became NaN or Inf; the diverged state was not saved."""
+
+
+def _duration(seconds: float) -> str:
+  return str(datetime.timedelta(seconds=int(round(seconds))))
+
+
+def _missing_binding(name: str, example: str) -> ValueError:
+  return ValueError(f'gin binding {name} is required, e.g. --gin_bindings="{name} = {example}"')
+
+
+def _require_binding(name: str, example: str) -> None:
+  """Fails naming the gin binding when a needed one is missing (gin's own error names none)."""
+  try:
+    gin.query_parameter(name)
+  except ValueError:
+    raise _missing_binding(name, example) from None
+
+
+# Not `Trainer`: TF Model Garden registers official.core.base_trainer.Trainer with gin, which
+# would make `RetinaNetTrainer.<name>` bindings ambiguous.
+@gin.configurable(denylist=['model_dir', 'strategy', 'mode', 'train_dataset_fn'])
+class RetinaNetTrainer:
+  """Trains and/or evaluates the gin-built RetinaNet in `model_dir`; see `run`.
+
+  Gin bindings (`RetinaNetTrainer.<name>`):
+    learning_rate: a schedule, e.g. `@StepDecayWithWarmup()` (gin_configs/schedule_*.gin), or a
+      constant. Required: no default fits every batch size.
+    train_steps, global_batch_size: the run length and the batch over all replicas.
+    momentum: SGD momentum. Weight decay is the model's (`build_retinanet.l2_weight_decay`).
+    mixed_precision: None, 'bfloat16', or 'float16' (with dynamic loss scaling).
+    clip_gradient_norm: clip the summed gradients to this global norm (None: off).
+    steps_per_execution: train steps per tf.function call (an in-graph loop: fewer host round
+      trips on TPUs); logs and checkpoints fall on its multiples.
+    checkpoint_every_steps, max_checkpoints_to_keep, log_every_steps: as named; a checkpoint is
+      also written at the end.
+    eval_every_steps: evaluate during train_and_eval every N steps (None: at the end only).
+    eval_batch_size, eval_steps: eval batches of this size, this many (None: the whole set).
+    eval_annotation_file: COCO json of the eval images; None: ground truth from the eval records.
+  Datasets: `build_train_dataset.*` and `build_eval_dataset.*` (file_pattern at least).
+
+  `train_dataset_fn(input_context) -> dataset` replaces the gin train pipeline (tests feeding
+  fixed batches); it must yield per-replica batches like `build_train_dataset`.
+  """
+
+  def __init__(self,
+               model_dir: str,
+               strategy: tf.distribute.Strategy,
+               mode: str = 'train',
+               learning_rate: Union[float, tf_keras.optimizers.schedules.LearningRateSchedule,
+                                    None] = None,
+               train_steps: int = 1000,
+               global_batch_size: int = 8,
+               momentum: float = 0.9,
+               mixed_precision: Optional[str] = None,
+               clip_gradient_norm: Optional[float] = None,
+               steps_per_execution: int = 1,
+               checkpoint_every_steps: int = 500,
+               max_checkpoints_to_keep: int = 5,
+               log_every_steps: int = 50,
+               eval_every_steps: Optional[int] = None,
+               eval_batch_size: int = 8,
+               eval_steps: Optional[int] = None,
+               eval_annotation_file: Optional[str] = None,
+               train_dataset_fn: Optional[Callable[[tf.distribute.InputContext],
+                                                   tf.data.Dataset]] = None):
+    if mode not in MODES:
+      raise ValueError(f'mode {mode!r} is not one of {list(MODES)}.')
+    if mixed_precision not in _POLICIES:
+      raise ValueError(f'RetinaNetTrainer.mixed_precision={mixed_precision!r}: use None, "bfloat16" or '
+                       '"float16".')
+    for name, value in (('train_steps', train_steps), ('global_batch_size', global_batch_size),
+                        ('steps_per_execution', steps_per_execution),
+                        ('checkpoint_every_steps', checkpoint_every_steps),
+                        ('log_every_steps', log_every_steps),
+                        ('eval_batch_size', eval_batch_size)):
+      if value < 1:
+        raise ValueError(f'RetinaNetTrainer.{name} must be >= 1, got {value}.')
+    replicas = strategy.num_replicas_in_sync
+    if global_batch_size % replicas:
+      raise ValueError(f'RetinaNetTrainer.global_batch_size={global_batch_size} must be a multiple of the '
+                       f'{replicas} replicas.')
+    self.model_dir = model_dir
+    self.strategy = strategy
+    self.mode = mode
+    self.train_steps = train_steps
+    self.global_batch_size = global_batch_size
+    self.steps_per_execution = steps_per_execution
+    self.checkpoint_every_steps = checkpoint_every_steps
+    self.log_every_steps = log_every_steps
+    self.eval_every_steps = eval_every_steps
+    self.eval_steps = eval_steps
+    self.eval_annotation_file = eval_annotation_file
+    self.is_chief = distribute.is_chief(strategy)
+    training = mode != 'eval'
+    if training and learning_rate is None:
+      raise _missing_binding('RetinaNetTrainer.learning_rate', '@StepDecayWithWarmup()')
+    self._learning_rate = learning_rate
+
+    tf.io.gfile.makedirs(model_dir)
+    with strategy.scope():
+      previous_policy = tf_keras.mixed_precision.global_policy()
+      tf_keras.mixed_precision.set_global_policy(_POLICIES[mixed_precision] or 'float32')
+      try:  # Layers take the policy when built; later models must not inherit it.
+        self.model = build_retinanet()
+      finally:
+        tf_keras.mixed_precision.set_global_policy(previous_policy)
+      self.optimizer = tf_keras.optimizers.SGD(
+          learning_rate=learning_rate if learning_rate is not None else 0.0, momentum=momentum,
+          global_clipnorm=clip_gradient_norm)
+      if mixed_precision == 'float16':
+        self.optimizer = tf_keras.mixed_precision.LossScaleOptimizer(self.optimizer)
+      # Slots exist before a restore, so every checkpoint value finds its variable.
+      self.optimizer.build(self.model.trainable_variables)
+    self.loss_fn = RetinaNetLoss(num_classes=self.model.get_config()['num_classes'])
+    task_id = getattr(getattr(strategy, 'cluster_resolver', None), 'task_id', 0) or 0
+    self.checkpointer = checkpointing.Checkpointer(
+        model_dir, tf.train.Checkpoint(model=self.model, optimizer=self.optimizer),
+        is_chief=self.is_chief, task_id=task_id, max_to_keep=max_checkpoints_to_keep)
+
+    model_config = self.model.get_config()
+    if training:
+      if train_dataset_fn is None:
+        _require_binding('build_train_dataset.file_pattern', "'/data/train-*.tfrecord'")
+        def train_dataset_fn(context):
+          return input_pipeline.build_train_dataset(
+              global_batch_size=global_batch_size, model_config=model_config,
+              input_context=context)
+      self._train_dataset = strategy.distribute_datasets_from_function(train_dataset_fn)
+    if mode != 'train':
+      _require_binding('build_eval_dataset.file_pattern', "'/data/val-*.tfrecord'")
+      self._eval_dataset = input_pipeline.build_eval_dataset(
+          global_batch_size=eval_batch_size, model_config=model_config)
+
+    restored = self.checkpointer.restore()
+    if restored:
+      self._say(f'Restored {restored} at step {self.step}.')
+    elif mode == 'eval':
+      raise ValueError(f'--mode=eval: no checkpoint in --model_dir={model_dir}.')
+    if training and self.is_chief:
+      # After the model, datasets and restore: complete, and it never replaces the record of
+      # what an incompatible checkpoint was trained with.
+      checkpointing.atomic_write_text(os.path.join(model_dir, checkpointing.OPERATIVE_CONFIG),
+                                      gin.operative_config_str())
+    self._train_writer = self._writer('train') if training else None
+    self._eval_writer = self._writer('eval') if mode != 'train' else None
+    self._train_loop = tf.function(self._train_loop_fn)
+    self._detect = tf.function(self.model.detect)
+
+  @property
+  def step(self) -> int:
+    return int(self.optimizer.iterations.numpy())
+
+  def _say(self, message: str) -> None:
+    if self.is_chief:
+      print(message, flush=True)
+
+  def _writer(self, name: str):
+    if not self.is_chief:
+      return tf.summary.create_noop_writer()
+    return tf.summary.create_file_writer(os.path.join(self.model_dir, name))
+
+  def learning_rate(self, step: int) -> float:
+    rate = self._learning_rate
+    return float(rate(step)) if callable(rate) else float(rate)
+
+  # Training.
+
+  def _replica_step(self, images, labels) -> Dict[str, tf.Tensor]:
+    """One optimizer step on this replica's share of the global batch."""
+    context = tf.distribute.get_replica_context()
+    set_dropblock_step(self.model, self.optimizer.iterations)
+    positives = tf.add_n([tf.reduce_sum(tf.cast(w, tf.float32))
+                          for w in tf.nest.flatten(labels['box_weights'])])
+    global_positives = context.all_reduce(tf.distribute.ReduceOp.SUM, positives)
+    # RetinaNetLoss divides by this replica's positives + 1; the global batch's count is wanted.
+    share = (positives + 1.0) / (global_positives + 1.0)
+    variables = self.model.trainable_variables
+    with tf.GradientTape() as tape:
+      outputs = self.model(images, training=True)
+      losses = {k: v * share for k, v in self.loss_fn(outputs, labels).items()}
+      regularization = [tf.cast(l, tf.float32) for l in self.model.losses]
+      losses['reg_loss'] = ((tf.add_n(regularization) if regularization else tf.constant(0.0)) /
+                            context.num_replicas_in_sync)
+      losses['total_loss'] += losses['reg_loss']
+      loss = losses['total_loss']
+      if isinstance(self.optimizer, tf_keras.mixed_precision.LossScaleOptimizer):
+        loss = self.optimizer.get_scaled_loss(loss)
+    gradients = tape.gradient(loss, variables)
+    if isinstance(self.optimizer, tf_keras.mixed_precision.LossScaleOptimizer):
+      gradients = self.optimizer.get_unscaled_gradients(gradients)
+    self.optimizer.apply_gradients(zip(gradients, variables))
+    return losses
+
+  def _train_loop_fn(self, iterator, num_steps):
+    """`num_steps` steps in one call; returns the global-batch losses averaged over them."""
+    totals = {k: tf.constant(0.0) for k in LOSS_KEYS}
+    for _ in tf.range(num_steps):
+      images, labels = next(iterator)
+      per_replica = self.strategy.run(self._replica_step, args=(images, labels))
+      totals = {k: totals[k] + self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica[k],
+                                                    axis=None)
+                for k in LOSS_KEYS}
+    return {k: v / tf.cast(num_steps, tf.float32) for k, v in totals.items()}
+
+  def _weights_finite(self) -> bool:
+    return all(bool(tf.reduce_all(tf.math.is_finite(v)))
+               for v in self.model.variables if v.dtype.is_floating)
+
+  def _diverged(self, first: int, last: int, what: str) -> TrainingDivergedError:
+    latest = self.checkpointer.latest
+    kept = (f'the last good checkpoint is kept: {latest}' if latest else
+            'no checkpoint had been written yet')
+    return TrainingDivergedError(
+        f'training diverged: {what} in steps {first}..{last}; stopped without saving this '
+        f'state, {kept}. Lower RetinaNetTrainer.learning_rate, lengthen its warm-up, or set '
+        'RetinaNetTrainer.clip_gradient_norm.')
+
+  def _save(self, step: int) -> None:
+    # A loss can be finite while the update it produced is not: never save such weights.
+    if not self._weights_finite():
+      raise self._diverged(step, step, 'weights became NaN or Inf')
+    path = self.checkpointer.save(step)
+    self._say(f'Saved checkpoint {path}.')
+
+  def _log(self, step: int, losses: Mapping[str, float], images_per_second: Optional[float]):
+    lr = self.learning_rate(step)
+    rate = '-' if images_per_second is None else f'{images_per_second:.1f}'
+    eta = ('-' if images_per_second is None else
+           _duration((self.train_steps - step) * self.global_batch_size / images_per_second))
+    self._say(f"step {step}/{self.train_steps} | loss {losses['total_loss']:.4f} "
+              f"(cls {losses['cls_loss']:.4f} box {losses['box_loss']:.5f} "
+              f"reg {losses['reg_loss']:.4f}) | lr {lr:.6g} | {rate} images/s | ETA {eta}")
+    with self._train_writer.as_default(step=step):
+      for name, value in losses.items():
+        tf.summary.scalar(f'loss/{name}', value)
+      tf.summary.scalar('learning_rate', lr)
+      if images_per_second is not None:
+        tf.summary.scalar('images_per_second', images_per_second)
+    self._train_writer.flush()
+
+  def _next_stop(self, step: int) -> int:
+    """The next step that logs, checkpoints, evaluates or ends, at most steps_per_execution on."""
+    stops = [self.train_steps, step + self.steps_per_execution]
+    for every in (self.log_every_steps, self.checkpoint_every_steps, self.eval_every_steps):
+      if every:
+        stops.append((step // every + 1) * every)
+    return min(stops)
+
+  def train(self) -> int:
+    """Trains from the restored step to `train_steps`; returns the final step."""
+    step = self.step
+    if step >= self.train_steps:
+      self._say(f'Step {step} already reaches RetinaNetTrainer.train_steps={self.train_steps}.')
+      return step
+    iterator = iter(self._train_dataset)
+    # Throughput counts train calls only (not saves or evals), and not the first: it traces.
+    timed_seconds, timed_steps, traced = 0.0, 0, False
+    while step < self.train_steps:
+      first, stop = step + 1, self._next_stop(step)
+      start = time.perf_counter()
+      losses = self._train_loop(iterator, tf.constant(stop - step))
+      losses = {k: float(v) for k, v in losses.items()}  # Waits for the steps to finish.
+      if traced:
+        timed_seconds += time.perf_counter() - start
+        timed_steps += stop - step
+      traced = True
+      step = self.step
+      if not all(np.isfinite(v) for v in losses.values()):
+        raise self._diverged(first, step, 'the loss became NaN or Inf (' + ', '.join(
+            f'{k}={v}' for k, v in losses.items()) + ')')
+      if step % self.log_every_steps == 0 or step == self.train_steps:
+        self._log(step, losses,
+                  timed_steps * self.global_batch_size / timed_seconds if timed_steps else None)
+        timed_seconds, timed_steps = 0.0, 0
+      if step % self.checkpoint_every_steps == 0 or step == self.train_steps:
+        self._save(step)
+      if (self.mode == 'train_and_eval' and self.eval_every_steps and
+          step % self.eval_every_steps == 0 and step < self.train_steps):
+        self.evaluate()
+    return step
+
+  # Evaluation.
+
+  def evaluate(self) -> Optional[Dict[str, float]]:
+    """COCO box metrics of the current weights on the eval set; the chief writes
+    eval_metrics.json and summaries and prints the table. Other workers return None."""
+    if not self.is_chief:
+      return None
+    step = self.step
+    if self.eval_annotation_file:
+      evaluator = coco_metrics.CocoEvaluator(annotation_file=self.eval_annotation_file)
+    else:
+      evaluator = coco_metrics.CocoEvaluator()
+    dataset = self._eval_dataset
+    if self.eval_steps:
+      dataset = dataset.take(self.eval_steps)
+    start, num_images = time.perf_counter(), 0
+    for images, labels in dataset:
+      detections = self._detect(images)
+      detections['detection_boxes'] = input_pipeline.to_original_image(
+          detections['detection_boxes'], labels['image_info'])
+      # The pipeline keeps the dataset's category ids as class indices: no mapping back.
+      evaluator.update(labels['source_id'], detections)
+      if not self.eval_annotation_file:
+        _add_groundtruth(evaluator, labels)
+      num_images += int(tf.shape(images)[0])
+    if not num_images:
+      raise ValueError('the eval dataset (build_eval_dataset.file_pattern) yielded no images.')
+    metrics = evaluator.evaluate()
+    self._say(f'COCO metrics at step {step} ({num_images} images, '
+              f'{time.perf_counter() - start:.1f} s):\n{coco_metrics.format_metrics(metrics)}')
+    with self._eval_writer.as_default(step=step):
+      for name, value in metrics.items():
+        tf.summary.scalar(f'coco/{name}', value)
+    self._eval_writer.flush()
+    checkpointing.atomic_write_text(os.path.join(self.model_dir, METRICS_FILE),
+                                    json.dumps(dict(metrics, step=step), indent=1))
+    return metrics
+
+  def run(self) -> Optional[Dict[str, float]]:
+    """Does `mode`: train, eval (the restored checkpoint), or train then eval."""
+    if self.mode != 'eval':
+      self.train()
+    if self.mode != 'train':
+      return self.evaluate()
+    return None
+
+
+def _add_groundtruth(evaluator: coco_metrics.CocoEvaluator, labels: Mapping[str, Any]) -> None:
+  """The batch's record ground truth; its pixel boxes normalized, as CocoEvaluator takes them."""
+  truth = {k: v.numpy() for k, v in labels['groundtruths'].items()}
+  for i, source_id in enumerate(labels['source_id'].numpy()):
+    count = int(truth['num_instances'][i])
+    height, width = int(truth['height'][i]), int(truth['width'][i])
+    evaluator.add_groundtruth(
+        source_id, height, width, truth['boxes'][i, :count] / [height, width, height, width],
+        truth['classes'][i, :count], truth['is_crowd'][i, :count], truth['area'][i, :count])

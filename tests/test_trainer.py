@@ -1,0 +1,226 @@
+"""RetinaNetTrainer in-process: model-dir outputs, eval wiring, NaN stop, config mismatch, float16.
+
+Also holds what the driver and distributed tests share: the tiny synthetic dataset fixture, the
+tiny model's gin bindings and a TensorBoard scalar reader.
+"""
+import contextlib
+import io
+import json
+import os
+import pathlib
+import re
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+from nasfpn_tf import config
+from nasfpn_tf.data import create_coco_tfrecord, synthetic
+from nasfpn_tf.evaluation.coco_metrics import METRIC_NAMES
+from nasfpn_tf.layers.dropblock import DropBlock
+from nasfpn_tf.training import checkpointing, trainer as trainer_lib
+
+
+@pytest.fixture(scope='session')
+def synthetic_records(tmp_path_factory):
+  """8 train / 4 val synthetic shapes images (72-120 px) as TFRecords, converted once."""
+  root = tmp_path_factory.mktemp('synthetic')
+  synthetic.generate(root / 'raw', num_train=8, num_val=4, image_size=96, seed=0)
+  for split in ('train', 'val'):
+    create_coco_tfrecord.convert(str(root / 'raw' / 'annotations' / f'instances_{split}.json'),
+                                 str(root / 'raw' / split), str(root / split), num_threads=2)
+  return {'train': str(root / 'train-*.tfrecord'), 'val': str(root / 'val-*.tfrecord'),
+          'val_json': str(root / 'raw' / 'annotations' / 'instances_val.json')}
+
+
+def tiny_bindings(records, **trainer):
+  """Gin bindings of a tiny NAS-FPN RetinaNet (ResNet-10, 16 filters, 128 px) on `records`;
+  `trainer` overrides RetinaNetTrainer bindings (values as Python literals)."""
+  trainer = {'train_steps': 4, 'global_batch_size': 2, 'checkpoint_every_steps': 2,
+             'log_every_steps': 2, 'eval_batch_size': 2, **trainer}
+  return [
+      'build_retinanet.image_size = (128, 128)',
+      'build_retinanet.num_classes = 10',  # synthetic ids 1..9
+      "build_retinanet.backbone = 'resnet10'",
+      'build_retinanet.num_filters = 16',
+      'build_retinanet.num_repeats = 1',
+      'build_retinanet.head_num_convs = 1',
+      'build_retinanet.head_num_filters = 16',
+      'build_retinanet.l2_weight_decay = 1e-4',
+      f"build_train_dataset.file_pattern = '{records['train']}'",
+      f"build_eval_dataset.file_pattern = '{records['val']}'",
+      'RetinaNetTrainer.learning_rate = @StepDecayWithWarmup()',
+      'StepDecayWithWarmup.base_learning_rate = 0.01',
+      'StepDecayWithWarmup.boundary_steps = [100]',
+      'StepDecayWithWarmup.warmup_steps = 2',
+      'StepDecayWithWarmup.warmup_learning_rate = 0.001',
+  ] + [f'RetinaNetTrainer.{name} = {value!r}' for name, value in trainer.items()]
+
+
+def read_scalars(log_dir):
+  """{tag: {step: value}} of the TensorBoard scalars under `log_dir`."""
+  scalars = {}
+  for path in sorted(pathlib.Path(log_dir).glob('events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+  return scalars
+
+
+def checkpoint_step(path):
+  """The optimizer iteration count stored in checkpoint `path`."""
+  reader = tf.train.load_checkpoint(path)
+  keys = [k for k in reader.get_variable_to_shape_map()
+          if k.startswith('optimizer/') and '/_iterations/' in k]
+  assert len(keys) == 1, keys
+  return int(reader.get_tensor(keys[0]))
+
+
+def _trainer(model_dir, bindings, mode='train'):
+  config.parse_gin([], bindings)
+  return trainer_lib.RetinaNetTrainer(str(model_dir), tf.distribute.get_strategy(), mode=mode)
+
+
+@pytest.fixture(scope='module')
+def trained(synthetic_records, tmp_path_factory):
+  """A train_and_eval run of 4 steps: (model_dir, trainer, printed output, returned metrics)."""
+  model_dir = tmp_path_factory.mktemp('trained')
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    trainer = _trainer(model_dir, tiny_bindings(synthetic_records), mode='train_and_eval')
+    metrics = trainer.run()
+  return model_dir, trainer, out.getvalue(), metrics
+
+
+def test_train_and_eval_writes_the_model_dir(trained):
+  model_dir, trainer, printed, metrics = trained
+  assert trainer.step == 4
+  assert tf.train.latest_checkpoint(str(model_dir)) == str(model_dir / 'ckpt-4')
+  assert checkpoint_step(str(model_dir / 'ckpt-4')) == 4
+  assert (model_dir / 'ckpt-2.index').exists()
+
+  operative = (model_dir / 'operative_config.gin').read_text()
+  for line in ('RetinaNetTrainer.train_steps = 4', 'build_retinanet.num_filters = 16',
+               'build_train_dataset.flip_prob = 0.5', 'build_eval_dataset.max_num_instances = 100',
+               'StepDecayWithWarmup.warmup_steps = 2', 'RetinaNetLoss.focal_gamma = 1.5'):
+    assert line in operative
+
+  # Progress lines at every log step: step, loss terms, learning rate, throughput, ETA.
+  progress = re.findall(r'step (\d+)/4 \| loss [\d.]+ \(cls [\d.]+ box [\d.]+ reg [\d.]+\) \| '
+                        r'lr [\d.e-]+ \| ([\d.]+|-) images/s \| ETA \S+', printed)
+  assert [step for step, _ in progress] == ['2', '4']
+  assert progress[1][1] != '-'
+
+  train = read_scalars(model_dir / 'train')
+  assert set(train) >= {'loss/total_loss', 'loss/cls_loss', 'loss/box_loss', 'loss/reg_loss',
+                        'learning_rate', 'images_per_second'}
+  assert sorted(train['loss/total_loss']) == [2, 4]
+  assert train['learning_rate'][2] == pytest.approx(0.01)  # warm-up over 2 steps
+  assert train['loss/reg_loss'][2] > 0  # l2_weight_decay reaches the loss
+
+  saved = json.loads((model_dir / 'eval_metrics.json').read_text())
+  assert set(saved) == set(METRIC_NAMES) | {'step'}
+  assert saved['step'] == 4
+  assert saved == pytest.approx(dict(metrics, step=4))
+  assert set(read_scalars(model_dir / 'eval')) == {f'coco/{name}' for name in METRIC_NAMES}
+  assert '| AP | AP50 |' in printed  # the COCO table
+
+
+def test_evaluation_maps_boxes_and_classes_back_to_the_dataset(trained, synthetic_records,
+                                                                monkeypatch):
+  """Perfect detections (the ground truth, mapped into model-input pixels as the model would
+  see it) must score AP 1, against record and json ground truth: checks to_original_image, the
+  ground truth's normalization and that class ids stay the dataset's."""
+  _, trainer, _, _ = trained
+  labels_seen = []
+
+  def ground_truth_as_detections(images):
+    labels = next(eval_labels)
+    labels_seen.append(labels['source_id'])
+    truth, info = labels['groundtruths'], labels['image_info']
+    scale, offset = info[:, 2:3], info[:, 3:4]
+    valid = truth['classes'] > 0
+    return {'detection_boxes': truth['boxes'] * tf.tile(scale, [1, 1, 2]) -
+                               tf.tile(offset, [1, 1, 2]),
+            'detection_scores': tf.where(valid, 1.0, 0.0),
+            'detection_classes': tf.where(valid, truth['classes'], 0),
+            'num_detections': truth['num_instances']}
+
+  monkeypatch.setattr(trainer, '_detect', ground_truth_as_detections)
+  results = []
+  for annotation_file in (None, synthetic_records['val_json']):
+    monkeypatch.setattr(trainer, 'eval_annotation_file', annotation_file)
+    eval_labels = iter([labels for _, labels in trainer._eval_dataset])
+    with contextlib.redirect_stdout(io.StringIO()):
+      results.append(trainer.evaluate())
+  assert len(tf.concat(labels_seen, 0)) == 8  # the 4 val images, twice
+  for metrics in results:
+    assert metrics['AP'] == pytest.approx(1.0)
+    assert metrics['AR100'] == pytest.approx(1.0)
+
+
+def test_a_checkpoint_of_another_model_config_fails_naming_the_change(trained, synthetic_records):
+  model_dir, _, _, _ = trained
+  with pytest.raises(checkpointing.CheckpointMismatchError) as error:
+    _trainer(model_dir, tiny_bindings(synthetic_records) + ['build_retinanet.num_filters = 24'])
+  message = str(error.value)
+  assert 'ckpt-4' in message
+  assert 'build_retinanet.num_filters: 16' in message and 'now 24' in message
+  # The record of what the checkpoints were trained with survives the failed start.
+  assert 'build_retinanet.num_filters = 16' in (model_dir / 'operative_config.gin').read_text()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_records, tmp_path):
+  bindings = tiny_bindings(synthetic_records, checkpoint_every_steps=1, log_every_steps=1) + [
+      'StepDecayWithWarmup.base_learning_rate = 1e30', 'StepDecayWithWarmup.warmup_steps = 0']
+  trainer = _trainer(tmp_path, bindings)
+  with contextlib.redirect_stdout(io.StringIO()):
+    with pytest.raises(trainer_lib.TrainingDivergedError,
+                       match=r'NaN or Inf .* steps 2\.\.2; stopped without saving this state, '
+                             r'the last good checkpoint is kept: .*ckpt-1'):
+      trainer.train()
+  assert tf.train.latest_checkpoint(str(tmp_path)) == str(tmp_path / 'ckpt-1')
+  assert not list(tmp_path.glob('ckpt-2*'))
+
+
+def test_float16_scales_the_loss(synthetic_records, tmp_path):
+  # float16 is emulated on CPUs (slow): a 64 px FPN on P3-P6, one step.
+  bindings = tiny_bindings(synthetic_records, train_steps=1, mixed_precision='float16') + [
+      'build_retinanet.image_size = (64, 64)', 'build_retinanet.max_level = 6',
+      "build_retinanet.block_specs = 'fpn'"]
+  trainer = _trainer(tmp_path, bindings)
+  assert tf_keras.mixed_precision.global_policy().name == 'float32'  # not leaked to later models
+  assert isinstance(trainer.optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
+  assert trainer.model.get_layer('decoder').compute_dtype == 'float16'
+  with contextlib.redirect_stdout(io.StringIO()):
+    assert trainer.train() == 1
+  losses = read_scalars(tmp_path / 'train')['loss/total_loss']
+  assert list(losses) == [1] and np.isfinite(losses[1])
+
+
+def test_bfloat16_dropblock_ramp_steps_per_execution_and_clipping(synthetic_records, tmp_path):
+  bindings = tiny_bindings(synthetic_records, train_steps=3, steps_per_execution=3,
+                           log_every_steps=3, mixed_precision='bfloat16',
+                           clip_gradient_norm=0.1) + [
+      'build_retinanet.dropblock_keep_prob = 0.9', 'build_retinanet.dropblock_ramp_steps = 10']
+  trainer = _trainer(tmp_path, bindings)
+  assert trainer.model.get_layer('decoder').compute_dtype == 'bfloat16'
+  dropblocks = [layer for layer in trainer.model.submodules if isinstance(layer, DropBlock)]
+  assert dropblocks
+  with contextlib.redirect_stdout(io.StringIO()) as out:
+    assert trainer.train() == 3
+  # One call ran the 3 steps; each set the ramp to its own step (0, 1, 2) before its update.
+  assert re.findall(r'step (\d+)/3', out.getvalue()) == ['3']
+  assert [int(layer.step.numpy()) for layer in dropblocks] == [2] * len(dropblocks)
+  assert np.isfinite(read_scalars(tmp_path / 'train')['loss/total_loss'][3])
+
+
+@pytest.mark.parametrize('binding, message', [
+    ('RetinaNetTrainer.learning_rate = None', 'binding RetinaNetTrainer.learning_rate is required'),
+    ("RetinaNetTrainer.mixed_precision = 'float8'", "RetinaNetTrainer.mixed_precision='float8'"),
+    ('RetinaNetTrainer.log_every_steps = 0', 'RetinaNetTrainer.log_every_steps must be >= 1'),
+])
+def test_bad_trainer_bindings_name_the_binding(synthetic_records, tmp_path, binding, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    _trainer(tmp_path, tiny_bindings(synthetic_records) + [binding])
