@@ -68,7 +68,9 @@ def main(argv):
     trainer = trainer_lib.RetinaNetTrainer(_MODEL_DIR.value, strategy, mode=_MODE.value)
     trainer.run()
   except _USER_ERRORS as e:
-    sys.exit(f'nasfpn_tf.main: error: {e}')
+    # Gin appends the chain of configurables it was in; the message already names the culprit.
+    lines = [l for l in str(e).splitlines() if not l.startswith('  In call to configurable')]
+    sys.exit('nasfpn_tf.main: error: ' + '\n'.join(lines))
 
 
 if __name__ == '__main__':

@@ -1,0 +1,87 @@
+"""nasfpn_tf.main: flags, and configuration errors that end the program naming the culprit."""
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+from absl import flags
+import pytest
+import tensorflow as tf
+
+from nasfpn_tf import main
+from test_trainer import synthetic_records, tiny_bindings  # noqa: F401  (a fixture)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+FLAGS = flags.FLAGS
+
+
+def run_main(*args):
+  """Runs main.main in-process with these command-line flags."""
+  FLAGS.unparse_flags()
+  try:
+    main.main(FLAGS(['main.py', *args]))
+  finally:
+    FLAGS.unparse_flags()
+
+
+def cli_args(records, model_dir, *extra_bindings, **trainer):
+  return [f'--model_dir={model_dir}'] + [
+      f'--gin_bindings={b}' for b in tiny_bindings(records, **trainer) + list(extra_bindings)]
+
+
+def test_help_explains_every_flag():
+  help_text = FLAGS.module_help(main)
+  for flag in ('gin_file', 'gin_bindings', 'mode', 'model_dir', 'strategy', 'tpu',
+               'num_cpu_devices'):
+    assert f'--{flag}' in help_text
+  for word in ('train_and_eval', 'multi_worker_mirrored', 'TF_CONFIG', 'logical devices'):
+    assert word in help_text
+
+
+def test_misspelled_gin_binding_is_named(synthetic_records, tmp_path):
+  with pytest.raises(SystemExit) as exit_:
+    run_main(*cli_args(synthetic_records, tmp_path, 'RetinaNetTrainer.trian_steps = 3'))
+  message = str(exit_.value.code)
+  assert "gin binding 'RetinaNetTrainer.trian_steps = 3'" in message
+  assert 'trian_steps' in message
+  assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_missing_gin_file_is_named(tmp_path):
+  with pytest.raises(SystemExit, match="gin file 'no_such.gin' not found"):
+    run_main(f'--model_dir={tmp_path}', '--gin_file=no_such.gin')
+
+
+def test_missing_tfrecords_exit_nonzero_naming_the_pattern(synthetic_records, tmp_path):
+  """Through the real command line: exit status and the message on stderr."""
+  pattern = str(tmp_path / 'nowhere' / 'train-*.tfrecord')
+  args = cli_args(synthetic_records, tmp_path / 'model',
+                  f"build_train_dataset.file_pattern = '{pattern}'")
+  result = subprocess.run([sys.executable, '-m', 'nasfpn_tf.main', *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+  assert result.returncode == 1
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line == f"nasfpn_tf.main: error: no files match the file pattern '{pattern}'"
+
+
+def test_empty_dataset_is_named(synthetic_records, tmp_path):
+  empty = tmp_path / 'empty-00000-of-00001.tfrecord'
+  tf.io.TFRecordWriter(str(empty)).close()
+  pattern = str(tmp_path / 'empty-*.tfrecord')
+  with pytest.raises(SystemExit, match=f'empty dataset: .*{re.escape(pattern)}.* no records'):
+    run_main(*cli_args(synthetic_records, tmp_path / 'model',
+                       f"build_train_dataset.file_pattern = '{pattern}'"))
+
+
+def test_eval_without_a_checkpoint_says_so(synthetic_records, tmp_path):
+  with pytest.raises(SystemExit, match=f'--mode=eval: no checkpoint in --model_dir={tmp_path}'):
+    run_main('--mode=eval', *cli_args(synthetic_records, tmp_path))
+
+
+def test_unknown_strategy_is_rejected_by_the_flag(tmp_path):
+  with pytest.raises(flags.IllegalFlagValueError):
+    FLAGS(['main.py', f'--model_dir={tmp_path}', '--strategy=parameter_server'])
+  FLAGS.unparse_flags()
