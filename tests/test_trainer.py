@@ -160,6 +160,22 @@ def test_evaluation_maps_boxes_and_classes_back_to_the_dataset(trained, syntheti
     assert metrics['AR100'] == pytest.approx(1.0)
 
 
+def test_eval_mode_restores_the_weights_and_step_whatever_the_optimizer_settings(
+    trained, synthetic_records):
+  model_dir, trained_trainer, _, _ = trained
+  bindings = tiny_bindings(synthetic_records) + ['RetinaNetTrainer.learning_rate = None',
+                                                 'RetinaNetTrainer.momentum = 0.5']
+  with contextlib.redirect_stdout(io.StringIO()) as out:
+    evaluator = _trainer(model_dir, bindings, mode='eval')
+    metrics = evaluator.run()
+  assert f'Restored {model_dir / "ckpt-4"} at step 4.' in out.getvalue()
+  for restored, trained_weight in zip(evaluator.model.weights, trained_trainer.model.weights):
+    np.testing.assert_array_equal(restored.numpy(), trained_weight.numpy())
+  saved = json.loads((model_dir / 'eval_metrics.json').read_text())
+  assert saved == pytest.approx(dict(metrics, step=4))
+  assert set(saved) == set(METRIC_NAMES) | {'step'}
+
+
 def test_a_checkpoint_of_another_model_config_fails_naming_the_change(trained, synthetic_records):
   model_dir, _, _, _ = trained
   with pytest.raises(checkpointing.CheckpointMismatchError) as error:

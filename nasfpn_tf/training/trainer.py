@@ -151,13 +151,13 @@ class RetinaNetTrainer:
           global_clipnorm=clip_gradient_norm)
       if mixed_precision == 'float16':
         self.optimizer = tf_keras.mixed_precision.LossScaleOptimizer(self.optimizer)
-      # Slots exist before a restore, so every checkpoint value finds its variable.
-      self.optimizer.build(self.model.trainable_variables)
+      if training:  # Slots exist before a restore, so every checkpoint value finds its variable.
+        self.optimizer.build(self.model.trainable_variables)
     self.loss_fn = RetinaNetLoss(num_classes=self.model.get_config()['num_classes'])
     task_id = getattr(getattr(strategy, 'cluster_resolver', None), 'task_id', 0) or 0
     self.checkpointer = checkpointing.Checkpointer(
-        model_dir, tf.train.Checkpoint(model=self.model, optimizer=self.optimizer),
-        is_chief=self.is_chief, task_id=task_id, max_to_keep=max_checkpoints_to_keep)
+        model_dir, self.model, self.optimizer, is_chief=self.is_chief, task_id=task_id,
+        max_to_keep=max_checkpoints_to_keep)
 
     model_config = self.model.get_config()
     if training:
@@ -173,7 +173,7 @@ class RetinaNetTrainer:
       self._eval_dataset = input_pipeline.build_eval_dataset(
           global_batch_size=eval_batch_size, model_config=model_config)
 
-    restored = self.checkpointer.restore()
+    restored = self.checkpointer.restore(model_only=not training)
     if restored:
       self._say(f'Restored {restored} at step {self.step}.')
     elif mode == 'eval':
