@@ -8,8 +8,9 @@ r"""Trains and evaluates NAS-FPN RetinaNet models from gin configs.
 
 Writes into --model_dir: operative_config.gin (every setting the run used), checkpoints
 (ckpt-<step>; a restart resumes from the last), TensorBoard summaries (train/, eval/) and
-eval_metrics.json (COCO metrics of the last evaluation). Configuration errors end the program
-with a one-line message naming the flag, gin binding or file at fault, and exit status 1.
+eval_metrics.json (COCO metrics of the last evaluation). Configuration errors, a diverged loss
+or a checkpoint of another config end the program with a message naming the flag, gin binding,
+file or checkpoint at fault, and exit status 1.
 """
 import sys
 
@@ -26,13 +27,14 @@ _GIN_FILE = flags.DEFINE_multi_string(
     'gin_file', [], 'Gin config file, a path or a name in gin_configs/ (demo.gin); repeat the '
     'flag for several, later ones override earlier ones.')
 _GIN_BINDINGS = flags.DEFINE_multi_string(
-    'gin_bindings', [], "Gin binding applied after the files, e.g. 'RetinaNetTrainer.train_steps = 100'; "
-    'repeatable. See nasfpn_tf/training/trainer.py (RetinaNetTrainer) for the training bindings.')
+    'gin_bindings', [], 'Gin binding applied after the files, e.g. '
+    "'RetinaNetTrainer.train_steps = 100'; repeatable. RetinaNetTrainer "
+    '(nasfpn_tf/training/trainer.py) lists the training bindings.')
 _MODE = flags.DEFINE_enum(
     'mode', 'train', list(trainer_lib.MODES),
-    'train: train to RetinaNetTrainer.train_steps (resuming from the last checkpoint in --model_dir); '
-    'eval: COCO-evaluate the last checkpoint; train_and_eval: train, evaluating every '
-    'RetinaNetTrainer.eval_every_steps and at the end.')
+    'train: train to RetinaNetTrainer.train_steps (resuming from the last checkpoint in '
+    '--model_dir); eval: COCO-evaluate the last checkpoint; train_and_eval: train, evaluating '
+    'every RetinaNetTrainer.eval_every_steps and at the end.')
 _MODEL_DIR = flags.DEFINE_string(
     'model_dir', None, 'Folder for checkpoints, summaries, operative_config.gin and '
     'eval_metrics.json; created if missing.', required=True)
@@ -42,8 +44,7 @@ _STRATEGY = flags.DEFINE_enum(
     'one_device. mirrored: all local GPUs (or, without GPUs, the --num_cpu_devices logical CPUs). '
     'multi_worker_mirrored: the cluster in $TF_CONFIG. tpu: the TPU named by --tpu.')
 _TPU = flags.DEFINE_string(
-    'tpu', None, 'TPU name or grpc://address for --strategy=tpu (or auto); empty or "local" for '
-    'a TPU VM.')
+    'tpu', None, 'TPU name or grpc://address for --strategy=tpu (or auto); "local" on a TPU VM.')
 _NUM_CPU_DEVICES = flags.DEFINE_integer(
     'num_cpu_devices', None, 'Split the CPU into this many logical devices before TensorFlow '
     'starts, so --strategy=mirrored runs with several replicas without GPUs (tests, debugging).',

@@ -17,7 +17,8 @@ import time
 import pytest
 import tensorflow as tf
 
-from test_trainer import checkpoint_step, read_scalars, synthetic_records, tiny_bindings  # noqa: F401
+from test_trainer import (checkpoint_step, read_scalars, synthetic_records,  # noqa: F401
+                          tiny_bindings)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240

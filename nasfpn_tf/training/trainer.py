@@ -1,8 +1,9 @@
 """RetinaNet training and COCO evaluation under a tf.distribute strategy, gin-configurable.
 
-One `RetinaNetTrainer` owns the model (gin `build_retinanet`), the SGD optimizer, the checkpoints and the
-summaries of a model dir. The global step is the optimizer's iteration count: checkpoints carry
-it, so a restarted run resumes with the same step, optimizer slots and learning-rate schedule.
+One `RetinaNetTrainer` owns the model (gin `build_retinanet`), the SGD optimizer, the checkpoints
+and the summaries of a model dir. The global step is the optimizer's iteration count: checkpoints
+carry it, so a restarted run resumes with the same step, optimizer slots and learning-rate
+schedule.
 
 Losses with several replicas: each replica computes the RetinaNet loss on its share of the global
 batch, re-normalized by the positives of the *global* batch (RetinaNetLoss divides by the
@@ -108,19 +109,20 @@ class RetinaNetTrainer:
     if mode not in MODES:
       raise ValueError(f'mode {mode!r} is not one of {list(MODES)}.')
     if mixed_precision not in _POLICIES:
-      raise ValueError(f'RetinaNetTrainer.mixed_precision={mixed_precision!r}: use None, "bfloat16" or '
-                       '"float16".')
+      raise ValueError(f'RetinaNetTrainer.mixed_precision={mixed_precision!r}: use None, '
+                       '"bfloat16" or "float16".')
     for name, value in (('train_steps', train_steps), ('global_batch_size', global_batch_size),
                         ('steps_per_execution', steps_per_execution),
                         ('checkpoint_every_steps', checkpoint_every_steps),
                         ('log_every_steps', log_every_steps),
-                        ('eval_batch_size', eval_batch_size)):
+                        ('eval_batch_size', eval_batch_size), ('eval_steps', eval_steps or 1),
+                        ('eval_every_steps', eval_every_steps or 1)):
       if value < 1:
         raise ValueError(f'RetinaNetTrainer.{name} must be >= 1, got {value}.')
     replicas = strategy.num_replicas_in_sync
     if global_batch_size % replicas:
-      raise ValueError(f'RetinaNetTrainer.global_batch_size={global_batch_size} must be a multiple of the '
-                       f'{replicas} replicas.')
+      raise ValueError(f'RetinaNetTrainer.global_batch_size={global_batch_size} must be a '
+                       f'multiple of the {replicas} replicas.')
     self.model_dir = model_dir
     self.strategy = strategy
     self.mode = mode
@@ -146,6 +148,7 @@ class RetinaNetTrainer:
         self.model = build_retinanet()
       finally:
         tf_keras.mixed_precision.set_global_policy(previous_policy)
+      # Evaluation never steps the optimizer: it only holds the step count there.
       self.optimizer = tf_keras.optimizers.SGD(
           learning_rate=learning_rate if learning_rate is not None else 0.0, momentum=momentum,
           global_clipnorm=clip_gradient_norm)
