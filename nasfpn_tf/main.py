@@ -19,7 +19,6 @@ from absl import flags
 import tensorflow as tf
 
 from nasfpn_tf import config
-from nasfpn_tf.training import checkpointing
 from nasfpn_tf.training import distribute
 from nasfpn_tf.training import trainer as trainer_lib
 

@@ -7,6 +7,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from nasfpn_tf.data import create_coco_tfrecord, synthetic  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -23,3 +25,15 @@ def coco128_dir():
     pytest.skip(f'coco128 not found at {path} (set $NASFPN_COCO128 to a folder with train2017/ '
                 'and annotations/instances_train2017.json)')
   return path
+
+
+@pytest.fixture(scope='session')
+def synthetic_records(tmp_path_factory):
+  """8 train / 4 val synthetic shapes images (72-120 px) as TFRecords, converted once."""
+  root = tmp_path_factory.mktemp('synthetic')
+  synthetic.generate(root / 'raw', num_train=8, num_val=4, image_size=96, seed=0)
+  for split in ('train', 'val'):
+    create_coco_tfrecord.convert(str(root / 'raw' / 'annotations' / f'instances_{split}.json'),
+                                 str(root / 'raw' / split), str(root / split), num_threads=2)
+  return {'train': str(root / 'train-*.tfrecord'), 'val': str(root / 'val-*.tfrecord'),
+          'val_json': str(root / 'raw' / 'annotations' / 'instances_val.json')}

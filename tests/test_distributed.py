@@ -17,8 +17,7 @@ import time
 import pytest
 import tensorflow as tf
 
-from test_trainer import (checkpoint_step, read_scalars, synthetic_records,  # noqa: F401
-                          tiny_bindings)
+from training_helpers import checkpoint_step, read_scalars, tiny_bindings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240

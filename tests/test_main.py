@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from nasfpn_tf import main
-from test_trainer import synthetic_records, tiny_bindings  # noqa: F401  (a fixture)
+from training_helpers import tiny_bindings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

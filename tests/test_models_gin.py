@@ -1,6 +1,5 @@
 """Model gin files: every one parses, the cheap ones build with the right outputs; errors name
 the file or binding at fault."""
-import pathlib
 
 import gin
 import pytest

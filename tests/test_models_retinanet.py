@@ -7,7 +7,7 @@ import tensorflow as tf
 import tf_keras
 
 from nasfpn_tf.decoders import block_specs
-from nasfpn_tf.models import RetinaNet, build_retinanet
+from nasfpn_tf.models import RetinaNet
 
 TINY = dict(image_size=(128, 256), num_classes=4, backbone='resnet10', min_level=3, max_level=7,
             num_filters=32, num_repeats=1, head_num_convs=1, head_num_filters=32,
