@@ -67,3 +67,11 @@ def test_nasfpn_r50_640_matches_paper_table1():
   gin.clear_config()  # Later tests in this process build from their own bindings.
   assert count_params(model) == pytest.approx(60.3e6, rel=0.005)
   assert count_flops(model, model.image_size + [3]) == pytest.approx(281.3e9, rel=0.01)
+
+
+def test_dropblock_step_counter_is_not_a_parameter():
+  from nasfpn_tf.layers import DropBlock
+  inputs = tf_keras.Input([8, 8, 4])
+  model = tf_keras.Model(inputs, DropBlock(0.9)(tf_keras.layers.Conv2D(2, 1)(inputs)))
+  assert model.count_params() == 4 * 2 + 2 + 1  # Keras counts the int64 step
+  assert count_params(model) == 4 * 2 + 2

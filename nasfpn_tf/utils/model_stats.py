@@ -109,10 +109,11 @@ def _ops_missing_shapes(graph: tf.Graph) -> list:
 
 
 def count_params(model: tf_keras.Model) -> int:
-  """All weights, trainable or not, each shared weight once.
+  """All floating-point weights, trainable or not, each shared weight once.
 
   BN moving statistics count, as in Keras' count_params and in TF Model Garden's figure for its
-  R-50 NAS-FPN (60,178,967), the one the paper's 60.3M is checked against.
+  R-50 NAS-FPN (60,178,967), the one the paper's 60.3M is checked against. Integer state (the
+  step counter of each DropBlock) is not a parameter.
   """
-  unique = {id(weight): weight for weight in model.weights}
+  unique = {id(weight): weight for weight in model.weights if weight.dtype.is_floating}
   return sum(weight.shape.num_elements() for weight in unique.values())
