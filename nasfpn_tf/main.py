@@ -1,4 +1,4 @@
-r"""Trains and evaluates NAS-FPN RetinaNet models from gin configs.
+r"""Trains, evaluates and exports NAS-FPN RetinaNet models from gin configs.
 
   python -m nasfpn_tf.main --mode=train_and_eval --model_dir=runs/demo \
       --gin_file=demo.gin --gin_file=schedule_step_50ep.gin \
@@ -11,32 +11,73 @@ Writes into --model_dir: operative_config.gin (every setting the run used), chec
 eval_metrics.json (COCO metrics of the last evaluation). Configuration errors, a diverged loss
 or a checkpoint of another config end the program with a message naming the flag, gin binding,
 file or checkpoint at fault, and exit status 1.
+
+Exports read the model dir's own operative_config.gin and last checkpoint (not --gin_file):
+
+  python -m nasfpn_tf.main --mode=export_saved_model --model_dir=runs/demo \
+      --export_dir=exports/demo/1
+  python -m nasfpn_tf.main --mode=export_tflite --model_dir=runs/demo \
+      --tflite_path=exports/demo.tflite --quantization=float16
+
+Each prints a JSON summary of what it wrote.
 """
+import json
 import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 import tensorflow as tf
 
 from nasfpn_tf import config
+from nasfpn_tf.export import saved_model
 from nasfpn_tf.training import distribute
 from nasfpn_tf.training import trainer as trainer_lib
 
 _GIN_FILE = flags.DEFINE_multi_string(
     'gin_file', [], 'Gin config file, a path or a name in gin_configs/ (demo.gin); repeat the '
-    'flag for several, later ones override earlier ones.')
+    'flag for several, later ones override earlier ones. Not for the exports.')
 _GIN_BINDINGS = flags.DEFINE_multi_string(
     'gin_bindings', [], 'Gin binding applied after the files, e.g. '
     "'RetinaNetTrainer.train_steps = 100'; repeatable. RetinaNetTrainer "
-    '(nasfpn_tf/training/trainer.py) lists the training bindings.')
+    '(nasfpn_tf/training/trainer.py) lists the training bindings. The exports apply them on '
+    "top of the model dir's operative_config.gin: post-processing settings such as "
+    "'build_retinanet.max_detections = 300' (a change to the network fails against the "
+    'checkpoint).')
+EXPORT_MODES = ('export_saved_model', 'export_tflite')
 _MODE = flags.DEFINE_enum(
-    'mode', 'train', list(trainer_lib.MODES),
+    'mode', 'train', list(trainer_lib.MODES) + list(EXPORT_MODES),
     'train: train to RetinaNetTrainer.train_steps (resuming from the last checkpoint in '
     '--model_dir); eval: COCO-evaluate the last checkpoint; train_and_eval: train, evaluating '
-    'every RetinaNetTrainer.eval_every_steps and at the end.')
+    'every RetinaNetTrainer.eval_every_steps and at the end. export_saved_model: the last '
+    'checkpoint, built from the model dir\'s operative_config.gin, as a SavedModel for TF '
+    'Serving in --export_dir (signatures: nasfpn_tf/export/saved_model.py); export_tflite: as a '
+    'TFLite file at --tflite_path.')
 _MODEL_DIR = flags.DEFINE_string(
     'model_dir', None, 'Folder for checkpoints, summaries, operative_config.gin and '
-    'eval_metrics.json; created if missing.', required=True)
+    'eval_metrics.json; created if missing. The exports read it.', required=True)
+_EXPORT_DIR = flags.DEFINE_string(
+    'export_dir', None, 'For --mode=export_saved_model: the SavedModel folder to write, new or '
+    'empty (TF Serving loads <base>/<version>, e.g. exports/nasfpn/1).')
+_TFLITE_PATH = flags.DEFINE_string(
+    'tflite_path', None, 'For --mode=export_tflite: the .tflite file to write; its label map '
+    'goes beside it as <stem>.labels.json.')
+_QUANTIZATION = flags.DEFINE_enum(
+    'quantization', 'float32', ['float32', 'float16', 'dynamic', 'int8'],
+    'For --mode=export_tflite: float32; float16 weights; dynamic (int8 weights, activations '
+    'quantized on the fly); int8 (full integer with uint8 input, calibrated on '
+    '--representative_file_pattern).')
+_REPRESENTATIVE_FILE_PATTERN = flags.DEFINE_string(
+    'representative_file_pattern', None, 'For --quantization=int8: TFRecords whose first '
+    '--num_representative_images images calibrate it; default: the training records of the '
+    'operative config.')
+_NUM_REPRESENTATIVE_IMAGES = flags.DEFINE_integer(
+    'num_representative_images', 100, 'For --quantization=int8: see --representative_file_pattern.',
+    lower_bound=1)
+_EXPORT_LABEL_MAP = flags.DEFINE_string(
+    'export_label_map', None, 'For the exports: a JSON {"category id": "name"} to ship with '
+    'the model; default: the {prefix}-label_map.json beside the TFRecords of the operative '
+    'config, else category ids without names.')
 _STRATEGY = flags.DEFINE_enum(
     'strategy', 'auto', list(distribute.STRATEGIES),
     'tf.distribute strategy. auto: tpu if --tpu is given, mirrored if more than one GPU, else '
@@ -59,6 +100,9 @@ def main(argv):
   # tf.distribute logs every collective at INFO; the progress lines are printed.
   tf.get_logger().setLevel('WARNING')
   try:
+    if _MODE.value in EXPORT_MODES:
+      _export()
+      return
     if _NUM_CPU_DEVICES.value:
       distribute.configure_cpu_devices(_NUM_CPU_DEVICES.value)
     config.parse_gin(_GIN_FILE.value, _GIN_BINDINGS.value)
@@ -71,6 +115,33 @@ def main(argv):
     # Gin appends the chain of configurables it was in; the message already names the culprit.
     lines = [l for l in str(e).splitlines() if not l.startswith('  In call to configurable')]
     sys.exit('nasfpn_tf.main: error: ' + '\n'.join(lines))
+
+
+def _export() -> None:
+  """The export that --mode names, from --model_dir's own config and last checkpoint."""
+  mode = _MODE.value
+  if not (flags.FLAGS['verbosity'].present or flags.FLAGS['v'].present):
+    # Saving and converting log every traced function at INFO, burying the summary line.
+    logging.set_verbosity(logging.WARNING)
+  if _GIN_FILE.value:
+    raise ValueError(f'--mode={mode} builds the model from {_MODEL_DIR.value}/'
+                     'operative_config.gin, the config of its checkpoints; drop --gin_file.')
+  if mode == 'export_saved_model':
+    if not _EXPORT_DIR.value:
+      raise ValueError('--mode=export_saved_model needs --export_dir.')
+    summary = saved_model.export_saved_model(_MODEL_DIR.value, _EXPORT_DIR.value,
+                                             _GIN_BINDINGS.value, _EXPORT_LABEL_MAP.value)
+  else:
+    if not _TFLITE_PATH.value:
+      raise ValueError('--mode=export_tflite needs --tflite_path.')
+    # Imported here so the other modes never load the TFLite conversion code.
+    from nasfpn_tf.export import tflite  # pylint: disable=g-import-not-at-top
+    summary = tflite.export_tflite(
+        _MODEL_DIR.value, _TFLITE_PATH.value, quantization=_QUANTIZATION.value,
+        representative_file_pattern=_REPRESENTATIVE_FILE_PATTERN.value,
+        num_representative_images=_NUM_REPRESENTATIVE_IMAGES.value,
+        gin_bindings=_GIN_BINDINGS.value, label_map_path=_EXPORT_LABEL_MAP.value)
+  print(json.dumps(summary, default=str), flush=True)
 
 
 if __name__ == '__main__':

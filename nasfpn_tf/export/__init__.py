@@ -1,0 +1,1 @@
+"""Exports of trained model dirs for serving: SavedModel (TF Serving) and TFLite."""

@@ -1,0 +1,204 @@
+"""A trained model dir -> SavedModel for TF Serving, with preprocessing and NMS in the graph.
+
+The model is rebuilt from the model dir's own `operative_config.gin` (not the user's gin
+files), so the export is the network its checkpoints were trained as. Signatures:
+
+  serving_default        images              uint8 [B, H, W, 3] RGB; one size per batch (a
+                                             tensor), any size between batches.
+  serving_encoded_image  encoded_image       string [B]: JPEG/PNG/GIF/BMP/WebP bytes, each its own
+                                             size; grayscale and RGBA become RGB.
+  serving_tf_example     serialized_example  string [B]: tf.Examples with `image/encoded`
+                                             (the layout of nasfpn_tf.data.tfexample).
+
+Each image is preprocessed exactly as evaluation does it (`build_eval_dataset`): resized keeping
+its aspect ratio to fit the model's image_size, zero-padded at the bottom/right; the model
+normalizes pixels itself. Every signature returns
+  detection_boxes    float32 [B, K, 4]  ymin, xmin, ymax, xmax in ORIGINAL image pixels
+  detection_scores   float32 [B, K]
+  detection_classes  int32 [B, K]       the dataset's category ids (as in the training records)
+  num_detections     int32 [B]          valid rows per image; later rows are zero
+with K = build_retinanet.max_detections. The category names are in assets/label_map.json
+({"id": "name"}).
+"""
+import json
+import os
+import re
+import tempfile
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import gin
+import tensorflow as tf
+import tf_keras
+from official.vision.ops import preprocess_ops
+
+from nasfpn_tf import config
+from nasfpn_tf.data import input_pipeline
+from nasfpn_tf.data import tfexample
+from nasfpn_tf.models.factory import build_retinanet
+from nasfpn_tf.models.retinanet import RetinaNet
+from nasfpn_tf.training import checkpointing
+# Registers every configurable an operative config binds (trainer, datasets, schedules, loss).
+from nasfpn_tf.training import trainer  # noqa: F401  pylint: disable=unused-import
+
+LABEL_MAP_FILE = 'label_map.json'
+# Signature name -> its input's name.
+SIGNATURE_INPUTS = {
+    'serving_default': 'images',
+    'serving_encoded_image': 'encoded_image',
+    'serving_tf_example': 'serialized_example',
+}
+# create_coco_tfrecord's shard suffix: its label map is {prefix}-label_map.json beside the shards.
+_SHARD_SUFFIX = re.compile(r'-\d{5}-of-\d{5}\.tfrecord$')
+
+
+def load_model(model_dir: str, gin_bindings: Sequence[str] = ()) -> Tuple[RetinaNet, str, int]:
+  """The model of `model_dir`'s operative config with its last checkpoint restored (float32,
+  whatever precision it trained in); returns (model, checkpoint path, step).
+
+  `gin_bindings` apply on top of the operative config: post-processing settings such as
+  `build_retinanet.max_detections` are free, a change to the network fails the restore with a
+  CheckpointMismatchError naming it. Raises ValueError when the model dir lacks a checkpoint or
+  its operative_config.gin.
+  """
+  checkpoint = tf.train.latest_checkpoint(model_dir)
+  if checkpoint is None:
+    raise ValueError(f'no checkpoint (ckpt-N) in model dir {model_dir}: train it first '
+                     '(--mode=train).')
+  config_path = os.path.join(model_dir, checkpointing.OPERATIVE_CONFIG)
+  if not tf.io.gfile.exists(config_path):
+    raise ValueError(f'{config_path} not found: the model dir has no record of the config its '
+                     'checkpoints were trained with.')
+  config.parse_gin([config_path], gin_bindings)
+  model = build_retinanet()
+  # The restore also reads the step count, into this otherwise unused optimizer.
+  optimizer = tf_keras.optimizers.SGD()
+  checkpoint = checkpointing.Checkpointer(model_dir, model, optimizer).restore(model_only=True)
+  return model, checkpoint, int(optimizer.iterations.numpy())
+
+
+def read_label_map(path: str) -> Dict[int, str]:
+  """{category id: name} from a JSON object {"id": "name"} (create_coco_tfrecord's label map)."""
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      data = json.load(f)
+  except (tf.errors.NotFoundError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'label map {path}: cannot read it as JSON ({e})') from e
+  try:
+    if not isinstance(data, dict):
+      raise TypeError
+    return {int(key): str(name) for key, name in data.items()}
+  except (TypeError, ValueError):
+    raise ValueError(f'label map {path}: expected a JSON object {{"category id": "name"}}, got '
+                     f'{str(data)[:200]}') from None
+
+
+def find_label_map() -> Optional[str]:
+  """The label map beside the training (else eval) records that the parsed gin config names."""
+  for binding in ('build_train_dataset.file_pattern', 'build_eval_dataset.file_pattern'):
+    try:
+      pattern = gin.query_parameter(binding)
+    except ValueError:
+      continue
+    for shard in sorted(tf.io.gfile.glob(pattern)):
+      path = _SHARD_SUFFIX.sub('-label_map.json', shard)
+      if path != shard and tf.io.gfile.exists(path):
+        return path
+  return None
+
+
+def model_label_map(num_classes: int,
+                    label_map_path: Optional[str] = None) -> Tuple[Dict[int, str], str]:
+  """(label map, where it came from): `label_map_path`, else the records' label map
+  (`find_label_map`; call after `load_model`), else the ids 1..num_classes-1 named by themselves.
+  """
+  path = label_map_path or find_label_map()
+  if path:
+    return read_label_map(path), path
+  return ({i: str(i) for i in range(1, num_classes)},
+          'category ids only (no label map found beside the records in the operative config)')
+
+
+class DetectionModule(tf.Module):
+  """The model between evaluation's preprocessing and `to_original_image`: images in, boxes in
+  original pixels out. Its methods are the SavedModel signatures (see the module docstring)."""
+
+  def __init__(self, model: RetinaNet, label_map_file: Optional[str] = None):
+    super().__init__()
+    # The weights are tracked, the Keras model is not: saving a tracked Keras model traces every
+    # layer again for Keras metadata (most of the export time) that serving never reads.
+    self.model_variables = model.variables
+    self._image_size = model.image_size
+    # Traced once, called by every signature: one copy of the network in the SavedModel.
+    self._detect_network = tf.function(model.detect, input_signature=[
+        tf.TensorSpec([None] + self._image_size + [3], tf.float32)])
+    if label_map_file:  # Copied into the SavedModel's assets/.
+      self.label_map = tf.saved_model.Asset(label_map_file)
+
+  def _preprocess(self, image: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+    """One uint8 [H, W, 3] image -> (model input, image_info), as `build_eval_dataset` does."""
+    image, image_info = preprocess_ops.resize_and_crop_image(
+        image, self._image_size, padded_size=self._image_size)
+    return tf.ensure_shape(image, self._image_size + [3]), image_info
+
+  def _detect(self, images: tf.Tensor, decode) -> Dict[str, tf.Tensor]:
+    """`decode` maps one element of `images` to a uint8 [H, W, 3] image."""
+    inputs, image_info = tf.map_fn(
+        lambda image: self._preprocess(decode(image)), images,
+        fn_output_signature=(tf.TensorSpec(self._image_size + [3], tf.float32),
+                             tf.TensorSpec([4, 2], tf.float32)))
+    detections = self._detect_network(inputs)
+    detections['detection_boxes'] = input_pipeline.to_original_image(
+        detections['detection_boxes'], image_info)
+    return detections
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+  def detect_images(self, images):
+    return self._detect(images, lambda image: image)
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+  def detect_encoded_images(self, encoded_image):
+    # The decode of `tfexample.decode_example`; a corrupt image fails with its InvalidArgumentError.
+    return self._detect(encoded_image, lambda data: tf.ensure_shape(
+        tf.io.decode_image(data, channels=3, expand_animations=False), [None, None, 3]))
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+  def detect_tf_examples(self, serialized_example):
+    features = tf.io.parse_example(
+        serialized_example, {tfexample.ENCODED: tf.io.FixedLenFeature((), tf.string)})
+    return self.detect_encoded_images(features[tfexample.ENCODED])
+
+  def signatures(self) -> Dict[str, Any]:
+    return {
+        'serving_default': self.detect_images.get_concrete_function(),
+        'serving_encoded_image': self.detect_encoded_images.get_concrete_function(),
+        'serving_tf_example': self.detect_tf_examples.get_concrete_function(),
+    }
+
+
+def export_saved_model(model_dir: str, export_dir: str, gin_bindings: Sequence[str] = (),
+                       label_map_path: Optional[str] = None) -> Mapping[str, Any]:
+  """Writes the SavedModel of `model_dir`'s last checkpoint to `export_dir` (a new or empty
+  folder) and returns a summary. See `load_model` for `gin_bindings`, `model_label_map` for
+  `label_map_path`.
+
+  Written to a sibling folder and renamed into place: TF Serving, watching a base path for new
+  version folders, never loads half an export.
+  """
+  if tf.io.gfile.exists(export_dir) and tf.io.gfile.listdir(export_dir):
+    raise ValueError(f'export dir {export_dir} exists and is not empty: remove it or choose '
+                     'another (TF Serving reads versions as <base>/<number>).')
+  model, checkpoint, step = load_model(model_dir, gin_bindings)
+  label_map, label_map_source = model_label_map(model.get_config()['num_classes'], label_map_path)
+  staging = f"{export_dir.rstrip('/')}.tmp-{os.getpid()}"
+  with tempfile.TemporaryDirectory() as scratch:
+    label_map_file = os.path.join(scratch, LABEL_MAP_FILE)
+    with open(label_map_file, 'w') as f:
+      json.dump({str(k): v for k, v in sorted(label_map.items())}, f, indent=1)
+    module = DetectionModule(model, label_map_file)
+    tf.saved_model.save(module, staging, signatures=module.signatures())
+  if tf.io.gfile.exists(export_dir):
+    tf.io.gfile.rmtree(export_dir)  # Empty, checked above.
+  tf.io.gfile.rename(staging, export_dir)
+  return {'export_dir': export_dir, 'checkpoint': checkpoint, 'step': step,
+          'image_size': model.image_size, 'label_map': label_map_source,
+          'signatures': dict(SIGNATURE_INPUTS)}

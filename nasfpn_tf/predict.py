@@ -1,0 +1,244 @@
+r"""Detects objects in image files with an exported or a trained NAS-FPN RetinaNet.
+
+  python -m nasfpn_tf.predict --model=exports/demo/1 --input=photos/ --output_dir=out
+  python -m nasfpn_tf.predict --model=exports/demo.tflite --input='photos/*.jpg' --output_dir=out
+  python -m nasfpn_tf.predict --model=runs/demo --input=photo.jpg --output_dir=out
+
+--model is a SavedModel folder (nasfpn_tf.main --mode=export_saved_model), a .tflite file
+(--mode=export_tflite) or a model dir (its last checkpoint, built from its operative_config.gin).
+Every image is decoded with PIL (grayscale, palette and RGBA images as RGB) and preprocessed as
+evaluation does it. Writes into --output_dir:
+  detections.json  every detection in COCO results format ({image_id, category_id, bbox: [x, y,
+                   width, height] in original pixels, score}) plus the image's file_name;
+                   image_id is the file name's number when all are numbers (COCO's naming),
+                   else the image's position in the input order, from 1;
+  one image per input, of the same name (PNG stays PNG, other formats become JPEG), with the
+                   boxes of score >= --min_score drawn, with class name and score.
+Unreadable images are skipped with a message on stderr and counted in the summary (a JSON line
+on stdout). Exit status 1, with a message, for bad flags, a model that cannot be loaded, or no
+readable image.
+"""
+import glob
+import json
+import os
+import sys
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+
+from absl import app
+from absl import flags
+import numpy as np
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
+import tensorflow as tf
+from official.vision.ops import preprocess_ops
+
+from nasfpn_tf.data import input_pipeline
+from nasfpn_tf.evaluation import coco_metrics
+from nasfpn_tf.export import saved_model
+
+_MODEL = flags.DEFINE_string(
+    'model', None, 'A SavedModel folder, a .tflite file, or a model dir with checkpoints and '
+    'operative_config.gin.')
+_INPUT = flags.DEFINE_multi_string(
+    'input', None, 'An image file, a folder (its image files, not subfolders), or a glob such '
+    "as 'photos/*.jpg'; repeatable.")
+_OUTPUT_DIR = flags.DEFINE_string(
+    'output_dir', None, 'Folder for detections.json and the drawn images; created if missing. '
+    'It must not hold input images (they would be overwritten).')
+_MIN_SCORE = flags.DEFINE_float(
+    'min_score', 0.3, 'Draw detections of at least this score; detections.json keeps all (as '
+    'COCO evaluation wants them).', lower_bound=0.0, upper_bound=1.0)
+_LABEL_MAP = flags.DEFINE_string(
+    'label_map', None, 'JSON {"category id": "name"} for the drawn names; default: the one the '
+    'model carries (SavedModel assets/label_map.json, <stem>.labels.json beside a .tflite, the '
+    'label map beside a model dir\'s records), else the category ids.')
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
+RESULTS_FILE = 'detections.json'
+# Box colors by class id: distinct and readable under black text.
+_PALETTE = ('#ff595e', '#ffca3a', '#8ac926', '#1982c4', '#6a4c93', '#ff924c', '#52a675',
+            '#4267ac', '#c5ca30', '#f15bb5')
+
+# One RGB uint8 [H, W, 3] image -> numpy detections with a batch of 1 (`coco_metrics` keys,
+# boxes in original pixels, classes the dataset's ids).
+Detector = Callable[[np.ndarray], Dict[str, np.ndarray]]
+
+
+def list_images(inputs: Sequence[str]) -> List[str]:
+  """The image files that the --input values name, in order, each once."""
+  paths, seen = [], set()
+  for spec in inputs:
+    if os.path.isdir(spec):
+      found = sorted(p for p in glob.glob(os.path.join(spec, '*'))
+                     if p.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(p))
+      if not found:
+        raise ValueError(f'--input={spec}: the folder has no {"/".join(IMAGE_EXTENSIONS)} files.')
+    elif os.path.isfile(spec):
+      found = [spec]
+    else:
+      found = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
+      if not found:
+        raise ValueError(f'--input={spec}: no such file or folder, and no file matches it.')
+    paths += [p for p in found if not (p in seen or seen.add(p))]
+  return paths
+
+
+def _numpy(detections: Mapping[str, tf.Tensor]) -> Dict[str, np.ndarray]:
+  return {key: np.asarray(value) for key, value in detections.items()}
+
+
+def _saved_model_detector(path: str) -> Tuple[Detector, Dict[int, str]]:
+  signature = tf.saved_model.load(path).signatures.get('serving_default')
+  if signature is None or 'images' not in signature.structured_input_signature[1]:
+    raise ValueError(f'--model={path}: its serving_default signature takes no `images`; export '
+                     'it with nasfpn_tf.main --mode=export_saved_model.')
+  label_map_file = os.path.join(path, 'assets', saved_model.LABEL_MAP_FILE)
+  label_map = (saved_model.read_label_map(label_map_file) if os.path.exists(label_map_file)
+               else {})
+  return lambda image: _numpy(signature(images=tf.constant(image[None]))), label_map
+
+
+def _model_dir_detector(path: str) -> Tuple[Detector, Dict[int, str]]:
+  model, _, _ = saved_model.load_model(path)
+  module = saved_model.DetectionModule(model)
+  label_map, _ = saved_model.model_label_map(model.get_config()['num_classes'])
+  return lambda image: _numpy(module.detect_images(image[None])), label_map
+
+
+def _tflite_detector(path: str) -> Tuple[Detector, Dict[int, str]]:
+  # Imported here so the other model kinds never load the TFLite code.
+  from nasfpn_tf.export import tflite  # pylint: disable=g-import-not-at-top
+  detector = tflite.TFLiteDetector(model_path=path)
+  size = detector.image_size
+
+  def detect(image):
+    # The file takes the preprocessed image and answers in its input's pixels.
+    inputs, image_info = preprocess_ops.resize_and_crop_image(image, size, padded_size=size)
+    detections = detector(inputs.numpy())
+    detections['detection_boxes'] = input_pipeline.to_original_image(
+        detections['detection_boxes'], image_info[None]).numpy()
+    return detections
+
+  label_map = {}
+  labels_file = tflite.labels_path(path)
+  if os.path.exists(labels_file):
+    with open(labels_file) as f:  # {"<op index>": {"id": class id, "name": name or null}}
+      label_map = {entry['id']: entry['name'] for entry in json.load(f).values() if entry['name']}
+  return detect, label_map
+
+
+def load_detector(path: str) -> Tuple[Detector, Dict[int, str]]:
+  """(detector, label map {id: name}) of a SavedModel folder, .tflite file or model dir."""
+  if path.endswith('.tflite'):
+    if not os.path.isfile(path):
+      raise ValueError(f'--model={path}: no such file.')
+    return _tflite_detector(path)
+  if os.path.isfile(os.path.join(path, 'saved_model.pb')):
+    return _saved_model_detector(path)
+  if os.path.isdir(path):
+    return _model_dir_detector(path)  # Its errors say what the model dir lacks.
+  raise ValueError(f'--model={path}: not a SavedModel folder, a .tflite file or a model dir.')
+
+
+def image_ids(paths: Sequence[str]) -> List[int]:
+  """COCO image ids: the file names' numbers (000000000139.jpg -> 139) when all are distinct
+  numbers, so results match COCO annotations; else 1..N."""
+  stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  if all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
+    return [int(s) for s in stems]
+  return list(range(1, len(paths) + 1))
+
+
+def draw_detections(image: Image.Image, detections: Mapping[str, np.ndarray],
+                    label_map: Mapping[int, str], min_score: float) -> Image.Image:
+  """A copy of `image` with the boxes of score >= min_score drawn and labeled 'name score'."""
+  image = image.copy()
+  draw = ImageDraw.Draw(image)
+  width = max(2, round(min(image.size) / 250))
+  font = ImageFont.load_default(size=max(10, round(min(image.size) / 40)))
+  count = int(detections['num_detections'][0])
+  for (ymin, xmin, ymax, xmax), category, score in zip(
+      detections['detection_boxes'][0, :count], detections['detection_classes'][0, :count],
+      detections['detection_scores'][0, :count]):
+    if score < min_score:
+      continue
+    color = _PALETTE[int(category) % len(_PALETTE)]
+    draw.rectangle([xmin, ymin, xmax, ymax], outline=color, width=width)
+    text = f'{label_map.get(int(category), int(category))} {score:.2f}'
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    height = bottom - top + 2 * width
+    label_top = ymin - height if ymin >= height else ymin  # above the box, else inside it
+    draw.rectangle([xmin, label_top, xmin + right - left + 2 * width, label_top + height],
+                   fill=color)
+    draw.text((xmin + width - left, label_top + width - top), text, fill='black', font=font)
+  return image
+
+
+def _output_name(path: str, taken: Set[str]) -> str:
+  """The drawn image's file name: the input's, made unique among `taken`."""
+  stem, extension = os.path.splitext(os.path.basename(path))
+  extension = '.png' if extension.lower() == '.png' else '.jpg'
+  name, number = stem + extension, 1
+  while name in taken:
+    number += 1
+    name = f'{stem}_{number}{extension}'
+  taken.add(name)
+  return name
+
+
+def predict(model: str, inputs: Sequence[str], output_dir: str, min_score: float = 0.3,
+            label_map_path: Optional[str] = None) -> Dict[str, object]:
+  """Runs the model on the images, writes detections.json and the drawn images into
+  `output_dir`; returns the summary. Raises ValueError for bad arguments (naming the flag)."""
+  paths = list_images(inputs)
+  output_dir_path = os.path.abspath(output_dir)
+  inside = [p for p in paths if os.path.dirname(os.path.abspath(p)) == output_dir_path]
+  if inside:
+    raise ValueError(f'--output_dir={output_dir} holds input images ({inside[0]}, ...): the drawn '
+                     'images would overwrite them; choose another folder.')
+  detect, label_map = load_detector(model)
+  if label_map_path:
+    label_map = saved_model.read_label_map(label_map_path)
+  os.makedirs(output_dir, exist_ok=True)
+  results, skipped, taken, drawn = [], [], set(), 0
+  for path, image_id in zip(paths, image_ids(paths)):
+    try:
+      with Image.open(path) as opened:
+        image = opened.convert('RGB')  # Decodes the whole file: a truncated one fails here.
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+      print(f'Skipping {path}: cannot read it as an image ({e}).', file=sys.stderr, flush=True)
+      skipped.append(path)
+      continue
+    detections = detect(np.asarray(image))
+    image_results = coco_metrics.coco_results([image_id], detections)
+    results += [dict(result, file_name=path) for result in image_results]
+    name = _output_name(path, taken)
+    draw_detections(image, detections, label_map, min_score).save(os.path.join(output_dir, name))
+    shown = sum(r['score'] >= min_score for r in image_results)
+    drawn += shown
+    print(f'{path}: {len(image_results)} detections, {shown} drawn -> {name}', flush=True)
+  if len(skipped) == len(paths):
+    raise ValueError(f'none of the {len(paths)} --input images could be read.')
+  results_path = os.path.join(output_dir, RESULTS_FILE)
+  coco_metrics.results_to_coco_json(results, results_path)
+  return {'images': len(paths) - len(skipped), 'detections': len(results), 'drawn': drawn,
+          'skipped': len(skipped), 'skipped_files': skipped, 'results': results_path,
+          'output_dir': output_dir}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  tf.get_logger().setLevel('WARNING')
+  try:
+    summary = predict(_MODEL.value, _INPUT.value, _OUTPUT_DIR.value, _MIN_SCORE.value,
+                      _LABEL_MAP.value)
+  except ValueError as e:
+    sys.exit(f'nasfpn_tf.predict: error: {e}')
+  print(json.dumps(summary), flush=True)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['model', 'input', 'output_dir'])
+  app.run(main)

@@ -1,0 +1,297 @@
+"""main --mode=export_saved_model: the SavedModel, reloaded in a fresh process, detects what the
+trained Keras model detects through every signature; bad model dirs and images fail clearly."""
+import contextlib
+import io
+import json
+import os
+import pathlib
+import pickle
+import shutil
+import subprocess
+import sys
+
+from absl import flags
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+from official.vision.ops import preprocess_ops
+
+from nasfpn_tf import config
+from nasfpn_tf import main
+from nasfpn_tf.data import input_pipeline
+from nasfpn_tf.data import tfexample
+from nasfpn_tf.training import trainer as trainer_lib
+from training_helpers import tiny_bindings
+
+FLAGS = flags.FLAGS
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MAX_DETECTIONS = 20
+
+# Runs in a fresh Python: loads the SavedModel and calls each signature on the pickled inputs.
+_SERVE = r'''
+import pickle, sys
+import tensorflow as tf
+
+export_dir, inputs_path, outputs_path = sys.argv[1:]
+with open(inputs_path, 'rb') as f:
+  inputs = pickle.load(f)
+signatures = tf.saved_model.load(export_dir).signatures
+
+
+def run(name, **kwargs):
+  outputs = signatures[name](**{key: tf.constant(value) for key, value in kwargs.items()})
+  return {key: value.numpy() for key, value in outputs.items()}
+
+
+out = {'inputs': {name: {key: (spec.dtype.name, spec.shape.as_list())
+                         for key, spec in function.structured_input_signature[1].items()}
+                  for name, function in signatures.items()}}
+out['images'] = run('serving_default', images=inputs['images'])
+out['other_size'] = run('serving_default', images=inputs['other_size'])
+out['encoded'] = run('serving_encoded_image', encoded_image=inputs['encoded'])
+out['examples'] = run('serving_tf_example', serialized_example=inputs['examples'])
+out['errors'] = []
+for data in inputs['corrupt']:
+  try:
+    run('serving_encoded_image', encoded_image=[inputs['encoded'][0], data])
+    out['errors'].append(None)
+  except tf.errors.InvalidArgumentError as e:
+    out['errors'].append(e.message)
+out['after_errors'] = run('serving_encoded_image', encoded_image=inputs['encoded'][:1])
+with open(outputs_path, 'wb') as f:
+  pickle.dump(out, f)
+'''
+
+
+def run_main(*args):
+  """main.main in-process with these flags; returns what it printed."""
+  FLAGS.unparse_flags()
+  try:
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+      main.main(FLAGS(['main.py', *args]))
+  finally:
+    FLAGS.unparse_flags()
+  return out.getvalue()
+
+
+def _encode(image: np.ndarray, mode: str, file_format: str) -> bytes:
+  out = io.BytesIO()
+  Image.fromarray(image).convert(mode).save(out, format=file_format)
+  return out.getvalue()
+
+
+def keras_detections(detect, size, images):
+  """The eval path, one image at a time: eval preprocessing, `detect`, to_original_image."""
+  outputs = []
+  for image in images:
+    inputs, image_info = preprocess_ops.resize_and_crop_image(tf.constant(image), size,
+                                                              padded_size=size)
+    detections = detect(inputs[None])
+    detections['detection_boxes'] = input_pipeline.to_original_image(
+        detections['detection_boxes'], image_info[None])
+    outputs.append({key: value.numpy() for key, value in detections.items()})
+  return {key: np.concatenate([o[key] for o in outputs]) for key in outputs[0]}
+
+
+def _iou(box, boxes):
+  ymin, xmin = np.maximum(box[:2], boxes[:, :2]).T
+  ymax, xmax = np.minimum(box[2:], boxes[:, 2:]).T
+  overlap = np.clip(ymax - ymin, 0, None) * np.clip(xmax - xmin, 0, None)
+  area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+  return overlap / (area(box) + area(boxes) - overlap)
+
+
+def assert_same_detections(actual, expected, what):
+  """Per image: as many detections, each expected one matched by its own actual one of the same
+  class with IoU >= 0.95 and a score within 0.02."""
+  np.testing.assert_array_equal(actual['num_detections'], expected['num_detections'], what)
+  for i, count in enumerate(expected['num_detections']):
+    assert count > 0, f'{what}: image {i} has no detections to compare'
+    boxes = actual['detection_boxes'][i, :count]
+    unmatched = np.ones(count, bool)
+    for box, score, category in zip(expected['detection_boxes'][i, :count],
+                                    expected['detection_scores'][i, :count],
+                                    expected['detection_classes'][i, :count]):
+      iou = _iou(box, boxes)
+      candidates = (unmatched & (actual['detection_classes'][i, :count] == category) &
+                    (np.abs(actual['detection_scores'][i, :count] - score) <= 0.02) &
+                    (iou >= 0.95))
+      assert candidates.any(), f'{what}: image {i}: no match for class {category} {score} {box}'
+      unmatched[np.argmax(np.where(candidates, iou, -1))] = False
+
+
+@pytest.fixture(scope='module')
+def exported(synthetic_records, tmp_path_factory):
+  """A tiny model trained 2 steps, exported through main: (model_dir, export_dir, summary,
+  the trained Keras model)."""
+  root = tmp_path_factory.mktemp('export')
+  model_dir = root / 'model'
+  # Near-untrained scores are ~0.01: keep every candidate so there are detections to compare.
+  config.parse_gin([], tiny_bindings(synthetic_records, train_steps=2) + [
+      'build_retinanet.pre_nms_score_threshold = 0.0',
+      f'build_retinanet.max_detections = {MAX_DETECTIONS}'])
+  trainer = trainer_lib.RetinaNetTrainer(str(model_dir), tf.distribute.get_strategy())
+  with contextlib.redirect_stdout(io.StringIO()):
+    trainer.run()
+  export_dir = root / 'exports' / '1'
+  printed = run_main('--mode=export_saved_model', f'--model_dir={model_dir}',
+                     f'--export_dir={export_dir}')
+  return model_dir, export_dir, json.loads(printed.splitlines()[-1]), trainer.model
+
+
+@pytest.fixture(scope='module')
+def served(exported, synthetic_records, tmp_path_factory):
+  """Every signature's answers from a fresh process, and the Keras model's on the same inputs."""
+  _, export_dir, _, model = exported
+  root = tmp_path_factory.mktemp('served')
+  examples = [record.numpy() for record in
+              tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(synthetic_records['val'])))]
+  images = [tfexample.decode_example(record)['image'].numpy() for record in examples]
+  assert len({image.shape for image in images}) > 1  # the bytes batch mixes sizes
+  gray = _encode(images[0], 'L', 'JPEG')
+  rgba = _encode(images[1], 'RGBA', 'PNG')
+  jpegs = [tf.train.Example.FromString(record).features.feature[tfexample.ENCODED].bytes_list
+           .value[0] for record in examples]
+  encoded = jpegs + [gray, rgba]
+  same_size = np.stack([images[0], images[0][:, ::-1]])
+  inputs = {'images': same_size, 'other_size': images[1][None], 'encoded': encoded,
+            'examples': examples, 'corrupt': [b'not an image', encoded[0][:200]]}
+  with open(root / 'inputs.pkl', 'wb') as f:
+    pickle.dump(inputs, f)
+  subprocess.run([sys.executable, '-c', _SERVE, str(export_dir), str(root / 'inputs.pkl'),
+                  str(root / 'outputs.pkl')], check=True, cwd=REPO, timeout=300,
+                 env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+  with open(root / 'outputs.pkl', 'rb') as f:
+    outputs = pickle.load(f)
+
+  size = model.image_size
+  detect = tf.function(model.detect, input_signature=[tf.TensorSpec([None] + size + [3])])
+  decoded = [tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+             for data in encoded]
+  eval_batches = input_pipeline.build_eval_dataset(synthetic_records['val'], 4,
+                                                   model.get_config())
+  expected_examples = []
+  for batch, labels in eval_batches:  # the evaluation pipeline itself
+    detections = detect(batch)
+    detections['detection_boxes'] = input_pipeline.to_original_image(
+        detections['detection_boxes'], labels['image_info'])
+    expected_examples.append({key: value.numpy() for key, value in detections.items()})
+  expected = {
+      'images': keras_detections(detect, size, same_size),
+      'other_size': keras_detections(detect, size, images[1][None]),
+      'encoded': keras_detections(detect, size, decoded),
+      'examples': {key: np.concatenate([e[key] for e in expected_examples])
+                   for key in expected_examples[0]},
+  }
+  return outputs, expected, decoded
+
+
+def test_export_writes_the_signatures_and_the_label_map(exported, synthetic_records):
+  model_dir, export_dir, summary, _ = exported
+  assert summary['checkpoint'] == str(model_dir / 'ckpt-2') and summary['step'] == 2
+  assert (export_dir / 'saved_model.pb').exists()
+  assert not list(export_dir.parent.glob('*.tmp-*'))  # the staging folder was renamed
+  label_map = json.loads((export_dir / 'assets' / 'label_map.json').read_text())
+  records_map = pathlib.Path(synthetic_records['train'].replace('-*.tfrecord', '-label_map.json'))
+  assert summary['label_map'] == str(records_map)
+  assert label_map == json.loads(records_map.read_text())
+
+
+def test_signature_inputs(served):
+  outputs, _, _ = served
+  assert outputs['inputs'] == {
+      'serving_default': {'images': ('uint8', [None, None, None, 3])},
+      'serving_encoded_image': {'encoded_image': ('string', [None])},
+      'serving_tf_example': {'serialized_example': ('string', [None])},
+  }
+
+
+@pytest.mark.parametrize('call', ['images', 'other_size', 'encoded', 'examples'])
+def test_fresh_process_detections_match_the_keras_model(served, call):
+  """uint8 batch; another size; bytes of 6 images of 4 sizes incl. grayscale JPEG and RGBA PNG;
+  tf.Examples against the evaluation pipeline."""
+  outputs, expected, _ = served
+  assert_same_detections(outputs[call], expected[call], call)
+  assert outputs[call]['detection_boxes'].shape[1:] == (MAX_DETECTIONS, 4)
+  assert outputs[call]['detection_classes'].dtype == np.int32
+  valid = np.arange(MAX_DETECTIONS) < outputs[call]['num_detections'][:, None]
+  assert set(outputs[call]['detection_classes'][valid]) <= set(range(1, 10))
+
+
+def test_boxes_are_in_original_image_pixels(served):
+  outputs, _, decoded = served
+  for boxes, image in zip(outputs['encoded']['detection_boxes'], decoded):
+    height, width = image.shape[:2]
+    assert boxes[:, [0, 2]].max() <= height and boxes[:, [1, 3]].max() <= width
+  # Smaller than the 128 px model input: boxes left in its pixels could pass the bounds above.
+  assert max(max(image.shape[:2]) for image in decoded) < 128
+
+
+def test_corrupt_image_is_an_invalid_argument_error(served):
+  outputs, _, _ = served
+  unknown, truncated = outputs['errors']
+  assert 'Unknown image file format' in unknown
+  assert 'Invalid JPEG data' in truncated
+  np.testing.assert_array_equal(outputs['after_errors']['num_detections'],
+                                outputs['encoded']['num_detections'][:1])
+
+
+def _copy_model_dir(model_dir, destination, checkpoint=True, operative_config=True):
+  destination.mkdir()
+  for path in model_dir.iterdir():
+    is_checkpoint = path.name == 'checkpoint' or path.name.startswith('ckpt-')
+    if path.is_file() and (checkpoint or not is_checkpoint) and (
+        operative_config or path.name != 'operative_config.gin'):
+      shutil.copy(path, destination / path.name)
+  return destination
+
+
+def test_model_dir_without_checkpoint_fails_clearly(exported, tmp_path):
+  model_dir = _copy_model_dir(exported[0], tmp_path / 'model', checkpoint=False)
+  with pytest.raises(SystemExit, match=r'no checkpoint \(ckpt-N\) in model dir .*model: train'):
+    run_main('--mode=export_saved_model', f'--model_dir={model_dir}',
+             f'--export_dir={tmp_path / "export"}')
+  assert not (tmp_path / 'export').exists()
+
+
+def test_model_dir_without_operative_config_fails_clearly(exported, tmp_path):
+  model_dir = _copy_model_dir(exported[0], tmp_path / 'model', operative_config=False)
+  with pytest.raises(SystemExit, match=r'operative_config.gin not found: the model dir has no '
+                                       'record of the config'):
+    run_main('--mode=export_saved_model', f'--model_dir={model_dir}',
+             f'--export_dir={tmp_path / "export"}')
+
+
+def test_config_that_does_not_match_the_checkpoint_fails_clearly(exported, tmp_path):
+  # An operative config edited after training.
+  model_dir = _copy_model_dir(exported[0], tmp_path / 'model')
+  operative = model_dir / 'operative_config.gin'
+  operative.write_text(operative.read_text().replace('build_retinanet.num_filters = 16',
+                                                     'build_retinanet.num_filters = 24'))
+  with pytest.raises(SystemExit) as exit_:
+    run_main('--mode=export_saved_model', f'--model_dir={model_dir}',
+             f'--export_dir={tmp_path / "export"}')
+  assert f'checkpoint {model_dir / "ckpt-2"} was trained with another model config' in str(
+      exit_.value.code)
+  # A binding on top that changes the network is named.
+  with pytest.raises(SystemExit) as exit_:
+    run_main('--mode=export_saved_model', f'--model_dir={exported[0]}',
+             f'--export_dir={tmp_path / "export"}',
+             '--gin_bindings=build_retinanet.head_num_filters = 8')
+  assert 'build_retinanet.head_num_filters: 16' in str(exit_.value.code)
+  assert 'now 8' in str(exit_.value.code)
+  assert not (tmp_path / 'export').exists()
+
+
+def test_export_flags_are_checked(exported, tmp_path):
+  model_dir, export_dir, _, _ = exported
+  with pytest.raises(SystemExit, match='drop --gin_file'):
+    run_main('--mode=export_saved_model', f'--model_dir={model_dir}', '--gin_file=demo.gin',
+             f'--export_dir={tmp_path}')
+  with pytest.raises(SystemExit, match='needs --export_dir'):
+    run_main('--mode=export_saved_model', f'--model_dir={model_dir}')
+  with pytest.raises(SystemExit, match='needs --tflite_path'):
+    run_main('--mode=export_tflite', f'--model_dir={model_dir}')
+  with pytest.raises(SystemExit, match='exists and is not empty'):
+    run_main('--mode=export_saved_model', f'--model_dir={model_dir}', f'--export_dir={export_dir}')
