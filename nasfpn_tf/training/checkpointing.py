@@ -140,7 +140,6 @@ class Checkpointer:
     lines += ['Use a fresh --model_dir, or the config it was trained with.',
               f'Restore error: {str(error).strip()[:2000]}']
     return '\n'.join(lines)
-    return path
 
   def save(self, step: int) -> str:
     """Writes checkpoint `ckpt-<step>`; returns its path (the chief's)."""
