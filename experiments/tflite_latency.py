@@ -2,10 +2,12 @@
 
 Latency (default): each model of paper Table 1's mobile rows is built from its gin file with
 random weights (latency does not depend on them; batch-norm statistics are set from random
-images so activations keep a trained model's scale, see `set_batch_norm_statistics`), exported with nasfpn_tf.export.tflite in every
-quantization (int8 calibrated on random images: fine for timing, not for accuracy) and timed in
-the stock TFLite interpreter (XNNPACK) on this machine's CPU: warm-up runs, then the median of
---runs invocations of the whole file (network + TFLite_Detection_PostProcess), batch 1. Ratios
+images so activations keep a trained model's scale, see `set_batch_norm_statistics`), exported
+with nasfpn_tf.export.tflite in every quantization (int8 calibrated on random images: fine for
+timing, not for accuracy) and timed in
+the stock TFLite interpreter (XNNPACK) on this machine's CPU: warm-up runs, then the median (and
+fastest) of --runs invocations of the whole file (network + TFLite_Detection_PostProcess),
+batch 1, the files taking turns so that load from other processes falls on all alike. Ratios
 are to FPNLite @64 in the same column, as the paper's are. With random weights every score sits
 near the 0.01 prior, below the 0.05 NMS threshold, so NMS has nothing to do in these timings:
 the post-processing op is timed on its own below, with N candidates above the threshold, in
@@ -61,7 +63,10 @@ flags.DEFINE_list('only', None, 'Gin file stems to measure; default all: '
 flags.DEFINE_list('quantizations', list(tflite.QUANTIZATIONS), 'TFLite variants to time.')
 flags.DEFINE_list('num_threads', ['1', '2'], 'Interpreter thread counts to time.')
 flags.DEFINE_integer('warmup', 5, 'Untimed runs first.')
-flags.DEFINE_integer('runs', 30, 'Timed runs; the median is reported.')
+flags.DEFINE_integer('runs', 50, 'Timed runs per file and thread count; the median (and the '
+                     'fastest) are reported.')
+flags.DEFINE_integer('rounds', 10, 'The timed runs are spread over this many rounds in which '
+                     'all files take turns (see time_interleaved).')
 flags.DEFINE_integer('calibration_images', 8, 'Random images calibrating the int8 files.')
 flags.DEFINE_list('postprocess_candidates', ['0', '300', '3000'],
                   '(anchor, class) pairs above the score threshold for the post-processing-only '
@@ -78,22 +83,40 @@ def _median_and_min_ms(times: List[float]) -> Dict[str, float]:
   return {'ms': 1000 * statistics.median(times), 'min_ms': 1000 * min(times)}
 
 
-def _time_interpreter(path: str, num_threads: int) -> Dict[str, float]:
-  """Median and fastest milliseconds of one invoke, after warm-up."""
+def _ready_interpreter(path: str, num_threads: int):
+  """An interpreter of `path` with a random image (of its input dtype) set as input."""
   interpreter = tflite.interpreter(model_path=path, num_threads=num_threads)
   for detail in interpreter.get_input_details():
     dtype = np.dtype(detail['dtype'])
-    high = 255 if dtype != np.float32 else 255.0
-    value = np.random.RandomState(0).uniform(0, high, detail['shape']).astype(dtype)
+    value = np.random.RandomState(0).uniform(0, 255, detail['shape']).astype(dtype)
     interpreter.set_tensor(detail['index'], value)
-  for _ in range(FLAGS.warmup):
-    interpreter.invoke()
-  times = []
-  for _ in range(FLAGS.runs):
-    start = time.perf_counter()
-    interpreter.invoke()
-    times.append(time.perf_counter() - start)
-  return _median_and_min_ms(times)
+  return interpreter
+
+
+def time_interleaved(rows: List[Dict]) -> None:
+  """Adds 'ms' (median) and 'min_ms' (fastest) of one invoke to each row ({path, num_threads}).
+
+  After --warmup runs each, the rows take turns in --rounds rounds (a shuffled order each round)
+  of --runs / --rounds invokes, so that a busy machine's load, which drifts, weighs on every
+  row alike.
+  """
+  interpreters = [_ready_interpreter(r['path'], r['num_threads']) for r in rows]
+  for interpreter in interpreters:
+    for _ in range(FLAGS.warmup):
+      interpreter.invoke()
+  times = [[] for _ in rows]
+  rng = np.random.RandomState(0)
+  per_round = max(1, FLAGS.runs // FLAGS.rounds)
+  for round_index in range(FLAGS.rounds):
+    for i in rng.permutation(len(rows)):
+      for _ in range(per_round):
+        start = time.perf_counter()
+        interpreters[i].invoke()
+        times[i].append(time.perf_counter() - start)
+    print(f'timing round {round_index + 1}/{FLAGS.rounds} (load {os.getloadavg()[0]:.1f})',
+          file=sys.stderr, flush=True)
+  for row, row_times in zip(rows, times):
+    row.update(_median_and_min_ms(row_times), runs=len(row_times))
 
 
 def _random_images(image_size, count):
@@ -120,8 +143,8 @@ def set_batch_norm_statistics(model: tf_keras.Model, image_size) -> None:
     layer.momentum = momentum
 
 
-def measure_model(row: PaperRow, output_dir: str) -> List[Dict]:
-  """Exports `row` in each quantization and times it at each thread count."""
+def export_model(row: PaperRow, output_dir: str) -> List[Dict]:
+  """Exports `row` in each quantization: a row per (quantization, thread count) to time."""
   parse_gin([str(GIN_CONFIGS_DIR / f'{row.name}.gin')])
   model = build_retinanet()
   set_batch_norm_statistics(model, model.image_size)
@@ -133,15 +156,13 @@ def measure_model(row: PaperRow, output_dir: str) -> List[Dict]:
         model, path, quantization,
         representative_data=_random_images(model.image_size, FLAGS.calibration_images))
     export_s = time.perf_counter() - start
+    print(f'{row.name} {quantization}: exported in {export_s:.0f} s', file=sys.stderr,
+          flush=True)
     for threads in FLAGS.num_threads:
-      timing = _time_interpreter(path, int(threads))
       results.append(dict(name=row.name, label=row.label, quantization=quantization,
-                          num_threads=int(threads), **timing, size_bytes=summary['size_bytes'],
-                          paper_pixel1_ms=row.pixel1_ms, export_s=round(export_s, 1),
-                          load_average=os.getloadavg()[0]))
-      print(f"{row.name} {quantization} {threads} thread(s): median {timing['ms']:.1f} ms, "
-            f"min {timing['min_ms']:.1f} ms (load {os.getloadavg()[0]:.1f})", file=sys.stderr,
-            flush=True)
+                          num_threads=int(threads), path=path,
+                          size_bytes=summary['size_bytes'], paper_pixel1_ms=row.pixel1_ms,
+                          export_s=round(export_s, 1)))
   tf_keras.backend.clear_session()
   return results
 
@@ -302,15 +323,18 @@ def main(argv):
   rows = []
   for row in ROWS:
     if row.name in names:
-      rows += measure_model(row, output_dir)
+      rows += export_model(row, output_dir)
+  load_before = os.getloadavg()
+  time_interleaved(rows)
+  load_after = os.getloadavg()
   _ratios(rows)
   post = measure_postprocess(output_dir) if FLAGS.postprocess_candidates else []
+  load = (f'{os.cpu_count()} CPUs; 1-minute load average {load_before[0]:.1f} before the '
+          f'model timings, {load_after[0]:.1f} after')
   if FLAGS.json:
-    print(json.dumps({'models': rows, 'postprocess': post}, indent=1))
+    print(json.dumps({'models': rows, 'postprocess': post, 'load': load}, indent=1))
   else:
-    print(latency_markdown(rows, post))
-  print(f'\n{os.cpu_count()} CPUs; load average {os.getloadavg()}; files in {output_dir}',
-        file=sys.stderr)
+    print(latency_markdown(rows, post) + f'\n\n{load}; files in {output_dir}')
 
 
 if __name__ == '__main__':
