@@ -60,6 +60,12 @@ RESULTS_FILE = 'detections.json'
 _PALETTE = ('#ff595e', '#ffca3a', '#8ac926', '#1982c4', '#6a4c93', '#ff924c', '#52a675',
             '#4267ac', '#c5ca30', '#f15bb5')
 
+_JPEG_OPTIONS = {'quality': 95, 'subsampling': 0}
+
+
+def _is_jpeg(name: str) -> bool:
+  return os.path.splitext(name)[1].lower() in ('.jpg', '.jpeg')
+
 # One RGB uint8 [H, W, 3] image -> numpy detections with a batch of 1 (`coco_metrics` keys,
 # boxes in original pixels, classes the dataset's ids).
 Detector = Callable[[np.ndarray], Dict[str, np.ndarray]]
@@ -158,9 +164,11 @@ def draw_detections(image: Image.Image, detections: Mapping[str, np.ndarray],
   width = max(2, round(min(image.size) / 250))
   font = ImageFont.load_default(size=max(10, round(min(image.size) / 40)))
   count = int(detections['num_detections'][0])
-  for (ymin, xmin, ymax, xmax), category, score in zip(
-      detections['detection_boxes'][0, :count], detections['detection_classes'][0, :count],
-      detections['detection_scores'][0, :count]):
+  scores = detections['detection_scores'][0, :count]
+  # Least confident first, so the most confident boxes and labels end up on top.
+  for index in np.argsort(scores, kind='stable'):
+    ymin, xmin, ymax, xmax = detections['detection_boxes'][0, index]
+    category, score = detections['detection_classes'][0, index], scores[index]
     if score < min_score:
       continue
     color = _PALETTE[int(category) % len(_PALETTE)]
@@ -214,7 +222,9 @@ def predict(model: str, inputs: Sequence[str], output_dir: str, min_score: float
     image_results = coco_metrics.coco_results([image_id], detections)
     results += [dict(result, file_name=path) for result in image_results]
     name = _output_name(path, taken)
-    draw_detections(image, detections, label_map, min_score).save(os.path.join(output_dir, name))
+    # JPEG at quality 95 without chroma subsampling keeps the thin colored boxes crisp.
+    draw_detections(image, detections, label_map, min_score).save(
+        os.path.join(output_dir, name), **_JPEG_OPTIONS if _is_jpeg(name) else {})
     shown = sum(r['score'] >= min_score for r in image_results)
     drawn += shown
     print(f'{path}: {len(image_results)} detections, {shown} drawn -> {name}', flush=True)

@@ -4,6 +4,7 @@ import pathlib
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+import gin  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -13,8 +14,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_clean_gin():
+  """Fixed seeds; gin bindings do not leak from one test into the next (xdist orders vary)."""
   tf.random.set_seed(0)
+  yield
+  gin.clear_config()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageColor
 import pytest
 from pycocotools.coco import COCO
 import tensorflow as tf
@@ -101,9 +101,14 @@ def test_cli_on_a_saved_model_writes_coco_json_and_drawn_images(models, image_di
     assert drawn.shape == source.shape
     best = max((r for r in results if pathlib.Path(r['file_name']).name == name),
                key=lambda r: r['score'])
+    # The best box is drawn last: its left edge (2 px wide from round(x) or the pixel before)
+    # has the class's palette color, which may be close to the source's, so compare to it.
     x, y, width, height = (int(round(v)) for v in best['bbox'])
-    left_edge = (slice(y, y + height), slice(x, x + 2))
-    assert np.abs(drawn[left_edge] - source[left_edge]).mean() > 30, name
+    color = np.array(ImageColor.getrgb(
+        predict._PALETTE[best['category_id'] % len(predict._PALETTE)]), np.float32)
+    left_edge = drawn[y + 1:y + height - 1, x]
+    close = np.abs(left_edge - color).max(axis=-1) <= 40
+    assert close.mean() >= 0.9, (name, color, left_edge[~close][:5])
 
 
 def test_a_saved_model_carries_the_records_label_map(models, synthetic_records):
