@@ -17,7 +17,8 @@ $(STAMP): setup.py constraints.txt
 	$(PY) -m pip install -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# make demo: embedded dataset -> TFRecords -> train + COCO eval of gin_configs/demo.gin, timed.
+# make demo: embedded dataset -> TFRecords -> train + COCO eval of gin_configs/demo.gin -> exports
+# -> drawn predictions, each phase timed.
 # Generation and conversion are file targets under $(DEMO_DIR), skipped when their outputs exist.
 # Training always runs and resumes from the last checkpoint in $(DEMO_DIR): on a finished run it
 # is already at train_steps, so a rerun only evaluates again (under a minute); an interrupted one
@@ -28,6 +29,13 @@ DEMO_NUM_TRAIN ?= 2000
 DEMO_NUM_VAL ?= 200
 DEMO_SEED ?= 0
 DEMO_DATA := $(DEMO_DIR)/data
+# The demo ends by exporting the trained model (SavedModel for TF Serving, .tflite for phones)
+# and drawing the SavedModel's detections of score >= DEMO_MIN_SCORE on a few val images.
+DEMO_EXPORT := $(DEMO_DIR)/export
+DEMO_TFLITE_QUANTIZATION ?= float32
+DEMO_MIN_SCORE ?= 0.4
+DEMO_PREDICT_IMAGES = $(addprefix $(DEMO_DATA)/val/,000000000001.jpg 000000000002.jpg \
+  000000000003.jpg 000000000004.jpg)
 DEMO_RECORDS := $(DEMO_DIR)/records
 # TensorFlow's C++ INFO/WARNING lines (CUDA probing, oneDNN notices) hide the progress lines.
 DEMO_ENV := TF_CPP_MIN_LOG_LEVEL=2
@@ -36,7 +44,7 @@ demo_timed = @s=$$(date +%s); $(2) && echo "[demo] $(1): $$(( $$(date +%s) - s )
 
 demo: $(STAMP)
 	@s=$$(date +%s); $(MAKE) --no-print-directory demo-steps DEMO_DIR=$(DEMO_DIR) && \
-	  echo "[demo] total (generate + convert + train + eval): $$(( $$(date +%s) - s )) s"
+	  echo "[demo] total (generate + convert + train + eval + export + predict): $$(( $$(date +%s) - s )) s"
 
 demo-steps: $(DEMO_RECORDS)/train-label_map.json $(DEMO_RECORDS)/val-label_map.json
 	$(call demo_timed,train + eval,$(DEMO_ENV) $(PY) -m nasfpn_tf.main --mode=train_and_eval \
@@ -47,6 +55,16 @@ demo-steps: $(DEMO_RECORDS)/train-label_map.json $(DEMO_RECORDS)/val-label_map.j
 	  m = json.load(open('$(DEMO_DIR)/eval_metrics.json')); \
 	  print('COCO box metrics of $(DEMO_DIR) at step', m['step'], 'on the demo val split:'); \
 	  print(format_metrics(m)); print('AP50 = %.3f (the demo aims at >= 0.6)' % m['AP50'])"
+	$(call demo_timed,export SavedModel,$(DEMO_ENV) $(PY) -m nasfpn_tf.main \
+	  --mode=export_saved_model --model_dir=$(DEMO_DIR) --export_dir=$(DEMO_EXPORT)/saved_model)
+	$(call demo_timed,export TFLite,$(DEMO_ENV) $(PY) -m nasfpn_tf.main --mode=export_tflite \
+	  --model_dir=$(DEMO_DIR) --tflite_path=$(DEMO_EXPORT)/model.tflite \
+	  --quantization=$(DEMO_TFLITE_QUANTIZATION))
+	$(call demo_timed,predict,$(DEMO_ENV) $(PY) -m nasfpn_tf.predict \
+	  --model=$(DEMO_EXPORT)/saved_model --output_dir=$(DEMO_DIR)/predictions \
+	  --min_score=$(DEMO_MIN_SCORE) $(foreach image,$(DEMO_PREDICT_IMAGES),--input=$(image)))
+	@echo "[demo] exported $(DEMO_EXPORT)/saved_model and $(DEMO_EXPORT)/model.tflite;" \
+	  "drawn detections in $(DEMO_DIR)/predictions/"
 
 # The generator writes annotations/instances_val.json last.
 $(DEMO_DATA)/annotations/instances_val.json: | $(STAMP)
