@@ -25,6 +25,8 @@ class RetinaNet(tf_keras.Model):
   what the training labeler needs. `num_classes` counts background (class 0, never predicted).
   `activation` is the pyramid's and head's (TFM backbones keep their own). `l2_weight_decay`
   adds TFM's L2 kernel regularizer (weight_decay / 2 * sum w^2) to backbone, pyramid and head.
+  `merge_filters` is the pyramid's (`NASFPN`): None merges at `num_filters` as the paper; TF
+  Model Garden merges at 256 whatever `num_filters` (`compat.tfm.retinanet_from_tfm` sets it).
   """
 
   def __init__(self,
@@ -36,6 +38,7 @@ class RetinaNet(tf_keras.Model):
                block_specs='nasfpn',
                num_filters: int = 256,
                num_repeats: int = 7,
+               merge_filters: Optional[int] = None,
                use_separable_conv: bool = False,
                dropblock_keep_prob: Optional[float] = None,
                dropblock_size: int = 3,
@@ -73,7 +76,7 @@ class RetinaNet(tf_keras.Model):
     decoder = NASFPN(
         backbone_model.output_specs, min_level=min_level, max_level=max_level,
         block_specs=block_specs, num_filters=num_filters, num_repeats=num_repeats,
-        use_separable_conv=use_separable_conv, activation=activation,
+        merge_filters=merge_filters, use_separable_conv=use_separable_conv, activation=activation,
         dropblock_keep_prob=dropblock_keep_prob, dropblock_size=dropblock_size,
         dropblock_ramp_steps=dropblock_ramp_steps, kernel_regularizer=regularizer,
         name='decoder', **norm)
