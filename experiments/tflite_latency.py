@@ -2,11 +2,10 @@
 
 Latency (default): each model of paper Table 1's mobile rows is built from its gin file with
 random weights (latency does not depend on them; batch-norm statistics are set from random
-images so activations keep a trained model's scale, see `set_batch_norm_statistics`), exported
-with nasfpn_tf.export.tflite in every quantization (int8 calibrated on random images: fine for
-timing, not for accuracy) and timed in
-the stock TFLite interpreter (XNNPACK) on this machine's CPU: warm-up runs, then the median (and
-fastest) of --runs invocations of the whole file (network + TFLite_Detection_PostProcess),
+images so activations keep a trained model's scale: `nasfpn_tf.utils.batch_norm`), exported with
+nasfpn_tf.export.tflite in every quantization (int8 calibrated on random images: fine for timing,
+not for accuracy) and timed in the stock TFLite interpreter (XNNPACK) on this machine's CPU:
+warm-up runs, then the median (and fastest) of --runs invocations of the whole file (network + TFLite_Detection_PostProcess),
 batch 1, the files taking turns so that load from other processes falls on all alike. Ratios
 are to FPNLite @64 in the same column, as the paper's are. With random weights every score sits
 near the 0.01 prior, below the 0.05 NMS threshold, so NMS has nothing to do in these timings:
@@ -42,6 +41,7 @@ from nasfpn_tf.export import tflite
 from nasfpn_tf.export.saved_model import load_model
 from nasfpn_tf.models import build_retinanet
 from nasfpn_tf.training import trainer as trainer_lib
+from nasfpn_tf.utils.batch_norm import calibrate_batch_norm
 
 
 class PaperRow(NamedTuple):
@@ -125,30 +125,12 @@ def _random_images(image_size, count):
           for _ in range(count)]
 
 
-def set_batch_norm_statistics(model: tf_keras.Model, image_size) -> None:
-  """Gives every batch norm the moving mean and variance of its input on random images.
-
-  Randomly initialised, the BNs' unit variance does not match their inputs: activations grow
-  repeat after repeat (a std of ~1e13 at the 7@64 pyramid's outputs), which broke that model's
-  timings (~600 ms in float, likely NMS over the many saturated scores) and crashed its int8
-  conversion ("scale out of expressed type range"). With the statistics of one training-mode
-  pass (momentum 0), each BN outputs roughly unit variance, as in a trained model.
-  """
-  layers = [layer for layer in model.submodules
-            if isinstance(layer, tf_keras.layers.BatchNormalization)]
-  momentums = [layer.momentum for layer in layers]
-  for layer in layers:
-    layer.momentum = 0.0
-  model(np.stack([image[0] for image in _random_images(image_size, 2)]), training=True)
-  for layer, momentum in zip(layers, momentums):
-    layer.momentum = momentum
-
-
 def export_model(row: PaperRow, output_dir: str) -> List[Dict]:
   """Exports `row` in each quantization: a row per (quantization, thread count) to time."""
   parse_gin([str(GIN_CONFIGS_DIR / f'{row.name}.gin')])
   model = build_retinanet()
-  set_batch_norm_statistics(model, model.image_size)
+  calibrate_batch_norm(model, np.stack([image[0] for image in
+                                        _random_images(model.image_size, 2)]))
   results = []
   for quantization in FLAGS.quantizations:
     path = os.path.join(output_dir, f'{row.name}_{quantization}.tflite')

@@ -74,6 +74,14 @@ _REPRESENTATIVE_FILE_PATTERN = flags.DEFINE_string(
 _NUM_REPRESENTATIVE_IMAGES = flags.DEFINE_integer(
     'num_representative_images', 100, 'For --quantization=int8: see --representative_file_pattern.',
     lower_bound=1)
+_TFLITE_UINT8_INPUT = flags.DEFINE_bool(
+    'tflite_uint8_input', True, 'For --quantization=int8: the file takes uint8 pixels '
+    '(--notflite_uint8_input: float32 pixels, quantized inside). Outputs are float32 boxes, '
+    'classes and scores in every variant (TFLite_Detection_PostProcess computes in float).')
+_TFLITE_FAST_NMS = flags.DEFINE_bool(
+    'tflite_fast_nms', False, 'For --mode=export_tflite: the post-processing op\'s fast NMS (one '
+    'class per anchor, class-agnostic suppression) instead of the regular per-class NMS that '
+    'matches the SavedModel; faster on phones, slightly different detections.')
 _EXPORT_LABEL_MAP = flags.DEFINE_string(
     'export_label_map', None, 'For the exports: a JSON {"category id": "name"} to ship with '
     'the model; default: the {prefix}-label_map.json beside the TFRecords of the operative '
@@ -140,6 +148,7 @@ def _export() -> None:
         _MODEL_DIR.value, _TFLITE_PATH.value, quantization=_QUANTIZATION.value,
         representative_file_pattern=_REPRESENTATIVE_FILE_PATTERN.value,
         num_representative_images=_NUM_REPRESENTATIVE_IMAGES.value,
+        int8_io=_TFLITE_UINT8_INPUT.value, use_regular_nms=not _TFLITE_FAST_NMS.value,
         gin_bindings=_GIN_BINDINGS.value, label_map_path=_EXPORT_LABEL_MAP.value)
   print(json.dumps(summary, default=str), flush=True)
 

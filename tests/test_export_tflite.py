@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 
+from absl import flags
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -15,12 +16,15 @@ from official.vision.ops import box_ops
 from tensorflow.core.framework import attr_value_pb2
 
 from nasfpn_tf import config
+from nasfpn_tf import main
 from nasfpn_tf.data import input_pipeline
 from nasfpn_tf.export import tflite
 from nasfpn_tf.export.saved_model import load_model
 from nasfpn_tf.models.postprocess import DetectionGenerator
 from nasfpn_tf.training import trainer as trainer_lib
 from training_helpers import tiny_bindings
+
+FLAGS = flags.FLAGS
 
 
 @pytest.fixture(scope='module')
@@ -269,14 +273,23 @@ def test_int8_takes_uint8_pixels_and_keeps_the_postprocessing_in_float(
   assert np.all(np.isfinite(out['detection_scores']))
 
 
-def test_int8_with_float_input_and_other_calibration_records(model_dir, synthetic_records,
-                                                             val_images, tmp_path):
+def test_main_int8_with_float_input_fast_nms_and_other_calibration_records(
+    model_dir, synthetic_records, val_images, tmp_path, capsys):
   path = str(tmp_path / 'int8_float_io.tflite')
-  summary = tflite.export_tflite(model_dir, path, 'int8', int8_io=False,
-                                 representative_file_pattern=synthetic_records['val'],
-                                 num_representative_images=2)
+  FLAGS.unparse_flags()
+  try:
+    main.main(FLAGS([
+        'main.py', '--mode=export_tflite', f'--model_dir={model_dir}', f'--tflite_path={path}',
+        '--quantization=int8', '--notflite_uint8_input', '--tflite_fast_nms',
+        f'--representative_file_pattern={synthetic_records["val"]}',
+        '--num_representative_images=2']))
+  finally:
+    FLAGS.unparse_flags()
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert summary['representative_file_pattern'] == synthetic_records['val']
+  assert summary['int8_io'] is False
   assert summary['inputs']['images']['dtype'] == 'float32'
+  assert summary['postprocess']['use_regular_nms'] is False
   with open(path, 'rb') as f:
     content = f.read()
   _check_ops(summary, content)
