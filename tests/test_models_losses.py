@@ -1,6 +1,10 @@
-"""RetinaNet losses vs a numpy computation, on hand-made and AnchorLabeler targets."""
+"""RetinaNet losses vs a numpy computation, on hand-made and AnchorLabeler targets, and the
+fused focal loss (values and gradients) vs TFM's FocalLoss."""
 import numpy as np
+import pytest
 import tensorflow as tf
+import tf_keras
+from official.vision.losses import focal_loss
 from official.vision.ops import anchor
 
 from nasfpn_tf.models.losses import RetinaNetLoss
@@ -106,3 +110,70 @@ def test_anchor_labeler_targets_and_perfect_boxes():
                            labels['cls_weights'].numpy().reshape(-1),
                            labels['box_weights'].numpy().reshape(-1), num_classes)
   np.testing.assert_allclose(float(losses['cls_loss']), expected[0], rtol=1e-5)
+
+
+def _tfm_focal_loss(logits, targets, weights, num_classes, alpha=0.25, gamma=1.5):
+  """TFM's FocalLoss as TFM's RetinaNet task calls it: flattened, one-hot, SUM reduction."""
+  loss = focal_loss.FocalLoss(alpha, gamma, reduction=tf_keras.losses.Reduction.SUM)
+  return loss(tf.one_hot(targets, num_classes), tf.cast(logits, tf.float32),
+              sample_weight=weights)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16', 'float16'])
+def test_fused_focal_loss_and_gradient_equal_tfm(dtype):
+  """Per-level fused loss and its gradient vs TFM's op-by-op FocalLoss on the same inputs, for
+  saturated logits too; float16 gradients scaled by a loss scale first stay finite and equal."""
+  rng = np.random.default_rng(2)
+  num_classes, anchors, batch = 7, 3, 2
+  shapes = {'3': (4, 6), '4': (2, 3), '5': (1, 2)}
+  logits = {l: tf.constant(np.concatenate([
+      rng.normal(-3, 3, size=(batch, h, w, anchors * num_classes - 2)),
+      np.full((batch, h, w, 2), [-40.0, 40.0])], -1), dtype)
+            for l, (h, w) in shapes.items()}
+  num = sum(h * w for h, w in shapes.values()) * anchors
+  flat_targets = rng.choice([-2, -1, -1, -1, 0, 3, 6], size=(batch, num)).astype(np.int32)
+  flat_weights = (rng.random((batch, num)) > 0.2).astype(np.float32) / 5
+  start, targets = 0, {}
+  for l, (h, w) in shapes.items():
+    targets[l] = flat_targets[:, start:start + h * w * anchors].reshape(batch, h, w, anchors)
+    start += h * w * anchors
+  loss_scale = 1024.0 if dtype == 'float16' else 1.0
+  loss_fn = RetinaNetLoss(num_classes)
+  zero_boxes = {l: tf.zeros([batch, h, w, anchors * 4]) for l, (h, w) in shapes.items()}
+  labels = {'cls_targets': targets, 'cls_weights': flat_weights, 'box_targets': zero_boxes,
+            'box_weights': np.zeros((batch, num), np.float32)}
+
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(logits)
+    ours = loss_fn({'cls_outputs': logits, 'box_outputs': zero_boxes}, labels)['cls_loss']
+    flat_logits = tf.concat([tf.reshape(logits[l], [batch, -1, num_classes]) for l in shapes], 1)
+    theirs = _tfm_focal_loss(flat_logits, flat_targets, flat_weights, num_classes)
+    scaled_ours, scaled_theirs = ours * loss_scale, theirs * loss_scale
+  np.testing.assert_allclose(float(ours), float(theirs), rtol=1e-5)
+  ours_grad = tape.gradient(scaled_ours, logits)
+  theirs_grad = tape.gradient(scaled_theirs, logits)
+  for level in shapes:
+    assert ours_grad[level].dtype == dtype
+    ours_level = ours_grad[level].numpy().astype(np.float32)
+    assert np.all(np.isfinite(ours_level)) and np.abs(ours_level).max() > 0
+    tolerance = 1e-5 if dtype == 'float32' else 1e-2  # The gradient is cast to `dtype`.
+    np.testing.assert_allclose(ours_level, theirs_grad[level].numpy().astype(np.float32),
+                               rtol=tolerance, atol=tolerance * np.abs(ours_level).max())
+
+
+def test_fused_focal_loss_on_flat_inputs_and_level_mismatch():
+  rng = np.random.default_rng(3)
+  logits = tf.constant(rng.normal(size=(2, 10, 4)), tf.float32)
+  targets = rng.integers(-1, 4, size=(2, 10)).astype(np.int32)
+  weights = np.ones((2, 10), np.float32)
+  ours = RetinaNetLoss(4)({'cls_outputs': logits, 'box_outputs': tf.zeros([2, 10, 4])},
+                          {'cls_targets': targets, 'cls_weights': weights,
+                           'box_targets': tf.zeros([2, 10, 4]),
+                           'box_weights': np.zeros((2, 10), np.float32)})
+  np.testing.assert_allclose(float(ours['cls_loss']),
+                             float(_tfm_focal_loss(logits, targets, weights, 4)), rtol=1e-5)
+  with pytest.raises(ValueError, match="'cls_outputs' has 1 levels, labels 'cls_targets' 2"):
+    RetinaNetLoss(4)({'cls_outputs': logits, 'box_outputs': tf.zeros([2, 10, 4])},
+                     {'cls_targets': {'3': targets[:, :4], '4': targets[:, 4:]},
+                      'cls_weights': weights, 'box_targets': tf.zeros([2, 10, 4]),
+                      'box_weights': np.zeros((2, 10), np.float32)})

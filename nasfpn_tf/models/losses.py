@@ -1,14 +1,16 @@
 """RetinaNet losses on TFM AnchorLabeler targets: focal loss + weighted Huber box loss.
 
 The reductions are TFM's retinanet task (`official/vision/tasks/retinanet.py`): sums over anchors
-(and classes), each divided by the number of positive anchors in the batch plus one.
+(and classes), each divided by the number of positive anchors in the batch plus one. The values
+are those of TFM's `FocalLoss` and Keras' `Huber`; the focal loss is computed level by level,
+with its gradient, in one XLA-fused pass (`focal_loss_sum`).
 """
-from typing import Dict, Mapping, Union
+from typing import Dict, List, Mapping, Union
 
 import gin
 import tensorflow as tf
 import tf_keras
-from official.vision.losses import focal_loss, loss_utils
+from official.vision.losses import loss_utils
 
 Targets = Union[tf.Tensor, Mapping[str, tf.Tensor]]
 
@@ -19,6 +21,64 @@ def _flatten(values: Targets, last_dim=None) -> tf.Tensor:
     return loss_utils.multi_level_flatten(
         {k: values[k] for k in sorted(values, key=int)}, last_dim=last_dim)
   return values
+
+
+def _per_level(values: Targets, last_dim: int, sizes: List[tf.Tensor]) -> List[tf.Tensor]:
+  """Per-level dicts (in level order), or [batch, anchors(, last_dim)] tensors split into levels
+  of `sizes` anchors (none or one: whole), as [batch, anchors of the level, last_dim] tensors."""
+  if isinstance(values, Mapping):
+    return [tf.reshape(values[k], [tf.shape(values[k])[0], -1, last_dim])
+            for k in sorted(values, key=int)]
+  values = tf.reshape(values, [tf.shape(values)[0], -1, last_dim])
+  return tf.split(values, sizes, axis=1) if len(sizes) > 1 else [values]
+
+
+def _softplus(x: tf.Tensor) -> tf.Tensor:
+  return tf.math.log1p(tf.exp(-tf.abs(x))) + tf.nn.relu(x)
+
+
+@tf.function(jit_compile=True)
+def _focal_loss_and_gradient(logits, targets, weights, alpha, gamma):
+  """The focal loss summed over `logits` [B, N, C] and its float32 gradient, fused by XLA into
+  a pass or two over the logits instead of TFM's ~40 op-by-op passes (forward and backward).
+
+  With s = +1 for the target class and -1 otherwise, z = s * logit, p_t = sigmoid(z):
+  loss = a_t (1 - p_t)^gamma CE, CE = -log p_t = softplus(z) - z, 1 - p_t = exp(-softplus(z)),
+  d loss / d logit = -s a_t (1 - p_t)^gamma (gamma p_t CE + 1 - p_t); a_t = alpha for the target
+  class, 1 - alpha otherwise, times the anchor's weight.
+  """
+  positive = tf.equal(targets, tf.range(tf.shape(logits)[-1], dtype=targets.dtype))
+  sign = tf.where(positive, 1.0, -1.0)
+  z = sign * tf.cast(logits, tf.float32)
+  softplus_z = _softplus(z)  # -log(1 - p_t)
+  cross_entropy = softplus_z - z
+  one_minus_p = tf.exp(-softplus_z)
+  modulator = tf.exp(-gamma * softplus_z)
+  scale = tf.where(positive, alpha, 1.0 - alpha) * weights * modulator
+  loss = tf.reduce_sum(scale * cross_entropy)
+  gradient = -sign * scale * (gamma * (1.0 - one_minus_p) * cross_entropy + one_minus_p)
+  return loss, gradient
+
+
+def focal_loss_sum(logits: tf.Tensor, targets: tf.Tensor, weights: tf.Tensor, alpha: float,
+                   gamma: float) -> tf.Tensor:
+  """sum over b, n, c of weights[b, n] * focal(logits[b, n, c], targets[b, n] == c): TFM's
+  `FocalLoss` on one-hot targets with per-anchor sample weights and SUM reduction.
+
+  logits [B, N, C] in any float dtype (the head's compute dtype; computed in float32),
+  targets [B, N, 1] int class ids (negative: background), weights [B, N, 1] float32.
+  The gradient is computed in the same fused pass as the loss and scaled in float32 before
+  it is cast to the logits' dtype (float16 loss scaling keeps its range).
+  """
+  targets = tf.cast(targets, tf.int32)
+  weights = tf.cast(weights, tf.float32)
+
+  @tf.custom_gradient
+  def loss_of(logits):
+    loss, gradient = _focal_loss_and_gradient(logits, targets, weights, alpha, gamma)
+    return loss, lambda upstream: tf.cast(gradient * upstream, logits.dtype)
+
+  return loss_of(logits)
 
 
 @gin.configurable
@@ -36,23 +96,29 @@ class RetinaNetLoss:
   def __init__(self, num_classes: int, focal_alpha: float = 0.25, focal_gamma: float = 1.5,
                huber_delta: float = 0.1, box_loss_weight: float = 50.0):
     self.num_classes = num_classes
+    self.focal_alpha = focal_alpha
+    self.focal_gamma = focal_gamma
     self.box_loss_weight = box_loss_weight
-    self._focal = focal_loss.FocalLoss(focal_alpha, focal_gamma,
-                                       reduction=tf_keras.losses.Reduction.SUM)
     self._huber = tf_keras.losses.Huber(huber_delta, reduction=tf_keras.losses.Reduction.SUM)
 
-  def __call__(self, outputs: Mapping[str, Mapping[str, tf.Tensor]],
+  def __call__(self, outputs: Mapping[str, Targets],
                labels: Mapping[str, Targets]) -> Dict[str, tf.Tensor]:
     """Returns {'total_loss', 'cls_loss', 'box_loss'}; total = cls + box_loss_weight * box."""
-    cls_weights = tf.cast(_flatten(labels['cls_weights']), tf.float32)
     box_weights = tf.cast(_flatten(labels['box_weights']), tf.float32)
     num_positives = tf.reduce_sum(box_weights) + 1.0
-    cls_targets = tf.one_hot(tf.cast(_flatten(labels['cls_targets']), tf.int32),
-                             self.num_classes)
-    cls_loss = self._focal(
-        cls_targets,
-        tf.cast(_flatten(outputs['cls_outputs'], self.num_classes), tf.float32),
-        sample_weight=cls_weights / num_positives)
+    cls_logits = _per_level(outputs['cls_outputs'], self.num_classes, [])
+    sizes = [tf.shape(logits)[1] for logits in cls_logits]
+    cls_targets = _per_level(labels['cls_targets'], 1, sizes)
+    cls_weights = _per_level(labels['cls_weights'], 1, sizes)
+    if not len(cls_logits) == len(cls_targets) == len(cls_weights):
+      raise ValueError(
+          f"RetinaNetLoss: 'cls_outputs' has {len(cls_logits)} levels, labels 'cls_targets' "
+          f"{len(cls_targets)} and 'cls_weights' {len(cls_weights)}: give per-level dicts of the "
+          'same levels, or flattened [batch, anchors, ...] tensors.')
+    cls_loss = tf.add_n([
+        focal_loss_sum(logits, targets, weights, self.focal_alpha, self.focal_gamma)
+        for logits, targets, weights in zip(cls_logits, cls_targets, cls_weights)
+    ]) / num_positives
     box_loss = self._huber(
         tf.cast(_flatten(labels['box_targets'], 4), tf.float32),
         tf.cast(_flatten(outputs['box_outputs'], 4), tf.float32),
