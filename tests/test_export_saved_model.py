@@ -22,6 +22,8 @@ from nasfpn_tf import main
 from nasfpn_tf.data import input_pipeline
 from nasfpn_tf.data import tfexample
 from nasfpn_tf.training import trainer as trainer_lib
+from training_helpers import match_detections
+from training_helpers import spread_scores
 from training_helpers import tiny_bindings
 
 FLAGS = flags.FLAGS
@@ -94,31 +96,17 @@ def keras_detections(detect, size, images):
   return {key: np.concatenate([o[key] for o in outputs]) for key in outputs[0]}
 
 
-def _iou(box, boxes):
-  ymin, xmin = np.maximum(box[:2], boxes[:, :2]).T
-  ymax, xmax = np.minimum(box[2:], boxes[:, 2:]).T
-  overlap = np.clip(ymax - ymin, 0, None) * np.clip(xmax - xmin, 0, None)
-  area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-  return overlap / (area(box) + area(boxes) - overlap)
-
-
 def assert_same_detections(actual, expected, what):
-  """Per image: as many detections, each expected one matched by its own actual one of the same
-  class with IoU >= 0.95 and a score within 0.02."""
+  """Per image: as many detections, each expected one matched by its own actual one
+  (`match_detections`)."""
   np.testing.assert_array_equal(actual['num_detections'], expected['num_detections'], what)
   for i, count in enumerate(expected['num_detections']):
     assert count > 0, f'{what}: image {i} has no detections to compare'
-    boxes = actual['detection_boxes'][i, :count]
-    unmatched = np.ones(count, bool)
-    for box, score, category in zip(expected['detection_boxes'][i, :count],
-                                    expected['detection_scores'][i, :count],
-                                    expected['detection_classes'][i, :count]):
-      iou = _iou(box, boxes)
-      candidates = (unmatched & (actual['detection_classes'][i, :count] == category) &
-                    (np.abs(actual['detection_scores'][i, :count] - score) <= 0.02) &
-                    (iou >= 0.95))
-      assert candidates.any(), f'{what}: image {i}: no match for class {category} {score} {box}'
-      unmatched[np.argmax(np.where(candidates, iou, -1))] = False
+    missing, _ = match_detections(expected, actual, i)
+    assert not missing, (f'{what}: image {i}: no match for classes '
+                         f'{expected["detection_classes"][i, missing]} scores '
+                         f'{expected["detection_scores"][i, missing]} boxes '
+                         f'{expected["detection_boxes"][i, missing]}')
 
 
 @pytest.fixture(scope='module')
@@ -127,11 +115,12 @@ def exported(synthetic_records, tmp_path_factory):
   the trained Keras model)."""
   root = tmp_path_factory.mktemp('export')
   model_dir = root / 'model'
-  # Near-untrained scores are ~0.01: keep every candidate so there are detections to compare.
+  # A near-untrained model: keep every candidate so there are detections to compare.
   config.parse_gin([], tiny_bindings(synthetic_records, train_steps=2) + [
       'build_retinanet.pre_nms_score_threshold = 0.0',
       f'build_retinanet.max_detections = {MAX_DETECTIONS}'])
   trainer = trainer_lib.RetinaNetTrainer(str(model_dir), tf.distribute.get_strategy())
+  spread_scores(trainer.model)
   with contextlib.redirect_stdout(io.StringIO()):
     trainer.run()
   export_dir = root / 'exports' / '1'

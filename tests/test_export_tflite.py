@@ -22,6 +22,8 @@ from nasfpn_tf.export import tflite
 from nasfpn_tf.export.saved_model import load_model
 from nasfpn_tf.models.postprocess import DetectionGenerator
 from nasfpn_tf.training import trainer as trainer_lib
+from training_helpers import match_detections
+from training_helpers import pairwise_iou
 from training_helpers import tiny_bindings
 
 FLAGS = flags.FLAGS
@@ -77,38 +79,6 @@ def score_threshold(loaded, val_images):
       best, threshold = pooled[rank - 1] - pooled[rank], float(candidate)
   assert best > 5e-7, f'scores too close to pick a threshold: {pooled[:30]}'
   return threshold
-
-
-def _iou(a, b):
-  """[N, 4] x [M, 4] yxyx -> [N, M]."""
-  low = np.maximum(a[:, None, :2], b[None, :, :2])
-  high = np.minimum(a[:, None, 2:], b[None, :, 2:])
-  inter = np.prod(np.clip(high - low, 0, None), axis=-1)
-  area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=-1)  # noqa: E731
-  union = area(a)[:, None] + area(b)[None] - inter
-  return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-
-
-def _match(expected, actual):
-  """Greedy one-to-one matching in `expected`'s score order: same class, box IoU >= 0.95 (or
-  corners within 0.1 px: boxes outside the image clip to empty ones), score within 0.02.
-  Returns (unmatched expected indices, unmatched actual indices)."""
-  n, m = int(expected['num_detections'][0]), int(actual['num_detections'][0])
-  a, b = expected['detection_boxes'][0, :n], actual['detection_boxes'][0, :m]
-  same_box = (_iou(a, b) >= 0.95) | (np.abs(a[:, None] - b[None]).max(-1) <= 0.1)
-  ok = (same_box
-        & (expected['detection_classes'][0, :n, None] == actual['detection_classes'][0, None, :m])
-        & (np.abs(expected['detection_scores'][0, :n, None]
-                  - actual['detection_scores'][0, None, :m]) <= 0.02))
-  free = np.ones(m, bool)
-  missing = []
-  for i in range(n):
-    candidates = np.where(ok[i] & free)[0]
-    if len(candidates):
-      free[candidates[0]] = False
-    else:
-      missing.append(i)
-  return missing, list(np.where(free)[0])
 
 
 def _op_input_dtypes(content):
@@ -196,7 +166,7 @@ def test_float32_detects_what_the_keras_model_detects(model_dir, loaded, val_ima
     expected = {k: v.numpy() for k, v in generator(outputs['cls_outputs'], outputs['box_outputs'],
                                                    model.anchor_boxes).items()}
     actual = detector(image)
-    assert _match(expected, actual) == ([], [])
+    assert match_detections(expected, actual) == ([], [])
     assert int(actual['num_detections'][0]) == int(expected['num_detections'][0]) <= 90
     count = int(expected['num_detections'][0])
     np.testing.assert_allclose(actual['detection_scores'][0, :count],
@@ -234,7 +204,7 @@ def test_float16_and_dynamic_range_export_and_suppress(model_dir, loaded, val_im
     raw = detector.raw(image)
     count = int(raw['num_detections'][0])
     boxes, classes = raw['detection_boxes'][0, :count], raw['detection_classes'][0, :count]
-    overlap = np.triu(_iou(boxes, boxes) > 0.5, k=1)
+    overlap = np.triu(pairwise_iou(boxes, boxes) > 0.5, k=1)
     if use_regular_nms:
       overlap &= classes[:, None] == classes[None, :]
     assert not overlap.any()
@@ -242,7 +212,7 @@ def test_float16_and_dynamic_range_export_and_suppress(model_dir, loaded, val_im
       outputs = model(tf.constant(image), training=False)
       expected = {k: v.numpy() for k, v in generator(
           outputs['cls_outputs'], outputs['box_outputs'], model.anchor_boxes).items()}
-      missing, _ = _match(expected, detector(image))
+      missing, _ = match_detections(expected, detector(image))
       matched += int(expected['num_detections'][0]) - len(missing)
       total += int(expected['num_detections'][0])
   assert matched >= 0.8 * total

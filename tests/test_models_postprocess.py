@@ -5,14 +5,7 @@ import tensorflow as tf
 from official.vision.ops import anchor, box_ops
 
 from nasfpn_tf.models.postprocess import DetectionGenerator
-
-
-def _iou(box, boxes):
-  area = lambda b: np.maximum(b[..., 2] - b[..., 0], 0) * np.maximum(b[..., 3] - b[..., 1], 0)
-  inter_h = np.maximum(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0)
-  inter_w = np.maximum(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0)
-  inter = inter_h * inter_w
-  return inter / np.maximum(area(box) + area(boxes) - inter, 1e-12)
+from training_helpers import pairwise_iou
 
 
 def _decode(deltas, anchors):
@@ -44,7 +37,7 @@ def _numpy_detect(cls_outputs, box_outputs, anchor_boxes, image_size, num_classe
       order = [i for i in np.argsort(-scores) if classes[i] == c and scores[i] > threshold]
       chosen = []
       for i in order:
-        if not chosen or np.all(_iou(boxes[i], boxes[chosen]) <= iou_threshold):
+        if not chosen or np.all(pairwise_iou(boxes[[i]], boxes[chosen]) <= iou_threshold):
           chosen.append(i)
       kept += chosen
     kept = sorted(kept, key=lambda i: -scores[i])[:max_detections]

@@ -19,6 +19,7 @@ from nasfpn_tf import config
 from nasfpn_tf import predict
 from nasfpn_tf.export import saved_model
 from nasfpn_tf.training import trainer as trainer_lib
+from training_helpers import spread_scores
 from training_helpers import tiny_bindings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -27,11 +28,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope='module')
 def models(synthetic_records, tmp_path_factory):
   """(model dir, SavedModel dir) of a tiny untrained model: the trainer's model-dir layout
-  (operative config, a checkpoint); drawing needs detections, not good ones."""
+  (operative config, a checkpoint), its scores spread; drawing needs detections, not good ones."""
   root = tmp_path_factory.mktemp('predict')
   config.parse_gin([], tiny_bindings(synthetic_records) + [
       'build_retinanet.pre_nms_score_threshold = 0.0', 'build_retinanet.max_detections = 20'])
   trainer = trainer_lib.RetinaNetTrainer(str(root / 'model'), tf.distribute.get_strategy())
+  spread_scores(trainer.model)
   trainer.checkpointer.save(0)
   saved_model.export_saved_model(str(root / 'model'), str(root / 'export'))
   return root / 'model', root / 'export'

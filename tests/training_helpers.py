@@ -1,6 +1,8 @@
-"""What the trainer, driver and distributed tests share: tiny-model gin bindings, readers."""
+"""What the test files share: tiny-model gin bindings, readers of what training writes, and the
+matching of one detector's detections against another's."""
 import pathlib
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -28,6 +30,14 @@ def tiny_bindings(records, **trainer):
   ] + [f'RetinaNetTrainer.{name} = {value!r}' for name, value in trainer.items()]
 
 
+def spread_scores(model, seed=0):
+  """Redraws the classifier kernel 10^4 times wider than TFM's init (stddev 1e-5), so an
+  untrained model's scores spread over (0, 1) instead of tying at the 0.01 prior to 1e-7: which
+  boxes make the top k then follows from the model, not from float rounding."""
+  kernel = model.head.classifier.kernel
+  kernel.assign(tf.random.stateless_normal(kernel.shape, [seed, 0], stddev=0.1, dtype=kernel.dtype))
+
+
 def read_scalars(log_dir):
   """{tag: {step: value}} of the TensorBoard scalars under `log_dir`."""
   scalars = {}
@@ -45,3 +55,38 @@ def checkpoint_step(path):
           if k.startswith('optimizer/') and '/_iterations/' in k]
   assert len(keys) == 1, keys
   return int(reader.get_tensor(keys[0]))
+
+
+def pairwise_iou(a, b):
+  """[N, 4] x [M, 4] boxes (ymin, xmin, ymax, xmax) -> [N, M] IoU; 0 where both have no area."""
+  low = np.maximum(a[:, None, :2], b[None, :, :2])
+  high = np.minimum(a[:, None, 2:], b[None, :, 2:])
+  inter = np.prod(np.clip(high - low, 0, None), axis=-1)
+  area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), axis=-1)  # noqa: E731
+  union = area(a)[:, None] + area(b)[None] - inter
+  return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def match_detections(expected, actual, image=0):
+  """Greedy one-to-one matching of image `image`'s detections in `expected`'s score order: same
+  class, box IoU >= 0.95 or corners within 0.5 px (a box clipped to the image border may have no
+  area), score within 0.02. Returns (unmatched expected indices, unmatched actual indices)."""
+  n = int(expected['num_detections'][image])
+  m = int(actual['num_detections'][image])
+  a = expected['detection_boxes'][image, :n]
+  b = actual['detection_boxes'][image, :m]
+  same_box = (pairwise_iou(a, b) >= 0.95) | (np.abs(a[:, None] - b[None]).max(-1) <= 0.5)
+  ok = (same_box
+        & (expected['detection_classes'][image, :n, None]
+           == actual['detection_classes'][image, None, :m])
+        & (np.abs(expected['detection_scores'][image, :n, None]
+                  - actual['detection_scores'][image, None, :m]) <= 0.02))
+  free = np.ones(m, bool)
+  missing = []
+  for i in range(n):
+    candidates = np.where(ok[i] & free)[0]
+    if len(candidates):
+      free[candidates[0]] = False
+    else:
+      missing.append(i)
+  return missing, list(np.where(free)[0])
