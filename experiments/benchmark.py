@@ -32,7 +32,7 @@ like with like at that fast precision (TFM's COCO experiment trains in bfloat16:
 `mixed_precision_dtype`), and in float32.
 
   python experiments/benchmark.py --configs=small,r50_640 --json --ap_num_val=64
-      # 2 cores: small ~15 min plus ~10 min to train the AP model once; r50_640 ~35 min
+      # 2 cores: small ~15 min plus ~15 min to train the AP model once; r50_640 ~30 min
   python experiments/benchmark.py --configs=r50_640 --repeats=3 --json
   python experiments/benchmark.py --configs=small --skip_train --skip_ap --skip_memory
 """
