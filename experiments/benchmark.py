@@ -16,6 +16,10 @@ checked equal), and in one process, alternating the two call by call:
   TFM, whose padded NMS is slower when few candidates pass, as with real outputs);
 * the training step (our `RetinaNetTrainer` step; TFM's `RetinaNetTask.train_step`) on one fixed
   batch with TFM `AnchorLabeler` targets, steady state after warm-up, from the same weights;
+* with --profile_train_step, where each side's step spends its time, from the TF profiler, by
+  op type: convolutions (forward and both gradients), batch norm + ReLU + max pool, and the rest
+  (loss, casts, gradient sums, optimizer, resampling); and the ratio ours / TFM that would remain
+  if everything but our convolutions and batch norms took no time (`train_step_ratio_bound_*`);
 * peak memory (max RSS) of a subprocess per side running the end-to-end inference at batch 8,
   and one running train steps;
 * COCO AP (pycocotools, 0-1 scale) of both on the same images with the same weights: TFM's model
@@ -35,11 +39,14 @@ like with like at that fast precision (TFM's COCO experiment trains in bfloat16:
       # 2 cores: small ~15 min plus ~15 min to train the AP model once; r50_640 ~30 min
   python experiments/benchmark.py --configs=r50_640 --repeats=3 --json
   python experiments/benchmark.py --configs=small --skip_train --skip_ap --skip_memory
+  python experiments/benchmark.py --configs=r50_640 --profile_train_step --skip_inference \
+      --skip_ap --skip_memory  # ~10 min
 """
 import json
 import os
 import pathlib
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,6 +63,7 @@ from absl import app, flags, logging  # noqa: E402
 from official.core import exp_factory, task_factory  # noqa: E402
 from official.vision import registry_imports  # noqa: E402,F401  (TFM experiments and tasks)
 from official.vision.ops import anchor  # noqa: E402
+from tensorflow.tsl.profiler.protobuf import xplane_pb2  # noqa: E402
 
 from nasfpn_tf.compat.tfm import load_tfm_retinanet_weights, retinanet_from_tfm  # noqa: E402
 from nasfpn_tf.data import create_coco_tfrecord, input_pipeline, synthetic  # noqa: E402
@@ -78,6 +86,11 @@ flags.DEFINE_bool('skip_inference', False, 'Skip the latency comparison (to debu
 flags.DEFINE_bool('skip_train', False, 'Skip the training-step comparison.')
 flags.DEFINE_bool('skip_ap', False, 'Skip the COCO AP comparison.')
 flags.DEFINE_bool('skip_memory', False, 'Skip the peak-memory subprocesses.')
+flags.DEFINE_bool('profile_train_step', False,
+                  'After timing, trace --profile_steps train steps per side and variant and print '
+                  'where the time goes by op type. Runs TF with one inter-op thread (ops one at '
+                  'a time, so their durations add up to the step; step times stay within noise).')
+flags.DEFINE_integer('profile_steps', 2, 'Train steps traced per side with --profile_train_step.')
 flags.DEFINE_bool('xla', False, 'Also time ours with XLA (jit_compile) for the network and the '
                   'train step (on this 2-core CPU: train step 2.3x slower than without).')
 flags.DEFINE_enum('fast_precision', 'auto', ['auto', 'float32', 'bfloat16'],
@@ -351,6 +364,64 @@ def tfm_train_step(task, tfm_model, images, labels):
   iterator = iter(tf.data.Dataset.from_tensors((normalize(images), labels)).repeat())
   step = tf.function(lambda: task.train_step(next(iterator), tfm_model, optimizer)['loss'])
   return step
+
+
+# Where a train step spends its time (TF profiler).
+
+PROFILE_CATEGORIES = ('conv', 'norm_relu_pool', 'rest')
+_PROFILE_LABELS = {'conv': 'convolutions (forward, input and filter gradients)',
+                   'norm_relu_pool': 'batch norm, ReLU, max pool (forward and gradients)',
+                   'rest': 'rest (loss, casts, gradient sums, optimizer, resampling, XLA)'}
+
+
+def _op_category(op_type: str) -> str:
+  op_type = op_type.replace('_MklNative', '').replace('_Mkl', '')
+  if 'Conv2D' in op_type:
+    return 'conv'
+  if op_type.startswith(('FusedBatchNorm', 'Relu', 'MaxPool')):
+    return 'norm_relu_pool'
+  return 'rest'
+
+
+def _op_seconds_by_category(logdir: str) -> Dict[str, float]:
+  """Sums the durations of the TF ops the executor ran (events 'name:Type' on the tf_Compute
+  threads) by category; an async op's launch (our XLA-compiled focal loss) counts as 'rest'."""
+  seconds = dict.fromkeys(PROFILE_CATEGORIES, 0.0)
+  for path in pathlib.Path(logdir).rglob('*.xplane.pb'):
+    space = xplane_pb2.XSpace()
+    space.ParseFromString(path.read_bytes())
+    for plane in space.planes:
+      for line in plane.lines:
+        if not line.name.startswith('tf_Compute'):
+          continue
+        for event in line.events:
+          name = plane.event_metadata[event.metadata_id].name
+          if name == 'ExecutorState::ProcessAsync::Start':
+            category = 'rest'
+          elif ':' in name and '::' not in name and not name.rsplit(':', 1)[1].startswith(' '):
+            category = _op_category(name.rsplit(':', 1)[1])
+          else:
+            continue  # Executor bookkeeping, or XLA's own events inside its launch.
+          seconds[category] += event.duration_ps * 1e-12
+  return seconds
+
+
+def profile_train_steps(steps: Dict[str, Callable[[], Any]],
+                        repeats: int) -> Dict[str, Dict[str, float]]:
+  """{side_variant: {category: seconds per step}} from `repeats` traced steps of each."""
+  result = {}
+  for name, step in steps.items():
+    logdir = tempfile.mkdtemp(prefix='nasfpn_profile_')
+    try:
+      tf.profiler.experimental.start(logdir)
+      for _ in range(repeats):
+        _run(step)
+      tf.profiler.experimental.stop()
+      result[name] = {k: v / repeats for k, v in _op_seconds_by_category(logdir).items()}
+    finally:
+      shutil.rmtree(logdir, ignore_errors=True)
+    _say(f'  profiled {name}: ' + ', '.join(f'{k} {v:.3f} s' for k, v in result[name].items()))
+  return result
 
 
 # Peak memory (subprocesses).
@@ -632,6 +703,15 @@ def run_config(name: str, precision: str, work_dir: pathlib.Path) -> Dict[str, A
     # the loss each computes next shows whether the two sides (and bfloat16) train alike.
     row['train_loss_after_steps'] = FLAGS.repeats + 2
     row['train_loss'] = {k: float(step()) for k, step in steps.items()}
+    if FLAGS.profile_train_step:
+      _say(f'profiling {FLAGS.profile_steps} train steps per side and variant')
+      row['train_profile_s'] = profile_train_steps(steps, FLAGS.profile_steps)
+      for variant in variants:
+        ours = row['train_profile_s'][f'ours_{_SUFFIX[variant]}']
+        theirs = row['train_profile_s'][f'theirs_{_SUFFIX[variant]}']
+        # If everything but our convolutions and batch norms took no time.
+        row[f'train_step_ratio_bound_{_SUFFIX[variant]}'] = (
+            (ours['conv'] + ours['norm_relu_pool']) / sum(theirs.values()))
     for variant in variants:
       suffix = _SUFFIX[variant]
       row[f'train_step_ratio_{suffix}'] = (row[f'train_step_s_ours_{suffix}'] /
@@ -722,6 +802,19 @@ def print_table(row: Dict[str, Any]) -> None:
     lines.append('train step (images/s; loss after the same steps): ' + ', '.join(
         f'{n} {_fmt(row["train_step_s_" + n])} ({row["train_images_per_s_" + n]:.2f}/s; '
         f'{row["train_loss"][n]:.4f})' for n in names))
+  if 'train_profile_s' in row:
+    profile = row['train_profile_s']
+    names = list(profile)
+    lines += ['', 'train step by op type, seconds per step (TF profiler, one inter-op thread):',
+              '| op type | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
+    for category in PROFILE_CATEGORIES + ('total',):
+      label = _PROFILE_LABELS.get(category, 'total')
+      lines.append(f'| {label} | ' + ' | '.join(
+          f'{sum(profile[n].values()) if category == "total" else profile[n][category]:.3f}'
+          for n in names) + ' |')
+    lines.append('ours / TFM if everything but our convolutions and batch norms took no time: ' +
+                 ', '.join(f'{k[len("train_step_ratio_bound_"):]} {v:.3f}' for k, v in row.items()
+                           if k.startswith('train_step_ratio_bound_')))
   if 'peak_memory_ratio' in row:
     lines.append('peak RSS: ' + ', '.join(
         f'{kind} ours {row[f"peak_rss_mb_{kind}_ours"]:.0f} MB / TFM '
@@ -742,6 +835,8 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.ERROR)
   tf.get_logger().setLevel('ERROR')
+  if FLAGS.profile_train_step:
+    tf.config.threading.set_inter_op_parallelism_threads(1)
   if FLAGS.worker:
     print(json.dumps(run_worker(FLAGS.worker, json.loads(FLAGS.worker_spec))), flush=True)
     return
