@@ -396,10 +396,11 @@ def _op_seconds_by_category(logdir: str) -> Dict[str, float]:
           continue
         for event in line.events:
           name = plane.event_metadata[event.metadata_id].name
+          op_type = name.rsplit(':', 1)[-1]
           if name == 'ExecutorState::ProcessAsync::Start':
             category = 'rest'
-          elif ':' in name and '::' not in name and not name.rsplit(':', 1)[1].startswith(' '):
-            category = _op_category(name.rsplit(':', 1)[1])
+          elif ':' in name and '::' not in name and not op_type.startswith(' '):
+            category = _op_category(op_type)
           else:
             continue  # Executor bookkeeping, or XLA's own events inside its launch.
           seconds[category] += event.duration_ps * 1e-12
@@ -807,11 +808,10 @@ def print_table(row: Dict[str, Any]) -> None:
     names = list(profile)
     lines += ['', 'train step by op type, seconds per step (TF profiler, one inter-op thread):',
               '| op type | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
-    for category in PROFILE_CATEGORIES + ('total',):
-      label = _PROFILE_LABELS.get(category, 'total')
-      lines.append(f'| {label} | ' + ' | '.join(
-          f'{sum(profile[n].values()) if category == "total" else profile[n][category]:.3f}'
-          for n in names) + ' |')
+    rows = [(_PROFILE_LABELS[c], [profile[n][c] for n in names]) for c in PROFILE_CATEGORIES]
+    rows.append(('total', [sum(profile[n].values()) for n in names]))
+    lines += [f'| {label} | ' + ' | '.join(f'{v:.3f}' for v in values) + ' |'
+              for label, values in rows]
     lines.append('ours / TFM if everything but our convolutions and batch norms took no time: ' +
                  ', '.join(f'{k[len("train_step_ratio_bound_"):]} {v:.3f}' for k, v in row.items()
                            if k.startswith('train_step_ratio_bound_')))
