@@ -1,14 +1,10 @@
 """The benchmark's train-step profile: TF profiler op time attributed to the right categories."""
-import importlib.util
-import pathlib
-
 import pytest
 import tensorflow as tf
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / 'experiments' / 'benchmark.py'
-_SPEC = importlib.util.spec_from_file_location('benchmark', _PATH)
-benchmark = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(benchmark)
+from training_helpers import load_experiment
+
+benchmark = load_experiment('benchmark')
 
 
 @pytest.mark.parametrize('op_type,category', [

@@ -1,15 +1,11 @@
 """The architecture drawing: its graph matches the builder's wiring, and each spec renders."""
-import importlib.util
-import pathlib
 
 import pytest
 
 from nasfpn_tf.decoders.block_specs import NASFPN, BlockSpec, resolve
+from training_helpers import load_experiment
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / 'experiments' / 'draw_architecture.py'
-_SPEC = importlib.util.spec_from_file_location('draw_architecture', _PATH)
-draw_architecture = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(draw_architecture)
+draw_architecture = load_experiment('draw_architecture')
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 

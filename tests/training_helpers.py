@@ -1,5 +1,6 @@
-"""What the test files share: tiny-model gin bindings, readers of what training writes, and the
-matching of one detector's detections against another's."""
+"""What the test files share: tiny-model gin bindings, readers of what training writes, the
+matching of one detector's detections against another's, and the loading of experiment scripts."""
+import importlib.util
 import pathlib
 
 import numpy as np
@@ -90,3 +91,12 @@ def match_detections(expected, actual, image=0):
     else:
       missing.append(i)
   return missing, list(np.where(free)[0])
+
+
+def load_experiment(name):
+  """The module of `experiments/<name>.py` (a script directory, not a package)."""
+  path = pathlib.Path(__file__).resolve().parents[1] / 'experiments' / f'{name}.py'
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
