@@ -139,6 +139,25 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_records, tm
   assert not list(tmp_path.glob('ckpt-2*'))
 
 
+def test_a_non_finite_variable_the_loss_never_reads_stops_at_the_next_log(synthetic_records,
+                                                                          tmp_path):
+  # A batch-norm moving variance: training reads batch statistics, so the loss stays finite.
+  trainer = _trainer(tmp_path, tiny_bindings(synthetic_records, train_steps=2,
+                                             checkpoint_every_steps=6, log_every_steps=2))
+  with contextlib.redirect_stdout(io.StringIO()):
+    assert trainer.train() == 2
+    variance = next(v for v in trainer.model.variables if 'moving_variance' in v.name)
+    variance.assign(tf.tensor_scatter_nd_update(variance, [[0]], [np.nan]))
+    trainer.train_steps = 6
+    with pytest.raises(trainer_lib.TrainingDivergedError,
+                       match=rf'variable {re.escape(variance.name)} became NaN or Inf in steps '
+                             r'3\.\.4; stopped without saving this state, the last good '
+                             r'checkpoint is kept: .*ckpt-2'):
+      trainer.train()
+  assert tf.train.latest_checkpoint(str(tmp_path)) == str(tmp_path / 'ckpt-2')
+  assert read_scalars(tmp_path / 'train')['loss/total_loss'].keys() == {2}
+
+
 def test_float16_scales_the_loss(synthetic_records, tmp_path):
   # float16 is emulated on CPUs (slow): a 64 px FPN on P3-P6, one step.
   bindings = tiny_bindings(synthetic_records, train_steps=1, mixed_precision='float16') + [

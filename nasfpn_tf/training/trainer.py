@@ -16,7 +16,7 @@ import datetime
 import json
 import os
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import gin
 import numpy as np
@@ -189,6 +189,10 @@ class RetinaNetTrainer:
     self._train_writer = self._writer('train') if training else None
     self._eval_writer = self._writer('eval') if mode != 'train' else None
     self._train_loop = tf.function(self._train_loop_fn)
+    self._checked_variables = [v for v in self.model.variables if v.dtype.is_floating]
+    # One compiled pass over every variable: cheap enough for each log interval.
+    self._variables_finite = tf.function(lambda: tf.stack(
+        [tf.reduce_all(tf.math.is_finite(v)) for v in self._checked_variables]))
     self._detect = tf.function(self.model.detect)
 
   @property
@@ -247,9 +251,18 @@ class RetinaNetTrainer:
                 for k in LOSS_KEYS}
     return {k: v / tf.cast(num_steps, tf.float32) for k, v in totals.items()}
 
-  def _weights_finite(self) -> bool:
-    return all(bool(tf.reduce_all(tf.math.is_finite(v)))
-               for v in self.model.variables if v.dtype.is_floating)
+  def _non_finite_variables(self) -> List[str]:
+    """Names of the model's float variables holding a NaN or Inf, in model order; batch-norm
+    moving statistics included (the training loss never reads them, so it can stay finite)."""
+    finite = self._variables_finite().numpy()
+    return [v.name for v, ok in zip(self._checked_variables, finite) if not ok]
+
+  def _check_variables(self, first: int, last: int) -> None:
+    """Stops the run, naming the first bad variable, when steps first..last broke any."""
+    bad = self._non_finite_variables()
+    if bad:
+      more = f' (and {len(bad) - 1} more, e.g. {", ".join(bad[1:4])})' if len(bad) > 1 else ''
+      raise self._diverged(first, last, f'variable {bad[0]} became NaN or Inf{more}')
 
   def _diverged(self, first: int, last: int, what: str) -> TrainingDivergedError:
     latest = self.checkpointer.latest
@@ -261,9 +274,6 @@ class RetinaNetTrainer:
         'RetinaNetTrainer.clip_gradient_norm.')
 
   def _save(self, step: int) -> None:
-    # A loss can be finite while the update it produced is not: never save such weights.
-    if not self._weights_finite():
-      raise self._diverged(step, step, 'weights became NaN or Inf')
     path = self.checkpointer.save(step)
     self._say(f'Saved checkpoint {path}.')
 
@@ -300,6 +310,7 @@ class RetinaNetTrainer:
     iterator = iter(self._train_dataset)
     # Throughput counts train calls only (not saves or evals), and not the first: it traces.
     timed_seconds, timed_steps, traced = 0.0, 0, False
+    checked = step  # Variables were last found finite after this step.
     while step < self.train_steps:
       first, stop = step + 1, self._next_stop(step)
       start = time.perf_counter()
@@ -313,11 +324,17 @@ class RetinaNetTrainer:
       if not all(np.isfinite(v) for v in losses.values()):
         raise self._diverged(first, step, 'the loss became NaN or Inf (' + ', '.join(
             f'{k}={v}' for k, v in losses.items()) + ')')
+      saving = step % self.checkpoint_every_steps == 0 or step == self.train_steps
+      if step % self.log_every_steps == 0 or saving:
+        # A loss can be finite while the update it produced is not: never log or save such a
+        # state as if it were good.
+        self._check_variables(checked + 1, step)
+        checked = step
       if step % self.log_every_steps == 0 or step == self.train_steps:
         self._log(step, losses,
                   timed_steps * self.global_batch_size / timed_seconds if timed_steps else None)
         timed_seconds, timed_steps = 0.0, 0
-      if step % self.checkpoint_every_steps == 0 or step == self.train_steps:
+      if saving:
         self._save(step)
       if (self.mode == 'train_and_eval' and self.eval_every_steps and
           step % self.eval_every_steps == 0 and step < self.train_steps):
