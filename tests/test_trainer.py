@@ -175,7 +175,7 @@ def test_float16_scales_the_loss(synthetic_records, tmp_path):
 
 def test_bfloat16_dropblock_ramp_steps_per_execution_and_clipping(synthetic_records, tmp_path):
   bindings = tiny_bindings(synthetic_records, train_steps=3, steps_per_execution=3,
-                           log_every_steps=3, mixed_precision='bfloat16',
+                           log_every_steps=3, mixed_precision='bfloat16', force_bfloat16=True,
                            clip_gradient_norm=0.1) + [
       'build_retinanet.dropblock_keep_prob = 0.9', 'build_retinanet.dropblock_ramp_steps = 10']
   trainer = _trainer(tmp_path, bindings)

@@ -30,13 +30,13 @@ from nasfpn_tf.models.factory import build_retinanet
 from nasfpn_tf.models.losses import RetinaNetLoss
 from nasfpn_tf.training import checkpointing
 from nasfpn_tf.training import distribute
+from nasfpn_tf.training import precision
 # Registers the schedules that `RetinaNetTrainer.learning_rate` can reference.
 from nasfpn_tf.training import schedules  # noqa: F401  pylint: disable=unused-import
 
 MODES = ('train', 'eval', 'train_and_eval')
 LOSS_KEYS = ('total_loss', 'cls_loss', 'box_loss', 'reg_loss')
 METRICS_FILE = 'eval_metrics.json'
-_POLICIES = {None: None, 'bfloat16': 'mixed_bfloat16', 'float16': 'mixed_float16'}
 
 
 class TrainingDivergedError(RuntimeError):
@@ -70,7 +70,10 @@ class RetinaNetTrainer:
       constant. Required: no default fits every batch size.
     train_steps, global_batch_size: the run length and the batch over all replicas.
     momentum: SGD momentum. Weight decay is the model's (`build_retinanet.l2_weight_decay`).
-    mixed_precision: None, 'bfloat16', or 'float16' (with dynamic loss scaling).
+    mixed_precision: None, 'bfloat16', or 'float16' (with dynamic loss scaling). On a CPU with
+      AVX512-BF16 and no AMX, 'bfloat16' trains in float32 (it did not learn there; see
+      `training.precision`) unless force_bfloat16; the run's first line says which.
+    force_bfloat16: train in bfloat16 even where it did not learn in our runs.
     clip_gradient_norm: clip the summed gradients to this global norm (None: off).
     steps_per_execution: train steps per tf.function call (an in-graph loop: fewer host round
       trips on TPUs); logs and checkpoints fall on its multiples.
@@ -95,6 +98,7 @@ class RetinaNetTrainer:
                global_batch_size: int = 8,
                momentum: float = 0.9,
                mixed_precision: Optional[str] = None,
+               force_bfloat16: bool = False,
                clip_gradient_norm: Optional[float] = None,
                steps_per_execution: int = 1,
                checkpoint_every_steps: int = 500,
@@ -108,9 +112,8 @@ class RetinaNetTrainer:
                                                    tf.data.Dataset]] = None):
     if mode not in MODES:
       raise ValueError(f'mode {mode!r} is not one of {list(MODES)}.')
-    if mixed_precision not in _POLICIES:
-      raise ValueError(f'RetinaNetTrainer.mixed_precision={mixed_precision!r}: use None, '
-                       '"bfloat16" or "float16".')
+    mixed_precision, precision_note = precision.training_precision(
+        mixed_precision, force_bfloat16)
     for name, value in (('train_steps', train_steps), ('global_batch_size', global_batch_size),
                         ('steps_per_execution', steps_per_execution),
                         ('checkpoint_every_steps', checkpoint_every_steps),
@@ -135,6 +138,8 @@ class RetinaNetTrainer:
     self.eval_steps = eval_steps
     self.eval_annotation_file = eval_annotation_file
     self.is_chief = distribute.is_chief(strategy)
+    self.mixed_precision = mixed_precision
+    self._say(precision_note)
     training = mode != 'eval'
     if training and learning_rate is None:
       raise _missing_binding('RetinaNetTrainer.learning_rate', '@StepDecayWithWarmup()')
@@ -143,7 +148,7 @@ class RetinaNetTrainer:
     tf.io.gfile.makedirs(model_dir)
     with strategy.scope():
       previous_policy = tf_keras.mixed_precision.global_policy()
-      tf_keras.mixed_precision.set_global_policy(_POLICIES[mixed_precision] or 'float32')
+      tf_keras.mixed_precision.set_global_policy(precision.POLICIES[mixed_precision])
       try:  # Layers take the policy when built; later models must not inherit it.
         self.model = build_retinanet()
       finally:
@@ -268,10 +273,12 @@ class RetinaNetTrainer:
     latest = self.checkpointer.latest
     kept = (f'the last good checkpoint is kept: {latest}' if latest else
             'no checkpoint had been written yet')
+    in_float32 = (' or train in float32 (RetinaNetTrainer.mixed_precision = None)'
+                  if self.mixed_precision else '')
     return TrainingDivergedError(
         f'training diverged: {what} in steps {first}..{last}; stopped without saving this '
-        f'state, {kept}. Lower RetinaNetTrainer.learning_rate, lengthen its warm-up, or set '
-        'RetinaNetTrainer.clip_gradient_norm.')
+        f'state, {kept}. Lower RetinaNetTrainer.learning_rate, lengthen its warm-up, set '
+        f'RetinaNetTrainer.clip_gradient_norm{in_float32}.')
 
   def _save(self, step: int) -> None:
     path = self.checkpointer.save(step)

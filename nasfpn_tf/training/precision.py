@@ -1,0 +1,71 @@
+"""Which Keras mixed-precision policy a requested training precision gets on this hardware.
+
+bfloat16 training is trusted on GPUs, TPUs and CPUs with AMX-BF16 (Intel Sapphire Rapids and
+later), and on CPUs without bfloat16 hardware, where TensorFlow emulates it (slowly). On CPUs with
+AVX512-BF16 but no AMX (AMD Zen 4 and 5), bfloat16 training of the RetinaNet on real COCO images
+stopped learning while its loss stayed finite and its weights went NaN (issue 10; the README's
+"Mixed precision" section), so `mixed_precision='bfloat16'` trains in float32 there unless
+forced; the output says so.
+"""
+import pathlib
+from typing import FrozenSet, Optional, Tuple
+
+import tensorflow as tf
+
+POLICIES = {None: 'float32', 'bfloat16': 'mixed_bfloat16', 'float16': 'mixed_float16'}
+
+
+def cpu_flags() -> FrozenSet[str]:
+  """The CPU's feature flags as Linux lists them ('amx_bf16', 'avx512_bf16', ...); empty where
+  /proc/cpuinfo is not readable (then nothing is assumed about the CPU)."""
+  try:
+    text = pathlib.Path('/proc/cpuinfo').read_text()
+  except OSError:
+    return frozenset()
+  for line in text.splitlines():
+    if line.startswith('flags'):
+      return frozenset(line.split(':', 1)[1].split())
+  return frozenset()
+
+
+def bfloat16_hardware(flags: FrozenSet[str]) -> Optional[str]:
+  """'AMX-BF16' or 'AVX512-BF16' (the best the CPU has), or None (bfloat16 emulated)."""
+  if 'amx_bf16' in flags:
+    return 'AMX-BF16'
+  if 'avx512_bf16' in flags:
+    return 'AVX512-BF16'
+  return None
+
+
+def has_accelerator() -> bool:
+  """A GPU or TPU is visible: the strategies then compute there, not on the CPU."""
+  return bool(tf.config.list_logical_devices('GPU') or tf.config.list_logical_devices('TPU'))
+
+
+def training_precision(mixed_precision: Optional[str], force_bfloat16: bool = False,
+                       flags: Optional[FrozenSet[str]] = None,
+                       accelerator: Optional[bool] = None) -> Tuple[Optional[str], str]:
+  """(the precision to train in: None, 'bfloat16' or 'float16'; a line saying what and why).
+
+  `flags`, `accelerator`: the CPU's flags and whether a GPU/TPU computes (default: this
+  machine's, `cpu_flags()` and `has_accelerator()`).
+  """
+  if mixed_precision not in POLICIES:
+    raise ValueError(f'RetinaNetTrainer.mixed_precision={mixed_precision!r}: use None, '
+                     '"bfloat16" or "float16".')
+  if accelerator is None:
+    accelerator = has_accelerator()
+  if mixed_precision != 'bfloat16' or accelerator:
+    return mixed_precision, f'Training precision: {POLICIES[mixed_precision]}.'
+  hardware = bfloat16_hardware(cpu_flags() if flags is None else flags)
+  if hardware == 'AVX512-BF16':
+    if force_bfloat16:
+      return 'bfloat16', ('Training precision: mixed_bfloat16 on a CPU with AVX512-BF16 and no '
+                          'AMX, forced by RetinaNetTrainer.force_bfloat16: bfloat16 training did '
+                          'not learn on such CPUs (AMD Zen 4) in our runs; watch the loss.')
+    return None, ('Training precision: float32, not the requested bfloat16: this CPU has '
+                  'AVX512-BF16 and no AMX (e.g. AMD Zen 4), where bfloat16 training on real COCO '
+                  'images stopped learning in our runs (see README, "Mixed precision"). Set '
+                  'RetinaNetTrainer.force_bfloat16 = True to train in bfloat16 anyway.')
+  return 'bfloat16', (f'Training precision: mixed_bfloat16 ('
+                      f'{hardware or "no bfloat16 hardware: emulated, slower than float32"}).')
