@@ -3,7 +3,7 @@
 One row per pyramid level (resolution decreasing upward, P{min} at the bottom), the pyramid
 inputs in the left column as green circles, then the cells left to right in spec order, output
 cells red. Solid arrows are the cells' two chosen inputs; dashed arrows are the dangling
-features the builder adds to an output cell (same-level candidates nothing had read yet).
+features the builder adds to an output cell, as `block_specs.wiring` finds them.
 
   python experiments/draw_architecture.py --spec=nasfpn --output=docs/nasfpn.png
 """
@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 from absl import app, flags
 from matplotlib.lines import Line2D
 
-from nasfpn_tf.decoders.block_specs import SPECS, BlockSpec, SpecLike, resolve, validate
+from nasfpn_tf.decoders.block_specs import SPECS, BlockSpec, SpecLike, resolve, wiring
 
 INPUT_COLOR = '#4caf50'
 OUTPUT_COLOR = '#e53935'
@@ -36,23 +36,14 @@ class Edge(NamedTuple):
 
 
 def spec_edges(spec: Sequence[BlockSpec], min_level: int, max_level: int) -> List[Edge]:
-  """The drawing's edges, with dangling features found exactly as `_build_pyramid` finds them."""
-  num_inputs = max_level - min_level + 1
-  levels = list(range(min_level, max_level + 1))
-  consumers = [0] * num_inputs
+  """The drawing's edges: the builder's wiring, so the figure shows what is built.
+
+  Raises the ValueError of `block_specs.wiring` for a spec that cannot build.
+  """
   edges = []
-  for k, cell in enumerate(spec):
-    dst = num_inputs + k
-    for index in cell.inputs:
-      consumers[index] += 1
-      edges.append(Edge(index, dst, 'input'))
-    if cell.is_output:
-      for index, (level, count) in enumerate(zip(levels, consumers)):
-        if count == 0 and level == cell.level:
-          consumers[index] += 1
-          edges.append(Edge(index, dst, 'dangling'))
-    levels.append(cell.level)
-    consumers.append(0)
+  for cell in wiring(spec, min_level, max_level).cells:
+    edges += [Edge(index, cell.candidate, 'input') for index in cell.inputs]
+    edges += [Edge(index, cell.candidate, 'dangling') for index in cell.dangling]
   return edges
 
 
@@ -89,16 +80,15 @@ def draw_spec(spec: SpecLike, min_level: int, max_level: int, path: str,
               title: Optional[str] = None) -> None:
   """Validates `spec` (a name in SPECS or rows) for levels min..max and writes its graph PNG.
 
-  Raises the ValueError of `validate` first, so an unbuildable spec is never drawn.
+  Raises the ValueError of `block_specs.wiring` first, so an unbuildable spec is never drawn.
   """
   spec = resolve(spec, min_level, max_level)
-  validate(spec, min_level, max_level)
+  edges = spec_edges(spec, min_level, max_level)
   num_inputs = max_level - min_level + 1
   positions = node_positions(spec, min_level, max_level)
   num_columns = len(spec) + 1
   fig, ax = plt.subplots(figsize=(1.5 + 0.9 * num_columns, 1.6 + 0.95 * num_inputs))
 
-  edges = spec_edges(spec, min_level, max_level)
   for src, dst, kind in edges:
     dangling = kind == 'dangling'
     ax.annotate(

@@ -6,7 +6,7 @@ import tf_keras
 
 from nasfpn_tf.decoders import NASFPN, SPECS
 from nasfpn_tf.decoders import block_specs as specs_lib
-from nasfpn_tf.layers import MergingCell
+from nasfpn_tf.layers import MERGING_CELLS, MergingCell
 
 
 def input_specs(batch=None, c3=(32, 48), channels=(8, 16, 24)):
@@ -143,6 +143,11 @@ def test_dangling_inputs_are_the_pyramid_inputs():
       'repeat0_cell1_sum_p4', 'repeat0_cell4_global_pooling_p5', 'p7_from_p6']
   assert sources('repeat0_cell6_global_pooling_p6') == [
       'repeat0_cell4_global_pooling_p5', 'repeat0_cell5_global_pooling_p7']
+
+
+def test_every_op_of_the_specs_has_a_merging_cell():
+  """`block_specs.OPS` names the ops; the layers' registry must build exactly those."""
+  assert sorted(MERGING_CELLS) == sorted(specs_lib.OPS)
 
 
 @pytest.mark.parametrize('rows,match', [

@@ -2,12 +2,16 @@
 
 A spec is a list of `BlockSpec(level, op, inputs, is_output)`. The candidates start as the
 pyramid inputs P{min_level}..P{max_level} (indices 0..L-1); cell k appends its output as index
-L+k. `inputs` are two candidate indices, `op` a key of `nasfpn_tf.layers.MERGING_CELLS`, and the
-cells with `is_output` give the pyramid's outputs, one per level.
+L+k. `inputs` are two candidate indices, `op` one of `OPS`, and the cells with `is_output` give
+the pyramid's outputs, one per level. `wiring` is the one reading of a spec, shared by the builder,
+the validation and the drawing. Plain data, no TensorFlow: a search can import it cheaply.
 """
-from typing import NamedTuple, Sequence, Tuple, Union
+import dataclasses
+from typing import Dict, NamedTuple, Sequence, Tuple, Union
 
-from nasfpn_tf.layers.merging_cell import MERGING_CELLS
+# The binary ops of the search space (paper §3.1), by name; `nasfpn_tf.layers.MERGING_CELLS`
+# maps each to its Keras cell.
+OPS = ('sum', 'global_pooling')
 
 
 class BlockSpec(NamedTuple):
@@ -102,37 +106,103 @@ def to_config(specs: Sequence[BlockSpec]):
   return [[s.level, s.op, list(s.inputs), s.is_output] for s in specs]
 
 
-def validate(specs: Sequence[BlockSpec], min_level: int, max_level: int) -> None:
-  """Raises ValueError naming the cell at fault when `specs` cannot build a min..max pyramid."""
+@dataclasses.dataclass(frozen=True)
+class CellWiring:
+  """One cell as built: the candidates it reads and the candidate it adds."""
+  candidate: int                 # the index its output gets among the candidates: L + k
+  level: int                     # its output level
+  op: str                        # one of OPS
+  inputs: Tuple[int, int]        # the two candidates the spec picks
+  dangling: Tuple[int, ...]      # unread same-level candidates added to an output cell
+  source_levels: Tuple[int, ...]  # the levels of `sources`, in their order
+  is_output: bool
+
+  @property
+  def sources(self) -> Tuple[int, ...]:
+    """Every candidate the cell merges: its two inputs, then the dangling ones."""
+    return self.inputs + self.dangling
+
+
+@dataclasses.dataclass(frozen=True)
+class Wiring:
+  """A spec wired over levels min..max: its cells in order and the candidate of each output."""
+  cells: Tuple[CellWiring, ...]
+  outputs: Dict[int, int]  # {level: candidate index of the output cell for that level}
+
+
+def wiring(specs: Sequence[BlockSpec], min_level: int, max_level: int) -> Wiring:
+  """How `specs` wires a min..max pyramid; raises ValueError naming the cell at fault.
+
+  Dangling features, as in the authors' code: an output cell also merges every earlier
+  candidate at its level that no cell has read so far (the 7-cell spec adds the P5 input into
+  output P5 and the P7 input into output P7).
+  """
   if min_level > max_level:
     raise ValueError(f'min_level {min_level} is above max_level {max_level}.')
   if not specs:
     raise ValueError('A block spec needs at least one cell.')
-  num_inputs = max_level - min_level + 1
-  producers = {}
+  levels = list(range(min_level, max_level + 1))
+  reads = [0] * len(levels)
+  cells = []
   for k, spec in enumerate(specs):
-    where = f'cell {k} {tuple(spec)}'
-    if spec.op not in MERGING_CELLS:
-      raise ValueError(f'{where}: unknown op {spec.op!r}; ops are {sorted(MERGING_CELLS)}.')
-    if not min_level <= spec.level <= max_level:
-      raise ValueError(f'{where}: level {spec.level} is outside min_level..max_level = '
-                       f'{min_level}..{max_level}.')
-    if len(spec.inputs) != 2:
-      raise ValueError(f'{where}: needs exactly two inputs, got {len(spec.inputs)}.')
-    available = num_inputs + k
-    for index in spec.inputs:
-      if not 0 <= index < available:
-        raise ValueError(
-            f'{where}: input {index} does not exist yet; cell {k} can read candidates '
-            f'0..{available - 1} (the {num_inputs} pyramid inputs P{min_level}..P{max_level}'
-            + (f' and cells 0..{k - 1})' if k else ')') + '.')
+    _check_cell(k, spec, min_level, max_level)
+    inputs = tuple(spec.inputs)
+    for index in inputs:
+      reads[index] += 1
+    dangling = ()
     if spec.is_output:
-      producers.setdefault(spec.level, []).append(k)
+      dangling = tuple(index for index, (level, count) in enumerate(zip(levels, reads))
+                       if count == 0 and level == spec.level)
+      for index in dangling:
+        reads[index] += 1
+    cells.append(CellWiring(
+        candidate=len(levels), level=spec.level, op=spec.op, inputs=inputs, dangling=dangling,
+        source_levels=tuple(levels[index] for index in inputs + dangling),
+        is_output=spec.is_output))
+    levels.append(spec.level)
+    reads.append(0)
+  return Wiring(cells=tuple(cells), outputs=_output_candidates(cells, min_level, max_level))
+
+
+def validate(specs: Sequence[BlockSpec], min_level: int, max_level: int) -> None:
+  """Raises ValueError naming the cell at fault when `specs` cannot build a min..max pyramid.
+
+  The checks are `wiring`'s, which reads the spec in the same pass; this drops its result.
+  """
+  wiring(specs, min_level, max_level)
+
+
+def _check_cell(k: int, spec: BlockSpec, min_level: int, max_level: int) -> None:
+  """Cell k's own row: a known op, a level in range, two inputs that exist before it."""
+  where = f'cell {k} {tuple(spec)}'
+  if spec.op not in OPS:
+    raise ValueError(f'{where}: unknown op {spec.op!r}; ops are {sorted(OPS)}.')
+  if not min_level <= spec.level <= max_level:
+    raise ValueError(f'{where}: level {spec.level} is outside min_level..max_level = '
+                     f'{min_level}..{max_level}.')
+  if len(spec.inputs) != 2:
+    raise ValueError(f'{where}: needs exactly two inputs, got {len(spec.inputs)}.')
+  num_inputs = max_level - min_level + 1
+  available = num_inputs + k
+  for index in spec.inputs:
+    if not 0 <= index < available:
+      raise ValueError(
+          f'{where}: input {index} does not exist yet; cell {k} can read candidates '
+          f'0..{available - 1} (the {num_inputs} pyramid inputs P{min_level}..P{max_level}'
+          + (f' and cells 0..{k - 1})' if k else ')') + '.')
+
+
+def _output_candidates(cells: Sequence[CellWiring], min_level: int,
+                       max_level: int) -> Dict[int, int]:
+  """{level: candidate} of the output cells; exactly one per level of min..max."""
+  outputs = {}
   for level in range(min_level, max_level + 1):
-    cells = producers.get(level, [])
-    if not cells:
+    producers = [k for k, cell in enumerate(cells) if cell.is_output and cell.level == level]
+    if not producers:
       raise ValueError(f'No output cell produces level {level}; a spec for levels '
                        f'{min_level}..{max_level} needs one output cell per level.')
-    if len(cells) > 1:
-      raise ValueError(f'Level {level} is produced twice, by output cells {cells}; '
+    if len(producers) > 1:
+      raise ValueError(f'Level {level} is produced twice, by output cells {producers}; '
                        'exactly one output cell per level is allowed.')
+    outputs[level] = cells[producers[0]].candidate
+  return outputs

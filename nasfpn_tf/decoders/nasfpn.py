@@ -48,7 +48,7 @@ class NASFPN(tf_keras.Model):
                bias_regularizer=None,
                **kwargs):
     specs = specs_lib.resolve(block_specs, min_level, max_level)
-    specs_lib.validate(specs, min_level, max_level)
+    wiring = specs_lib.wiring(specs, min_level, max_level)
     if num_repeats < 1:
       raise ValueError(f'num_repeats must be >= 1, got {num_repeats}.')
     input_specs = {str(k): tf.TensorShape(v) for k, v in input_specs.items()}
@@ -75,7 +75,7 @@ class NASFPN(tf_keras.Model):
                                      name=f'p{level}_from_p{level - 1}',
                                      **norm, **regularizers)(feats[-1]))
     for repeat in range(num_repeats):
-      feats = _build_pyramid(feats, min_level, specs, f'repeat{repeat}', cell_kwargs)
+      feats = _build_pyramid(feats, min_level, wiring, f'repeat{repeat}', cell_kwargs)
     outputs = {str(level): feat for level, feat in zip(range(min_level, max_level + 1), feats)}
     super().__init__(inputs=inputs, outputs=outputs, **kwargs)
 
@@ -128,28 +128,12 @@ def _check_inputs(input_specs, min_level, max_level):
             f'2^max_level = {2**max_level}.')
 
 
-def _build_pyramid(feats, min_level, specs, prefix, cell_kwargs):
+def _build_pyramid(feats, min_level, wiring, prefix, cell_kwargs):
   """One pyramid network: cells read and extend the candidate list; returns outputs by level."""
   candidates = list(feats)
-  levels = list(range(min_level, min_level + len(feats)))
-  consumers = [0] * len(feats)
-  outputs = {}
-  for k, spec in enumerate(specs):
-    picked = list(spec.inputs)
-    for index in picked:
-      consumers[index] += 1
-    if spec.is_output:
-      # Dangling features: same-level candidates nothing has read yet are added to the output.
-      for index, (level, count) in enumerate(zip(levels, consumers)):
-        if count == 0 and level == spec.level:
-          picked.append(index)
-          consumers[index] += 1
-    cell = MERGING_CELLS[spec.op](
-        input_levels=[levels[i] for i in picked], output_level=spec.level,
-        name=f'{prefix}_cell{k}_{spec.op}_p{spec.level}', **cell_kwargs)
-    candidates.append(cell([candidates[i] for i in picked]))
-    levels.append(spec.level)
-    consumers.append(0)
-    if spec.is_output:
-      outputs[spec.level] = candidates[-1]
-  return [outputs[level] for level in range(min_level, min_level + len(feats))]
+  for k, cell in enumerate(wiring.cells):
+    layer = MERGING_CELLS[cell.op](
+        input_levels=list(cell.source_levels), output_level=cell.level,
+        name=f'{prefix}_cell{k}_{cell.op}_p{cell.level}', **cell_kwargs)
+    candidates.append(layer([candidates[index] for index in cell.sources]))
+  return [candidates[wiring.outputs[level]] for level in range(min_level, min_level + len(feats))]
