@@ -72,6 +72,7 @@ from nasfpn_tf.models import factory as model_factory  # noqa: E402,F401  (gin: 
 from nasfpn_tf.models.backbones import IMAGENET_MEAN_RGB, IMAGENET_STDDEV_RGB  # noqa: E402
 from nasfpn_tf.models.head import CLASS_PRIOR  # noqa: E402
 from nasfpn_tf.models.retinanet import RetinaNet  # noqa: E402
+from nasfpn_tf.training import precision as training_precision  # noqa: E402
 from nasfpn_tf.training.trainer import RetinaNetTrainer  # noqa: E402
 from nasfpn_tf.utils.batch_norm import calibrate_batch_norm  # noqa: E402
 
@@ -147,11 +148,8 @@ def fast_precision() -> str:
     return FLAGS.fast_precision
   if tf.config.list_physical_devices('GPU'):
     return 'bfloat16'
-  try:
-    cpu_flags = pathlib.Path('/proc/cpuinfo').read_text()
-  except OSError:
-    return 'float32'
-  return 'bfloat16' if {'amx_bf16', 'avx512_bf16'} & set(cpu_flags.split()) else 'float32'
+  hardware = training_precision.bfloat16_hardware(training_precision.cpu_flags())
+  return 'bfloat16' if hardware else 'float32'
 
 
 class _Policy:
@@ -342,6 +340,7 @@ def ours_train_step(model_config, precision, images, labels, tfm_model=None,
       model_dir=model_dir or tempfile.mkdtemp(prefix='nasfpn_bench_'),
       strategy=tf.distribute.get_strategy(), mode='train', learning_rate=0.01,
       global_batch_size=batch, mixed_precision=None if precision == 'float32' else precision,
+      force_bfloat16=True,  # the step of the precision measured, on every CPU
       log_every_steps=10**9, checkpoint_every_steps=10**9,
       train_dataset_fn=lambda _: tf.data.Dataset.from_tensors((images, labels)).repeat())
   gin.clear_config()

@@ -17,7 +17,8 @@ beside the repository). It
    `nasfpn_tf.main`), evaluates again.
 
 The last line on stdout is one JSON object with AP_before, AP50_before, AP_after, AP50_after and
-train_seconds (plus train_steps, global_batch_size, image_size and num_images). The model dir
+train_seconds (plus train_steps, global_batch_size, precision: the Keras policy it trained in,
+image_size and num_images). The model dir
 `<work_dir>/model` is emptied first, so "before" is always the untrained model.
 """
 import json
@@ -34,6 +35,7 @@ import tensorflow as tf
 from nasfpn_tf import config
 from nasfpn_tf.data import create_coco_tfrecord
 from nasfpn_tf.training import distribute
+from nasfpn_tf.training import precision
 from nasfpn_tf.training import trainer as trainer_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -56,9 +58,10 @@ def _say(message):
   print(f'[overfit_coco128 {time.strftime("%H:%M:%S")}] {message}', flush=True)
 
 
-def data_paths(data_dir):
-  """(image folder, annotations json) of a coco128-like folder; ValueError naming what is missing."""
-  data_dir = pathlib.Path(data_dir)
+def data_paths(data_dir=None):
+  """(image folder, annotations json) of a coco128-like folder (None: $NASFPN_COCO128, else
+  the shared sample); ValueError naming what is missing."""
+  data_dir = pathlib.Path(data_dir or os.environ.get('NASFPN_COCO128') or DEFAULT_DATA_DIR)
   if not data_dir.is_dir():
     raise ValueError(f'{data_dir}: no such folder (pass --data_dir or set $NASFPN_COCO128 to a '
                      f'folder holding {IMAGES}/ and {ANNOTATIONS})')
@@ -74,9 +77,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   tf.get_logger().setLevel('WARNING')
-  data_dir = _DATA_DIR.value or os.environ.get('NASFPN_COCO128') or str(DEFAULT_DATA_DIR)
   try:
-    image_dir, annotations = data_paths(data_dir)
+    image_dir, annotations = data_paths(_DATA_DIR.value)
   except ValueError as e:
     sys.exit(f'overfit_coco128: error: {e}')
   work_dir = pathlib.Path(_WORK_DIR.value)
@@ -131,6 +133,7 @@ def main(argv):
       'AP_after': round(after['AP'], 4), 'AP50_after': round(after['AP50'], 4),
       'train_seconds': round(train_seconds, 1), 'train_steps': trainer.train_steps,
       'global_batch_size': trainer.global_batch_size,
+      'precision': precision.POLICIES[trainer.mixed_precision],
       'image_size': list(model_config['image_size']),
       'num_images': summary['images_written']}), flush=True)
 

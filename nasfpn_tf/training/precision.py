@@ -15,17 +15,27 @@ import tensorflow as tf
 POLICIES = {None: 'float32', 'bfloat16': 'mixed_bfloat16', 'float16': 'mixed_float16'}
 
 
-def cpu_flags() -> FrozenSet[str]:
-  """The CPU's feature flags as Linux lists them ('amx_bf16', 'avx512_bf16', ...); empty where
-  /proc/cpuinfo is not readable (then nothing is assumed about the CPU)."""
+def _cpuinfo_field(name: str) -> str:
+  """The first `name` line's value in /proc/cpuinfo ('' where absent or unreadable)."""
   try:
     text = pathlib.Path('/proc/cpuinfo').read_text()
   except OSError:
-    return frozenset()
+    return ''
   for line in text.splitlines():
-    if line.startswith('flags'):
-      return frozenset(line.split(':', 1)[1].split())
-  return frozenset()
+    key, _, value = line.partition(':')
+    if key.strip() == name:
+      return value.strip()
+  return ''
+
+
+def cpu_flags() -> FrozenSet[str]:
+  """The CPU's feature flags as Linux lists them ('amx_bf16', 'avx512_bf16', ...); empty where
+  /proc/cpuinfo is not readable (then nothing is assumed about the CPU)."""
+  return frozenset(_cpuinfo_field('flags').split())
+
+
+def cpu_name() -> str:
+  return _cpuinfo_field('model name') or 'unknown CPU'
 
 
 def bfloat16_hardware(flags: FrozenSet[str]) -> Optional[str]:
