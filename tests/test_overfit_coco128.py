@@ -21,7 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'experiments' / 'overfit_coco128.py'
 NUM_IMAGES = 6
 # The learning check: gin_configs/overfit_coco128.gin's model on 16 images, 60 steps.
-LEARN_IMAGES, LEARN_STEPS, LOG_EVERY = 16, 60, 5
+LEARN_IMAGES, LEARN_STEPS = 16, 60
 
 
 def _run(*args, timeout=600):
@@ -42,7 +42,8 @@ def _first_images(coco128_dir, count):
 @pytest.mark.parametrize('mixed_precision', [None, 'bfloat16'])
 def test_a_short_run_on_real_images_learns(coco128_dir, tmp_path, mixed_precision):
   """The loss must fall clearly and every variable stay finite (the trainer checks them at each
-  log). 'bfloat16' trains in what `training.precision` picks for this CPU, as users get it."""
+  log, here every step). 'bfloat16' trains in what `training.precision` picks for this CPU, as
+  users get it."""
   annotations = tmp_path / 'instances.json'
   annotations.write_text(json.dumps(_first_images(coco128_dir, LEARN_IMAGES)))
   create_coco_tfrecord.convert(str(annotations), str(coco128_dir / 'train2017'),
@@ -50,7 +51,7 @@ def test_a_short_run_on_real_images_learns(coco128_dir, tmp_path, mixed_precisio
   config.parse_gin(['overfit_coco128.gin'], [
       f"build_train_dataset.file_pattern = '{tmp_path / 'train'}-*.tfrecord'",
       f'build_train_dataset.shuffle_buffer_size = {LEARN_IMAGES}',
-      f'TRAIN_STEPS = {LEARN_STEPS}', f'RetinaNetTrainer.log_every_steps = {LOG_EVERY}',
+      f'TRAIN_STEPS = {LEARN_STEPS}', 'RetinaNetTrainer.log_every_steps = 1',
       f'RetinaNetTrainer.checkpoint_every_steps = {LEARN_STEPS}',
       f'RetinaNetTrainer.mixed_precision = {mixed_precision!r}',
       'CosineDecayWithWarmup.base_learning_rate = 0.02',
@@ -60,10 +61,10 @@ def test_a_short_run_on_real_images_learns(coco128_dir, tmp_path, mixed_precisio
   trainer = trainer_lib.RetinaNetTrainer(str(model_dir), tf.distribute.get_strategy())
   assert trainer.train() == LEARN_STEPS
   losses = read_scalars(model_dir / 'train')['loss/total_loss']
-  assert sorted(losses) == list(range(LOG_EVERY, LEARN_STEPS + 1, LOG_EVERY))
+  assert sorted(losses) == list(range(1, LEARN_STEPS + 1))
   curve = [losses[step] for step in sorted(losses)]
-  # A run that stops learning (issue 10) stays near its first losses.
-  assert np.mean(curve[-2:]) < 0.7 * np.mean(curve[:2]), (trainer.mixed_precision, curve)
+  # Means of 10 single-batch losses; a run that stops learning (issue 10) stays near its start.
+  assert np.mean(curve[-10:]) < 0.8 * np.mean(curve[:10]), (trainer.mixed_precision, curve)
 
 
 @pytest.fixture
