@@ -346,14 +346,12 @@ def ours_train_step(model_config, precision, images, labels, tfm_model=None,
   gin.clear_config()
   if tfm_model is not None:
     load_tfm_retinanet_weights(trainer.model, tfm_model)
-  # pylint: disable=protected-access
   if jit_compile:
     replica_step = tf.function(
-        lambda x, y: trainer.strategy.run(trainer._replica_step, args=(x, y)), jit_compile=True)
+        lambda x, y: trainer.strategy.run(trainer.replica_step, args=(x, y)), jit_compile=True)
     return (lambda: replica_step(images, labels)['total_loss']), trainer
-  iterator = iter(trainer._train_dataset)
-  one = tf.constant(1)
-  return (lambda: trainer._train_loop(iterator, one)['total_loss']), trainer
+  iterator = trainer.train_iterator()
+  return (lambda: trainer.run_steps(iterator, 1)['total_loss']), trainer
 
 
 def tfm_train_step(task, tfm_model, images, labels):

@@ -36,11 +36,10 @@ from absl import app, flags, logging
 
 from nasfpn_tf.config import GIN_CONFIGS_DIR, parse_gin
 from nasfpn_tf.data import input_pipeline
-from nasfpn_tf.evaluation import coco_metrics
+from nasfpn_tf.evaluation import evaluate
 from nasfpn_tf.export import tflite
 from nasfpn_tf.export.saved_model import load_model
 from nasfpn_tf.models import build_retinanet
-from nasfpn_tf.training import trainer as trainer_lib
 from nasfpn_tf.utils.batch_norm import calibrate_batch_norm
 
 
@@ -242,20 +241,12 @@ def latency_markdown(rows: List[Dict], post: List[Dict]) -> str:
 
 
 def _evaluate_tflite(path: str, model_config, file_pattern: str) -> Dict[str, float]:
-  """COCO metrics of a .tflite on the eval records, like RetinaNetTrainer.evaluate."""
+  """COCO metrics of a .tflite on the eval records, as the trainer evaluates."""
   detector = tflite.TFLiteDetector(model_path=path)
-  evaluator = coco_metrics.CocoEvaluator()
   dataset = input_pipeline.build_eval_dataset(file_pattern=file_pattern, global_batch_size=1,
                                               model_config=model_config)
-  if FLAGS.ap_max_images:
-    dataset = dataset.take(FLAGS.ap_max_images)
-  for images, labels in dataset:
-    detections = detector(images.numpy())
-    detections['detection_boxes'] = input_pipeline.to_original_image(
-        detections['detection_boxes'], labels['image_info']).numpy()
-    evaluator.update(labels['source_id'], detections)
-    trainer_lib._add_groundtruth(evaluator, labels)  # pylint: disable=protected-access
-  return evaluator.evaluate()
+  return evaluate.evaluate_detector(lambda images: detector(images.numpy()), dataset,
+                                    max_batches=FLAGS.ap_max_images).metrics
 
 
 def measure_ap(model_dir: str, output_dir: str) -> List[Dict]:

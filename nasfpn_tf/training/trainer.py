@@ -16,7 +16,7 @@ import datetime
 import json
 import os
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Callable, Dict, List, Mapping, Optional, Union
 
 import gin
 import numpy as np
@@ -25,6 +25,7 @@ import tf_keras
 
 from nasfpn_tf.data import input_pipeline
 from nasfpn_tf.evaluation import coco_metrics
+from nasfpn_tf.evaluation import evaluate
 from nasfpn_tf.layers.dropblock import set_dropblock_step
 from nasfpn_tf.models.factory import build_retinanet
 from nasfpn_tf.models.losses import RetinaNetLoss
@@ -193,7 +194,7 @@ class RetinaNetTrainer:
                                       gin.operative_config_str())
     self._train_writer = self._writer('train') if training else None
     self._eval_writer = self._writer('eval') if mode != 'train' else None
-    self._train_loop = tf.function(self._train_loop_fn)
+    self._run_steps = tf.function(self._run_steps_fn)
     self._checked_variables = [v for v in self.model.variables if v.dtype.is_floating]
     # One compiled pass over every variable: cheap enough for each log interval.
     self._variables_finite = tf.function(lambda: tf.stack(
@@ -219,8 +220,11 @@ class RetinaNetTrainer:
 
   # Training.
 
-  def _replica_step(self, images, labels) -> Dict[str, tf.Tensor]:
-    """One optimizer step on this replica's share of the global batch."""
+  def replica_step(self, images, labels) -> Dict[str, tf.Tensor]:
+    """One optimizer step on this replica's share of the global batch; its losses.
+
+    Call it through `strategy.run` (as `run_steps` does), e.g. in an XLA-compiled function.
+    """
     context = tf.distribute.get_replica_context()
     set_dropblock_step(self.model, self.optimizer.iterations)
     positives = tf.add_n([tf.reduce_sum(tf.cast(w, tf.float32))
@@ -245,12 +249,21 @@ class RetinaNetTrainer:
     self.optimizer.apply_gradients(zip(gradients, variables))
     return losses
 
-  def _train_loop_fn(self, iterator, num_steps):
-    """`num_steps` steps in one call; returns the global-batch losses averaged over them."""
+  def train_iterator(self):
+    """An iterator over the distributed train dataset, for `run_steps`."""
+    return iter(self._train_dataset)
+
+  def run_steps(self, iterator, num_steps: int) -> Dict[str, tf.Tensor]:
+    """`num_steps` optimizer steps on batches of `iterator` (`train_iterator()`) in one compiled
+    call; the global-batch losses (LOSS_KEYS) averaged over them. What `train` runs between its
+    logs and saves, and the step the benchmark times; it neither logs, checks nor saves."""
+    return self._run_steps(iterator, tf.constant(num_steps))
+
+  def _run_steps_fn(self, iterator, num_steps):
     totals = {k: tf.constant(0.0) for k in LOSS_KEYS}
     for _ in tf.range(num_steps):
       images, labels = next(iterator)
-      per_replica = self.strategy.run(self._replica_step, args=(images, labels))
+      per_replica = self.strategy.run(self.replica_step, args=(images, labels))
       totals = {k: totals[k] + self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica[k],
                                                     axis=None)
                 for k in LOSS_KEYS}
@@ -314,14 +327,14 @@ class RetinaNetTrainer:
     if step >= self.train_steps:
       self._say(f'Step {step} already reaches RetinaNetTrainer.train_steps={self.train_steps}.')
       return step
-    iterator = iter(self._train_dataset)
+    iterator = self.train_iterator()
     # Throughput counts train calls only (not saves or evals), and not the first: it traces.
     timed_seconds, timed_steps, traced = 0.0, 0, False
     checked = step  # Variables were last found finite after this step.
     while step < self.train_steps:
       first, stop = step + 1, self._next_stop(step)
       start = time.perf_counter()
-      losses = self._train_loop(iterator, tf.constant(stop - step))
+      losses = self.run_steps(iterator, stop - step)
       losses = {k: float(v) for k, v in losses.items()}  # Waits for the steps to finish.
       if traced:
         timed_seconds += time.perf_counter() - start
@@ -356,28 +369,12 @@ class RetinaNetTrainer:
     if not self.is_chief:
       return None
     step = self.step
-    if self.eval_annotation_file:
-      evaluator = coco_metrics.CocoEvaluator(annotation_file=self.eval_annotation_file)
-    else:
-      evaluator = coco_metrics.CocoEvaluator()
-    dataset = self._eval_dataset
-    if self.eval_steps:
-      dataset = dataset.take(self.eval_steps)
-    start, num_images = time.perf_counter(), 0
-    for images, labels in dataset:
-      detections = self._detect(images)
-      detections['detection_boxes'] = input_pipeline.to_original_image(
-          detections['detection_boxes'], labels['image_info'])
-      # The pipeline keeps the dataset's category ids as class indices: no mapping back.
-      evaluator.update(labels['source_id'], detections)
-      if not self.eval_annotation_file:
-        _add_groundtruth(evaluator, labels)
-      num_images += int(tf.shape(images)[0])
-    if not num_images:
-      raise ValueError('the eval dataset (build_eval_dataset.file_pattern) yielded no images.')
-    metrics = evaluator.evaluate()
-    self._say(f'COCO metrics at step {step} ({num_images} images, '
-              f'{time.perf_counter() - start:.1f} s):\n{coco_metrics.format_metrics(metrics)}')
+    result = evaluate.evaluate_detector(self._detect, self._eval_dataset,
+                                        annotation_file=self.eval_annotation_file,
+                                        max_batches=self.eval_steps)
+    metrics = result.metrics
+    self._say(f'COCO metrics at step {step} ({result.num_images} images, '
+              f'{result.seconds:.1f} s):\n{coco_metrics.format_metrics(metrics)}')
     with self._eval_writer.as_default(step=step):
       for name, value in metrics.items():
         tf.summary.scalar(f'coco/{name}', value)
@@ -394,13 +391,3 @@ class RetinaNetTrainer:
       return self.evaluate()
     return None
 
-
-def _add_groundtruth(evaluator: coco_metrics.CocoEvaluator, labels: Mapping[str, Any]) -> None:
-  """The batch's record ground truth; its pixel boxes normalized, as CocoEvaluator takes them."""
-  truth = {k: v.numpy() for k, v in labels['groundtruths'].items()}
-  for i, source_id in enumerate(labels['source_id'].numpy()):
-    count = int(truth['num_instances'][i])
-    height, width = int(truth['height'][i]), int(truth['width'][i])
-    evaluator.add_groundtruth(
-        source_id, height, width, truth['boxes'][i, :count] / [height, width, height, width],
-        truth['classes'][i, :count], truth['is_crowd'][i, :count], truth['area'][i, :count])

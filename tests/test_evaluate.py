@@ -1,0 +1,35 @@
+"""evaluation.evaluate_detector: the one loop over an eval dataset (the trainer's evaluation,
+with perfect detections scoring AP 1, is in tests/test_trainer.py)."""
+import pytest
+import tensorflow as tf
+
+from nasfpn_tf.data import input_pipeline
+from nasfpn_tf.evaluation import evaluate
+
+MODEL_CONFIG = {'image_size': [128, 128], 'min_level': 3, 'max_level': 7, 'num_classes': 10,
+                'anchor_num_scales': 3, 'anchor_aspect_ratios': [0.5, 1.0, 2.0],
+                'anchor_size': 4.0}
+
+
+def _nothing_detected(images):
+  batch = tf.shape(images)[0]
+  return {'detection_boxes': tf.zeros([batch, 5, 4]), 'detection_scores': tf.zeros([batch, 5]),
+          'detection_classes': tf.zeros([batch, 5], tf.int32),
+          'num_detections': tf.zeros([batch], tf.int32)}
+
+
+def _eval_dataset(records, batch_size=2):
+  return input_pipeline.build_eval_dataset(records['val'], batch_size, MODEL_CONFIG)
+
+
+def test_counts_images_and_stops_after_max_batches(synthetic_records):
+  everything = evaluate.evaluate_detector(_nothing_detected, _eval_dataset(synthetic_records))
+  first = evaluate.evaluate_detector(_nothing_detected, _eval_dataset(synthetic_records),
+                                     max_batches=1)
+  assert (everything.num_images, first.num_images) == (4, 2)
+  assert everything.metrics['AP'] == 0.0 and everything.seconds > 0
+
+
+def test_an_empty_dataset_is_an_error(synthetic_records):
+  with pytest.raises(ValueError, match='yielded no images'):
+    evaluate.evaluate_detector(_nothing_detected, _eval_dataset(synthetic_records).take(0))
