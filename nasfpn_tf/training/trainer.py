@@ -60,6 +60,19 @@ def _require_binding(name: str, example: str) -> None:
     raise _missing_binding(name, example) from None
 
 
+def _check_settings(mode: str, strategy: tf.distribute.Strategy, **counts: int) -> None:
+  """Fails naming the binding for a mode or count that cannot work (`counts`: >= 1 each)."""
+  if mode not in MODES:
+    raise ValueError(f'mode {mode!r} is not one of {list(MODES)}.')
+  for name, value in counts.items():
+    if value < 1:
+      raise ValueError(f'RetinaNetTrainer.{name} must be >= 1, got {value}.')
+  replicas = strategy.num_replicas_in_sync
+  if counts['global_batch_size'] % replicas:
+    raise ValueError(f"RetinaNetTrainer.global_batch_size={counts['global_batch_size']} must be "
+                     f'a multiple of the {replicas} replicas.')
+
+
 # Not `Trainer`: TF Model Garden registers official.core.base_trainer.Trainer with gin, which
 # would make `RetinaNetTrainer.<name>` bindings ambiguous.
 @gin.configurable(denylist=['model_dir', 'strategy', 'mode', 'train_dataset_fn'])
@@ -111,22 +124,14 @@ class RetinaNetTrainer:
                eval_annotation_file: Optional[str] = None,
                train_dataset_fn: Optional[Callable[[tf.distribute.InputContext],
                                                    tf.data.Dataset]] = None):
-    if mode not in MODES:
-      raise ValueError(f'mode {mode!r} is not one of {list(MODES)}.')
-    mixed_precision, precision_note = precision.training_precision(
-        mixed_precision, force_bfloat16)
-    for name, value in (('train_steps', train_steps), ('global_batch_size', global_batch_size),
-                        ('steps_per_execution', steps_per_execution),
-                        ('checkpoint_every_steps', checkpoint_every_steps),
-                        ('log_every_steps', log_every_steps),
-                        ('eval_batch_size', eval_batch_size), ('eval_steps', eval_steps or 1),
-                        ('eval_every_steps', eval_every_steps or 1)):
-      if value < 1:
-        raise ValueError(f'RetinaNetTrainer.{name} must be >= 1, got {value}.')
-    replicas = strategy.num_replicas_in_sync
-    if global_batch_size % replicas:
-      raise ValueError(f'RetinaNetTrainer.global_batch_size={global_batch_size} must be a '
-                       f'multiple of the {replicas} replicas.')
+    _check_settings(mode, strategy, train_steps=train_steps,
+                    global_batch_size=global_batch_size, steps_per_execution=steps_per_execution,
+                    checkpoint_every_steps=checkpoint_every_steps,
+                    log_every_steps=log_every_steps, eval_batch_size=eval_batch_size,
+                    eval_steps=eval_steps or 1, eval_every_steps=eval_every_steps or 1)
+    training = mode != 'eval'
+    if training and learning_rate is None:
+      raise _missing_binding('RetinaNetTrainer.learning_rate', '@StepDecayWithWarmup()')
     self.model_dir = model_dir
     self.strategy = strategy
     self.mode = mode
@@ -139,54 +144,19 @@ class RetinaNetTrainer:
     self.eval_steps = eval_steps
     self.eval_annotation_file = eval_annotation_file
     self.is_chief = distribute.is_chief(strategy)
-    self.mixed_precision = mixed_precision
-    self._say(precision_note)
-    training = mode != 'eval'
-    if training and learning_rate is None:
-      raise _missing_binding('RetinaNetTrainer.learning_rate', '@StepDecayWithWarmup()')
     self._learning_rate = learning_rate
+    self.mixed_precision, precision_note = precision.training_precision(
+        mixed_precision, force_bfloat16)
+    self._say(precision_note)
 
     tf.io.gfile.makedirs(model_dir)
-    with strategy.scope():
-      previous_policy = tf_keras.mixed_precision.global_policy()
-      tf_keras.mixed_precision.set_global_policy(precision.POLICIES[mixed_precision])
-      try:  # Layers take the policy when built; later models must not inherit it.
-        self.model = build_retinanet()
-      finally:
-        tf_keras.mixed_precision.set_global_policy(previous_policy)
-      # Evaluation never steps the optimizer: it only holds the step count there.
-      self.optimizer = tf_keras.optimizers.SGD(
-          learning_rate=learning_rate if learning_rate is not None else 0.0, momentum=momentum,
-          global_clipnorm=clip_gradient_norm)
-      if mixed_precision == 'float16':
-        self.optimizer = tf_keras.mixed_precision.LossScaleOptimizer(self.optimizer)
-      if training:  # Slots exist before a restore, so every checkpoint value finds its variable.
-        self.optimizer.build(self.model.trainable_variables)
-    self.loss_fn = RetinaNetLoss(num_classes=self.model.get_config()['num_classes'])
+    self._build_model_and_optimizer(momentum, clip_gradient_norm, training)
     task_id = getattr(getattr(strategy, 'cluster_resolver', None), 'task_id', 0) or 0
     self.checkpointer = checkpointing.Checkpointer(
         model_dir, self.model, self.optimizer, is_chief=self.is_chief, task_id=task_id,
         max_to_keep=max_checkpoints_to_keep)
-
-    model_config = self.model.get_config()
-    if training:
-      if train_dataset_fn is None:
-        _require_binding('build_train_dataset.file_pattern', "'/data/train-*.tfrecord'")
-        def train_dataset_fn(context):
-          return input_pipeline.build_train_dataset(
-              global_batch_size=global_batch_size, model_config=model_config,
-              input_context=context)
-      self._train_dataset = strategy.distribute_datasets_from_function(train_dataset_fn)
-    if mode != 'train':
-      _require_binding('build_eval_dataset.file_pattern', "'/data/val-*.tfrecord'")
-      self._eval_dataset = input_pipeline.build_eval_dataset(
-          global_batch_size=eval_batch_size, model_config=model_config)
-
-    restored = self.checkpointer.restore(model_only=not training)
-    if restored:
-      self._say(f'Restored {restored} at step {self.step}.')
-    elif mode == 'eval':
-      raise ValueError(f'--mode=eval: no checkpoint in --model_dir={model_dir}.')
+    self._build_datasets(train_dataset_fn if training else None, eval_batch_size)
+    self._restore(training)
     if training and self.is_chief:
       # After the model, datasets and restore: complete, and it never replaces the record of
       # what an incompatible checkpoint was trained with.
@@ -194,6 +164,53 @@ class RetinaNetTrainer:
                                       gin.operative_config_str())
     self._train_writer = self._writer('train') if training else None
     self._eval_writer = self._writer('eval') if mode != 'train' else None
+    self._compile_functions()
+
+  def _build_model_and_optimizer(self, momentum, clip_gradient_norm, training) -> None:
+    """The gin-built model in the training precision, SGD and the loss, under the strategy."""
+    with self.strategy.scope():
+      previous_policy = tf_keras.mixed_precision.global_policy()
+      tf_keras.mixed_precision.set_global_policy(precision.POLICIES[self.mixed_precision])
+      try:  # Layers take the policy when built; later models must not inherit it.
+        self.model = build_retinanet()
+      finally:
+        tf_keras.mixed_precision.set_global_policy(previous_policy)
+      # Evaluation never steps the optimizer: it only holds the step count there.
+      rate = self._learning_rate
+      self.optimizer = tf_keras.optimizers.SGD(
+          learning_rate=rate if rate is not None else 0.0, momentum=momentum,
+          global_clipnorm=clip_gradient_norm)
+      if self.mixed_precision == 'float16':
+        self.optimizer = tf_keras.mixed_precision.LossScaleOptimizer(self.optimizer)
+      if training:  # Slots exist before a restore, so every checkpoint value finds its variable.
+        self.optimizer.build(self.model.trainable_variables)
+    self.loss_fn = RetinaNetLoss(num_classes=self.model.get_config()['num_classes'])
+
+  def _build_datasets(self, train_dataset_fn, eval_batch_size) -> None:
+    """The distributed train dataset (when training; gin's pipeline unless `train_dataset_fn`)
+    and the eval dataset (when evaluating), both shaped by the model's config."""
+    model_config = self.model.get_config()
+    if self.mode != 'eval':
+      if train_dataset_fn is None:
+        _require_binding('build_train_dataset.file_pattern', "'/data/train-*.tfrecord'")
+        def train_dataset_fn(context):
+          return input_pipeline.build_train_dataset(
+              global_batch_size=self.global_batch_size, model_config=model_config,
+              input_context=context)
+      self._train_dataset = self.strategy.distribute_datasets_from_function(train_dataset_fn)
+    if self.mode != 'train':
+      _require_binding('build_eval_dataset.file_pattern', "'/data/val-*.tfrecord'")
+      self._eval_dataset = input_pipeline.build_eval_dataset(
+          global_batch_size=eval_batch_size, model_config=model_config)
+
+  def _restore(self, training) -> None:
+    restored = self.checkpointer.restore(model_only=not training)
+    if restored:
+      self._say(f'Restored {restored} at step {self.step}.')
+    elif self.mode == 'eval':
+      raise ValueError(f'--mode=eval: no checkpoint in --model_dir={self.model_dir}.')
+
+  def _compile_functions(self) -> None:
     self._run_steps = tf.function(self._run_steps_fn)
     self._checked_variables = [v for v in self.model.variables if v.dtype.is_floating]
     # One compiled pass over every variable: cheap enough for each log interval.
