@@ -6,17 +6,27 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import gin  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import tf_keras  # noqa: E402
 
 from nasfpn_tf.data import create_coco_tfrecord, synthetic  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_fixture_setup(fixturedef):
+  """A module or session fixture is built before the autouse seeding below and by whichever
+  test needs it first: seeding it too makes its models replay whatever ran before."""
+  if fixturedef.scope != 'function':
+    tf_keras.utils.set_random_seed(0)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_clean_gin():
-  """Fixed seeds; gin bindings do not leak from one test into the next (xdist orders vary)."""
-  tf.random.set_seed(0)
+  """Every test starts from seed 0 in Python's `random`, numpy and TensorFlow (tf_keras
+  initializers draw their seeds from `random`), so it replays whatever ran before it on its
+  xdist worker; gin bindings do not leak from one test into the next."""
+  tf_keras.utils.set_random_seed(0)
   yield
   gin.clear_config()
 
