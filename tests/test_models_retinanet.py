@@ -8,6 +8,8 @@ import tf_keras
 
 from nasfpn_tf.decoders import block_specs
 from nasfpn_tf.models import RetinaNet
+from training_helpers import match_detections
+from training_helpers import spread_scores
 
 TINY = dict(image_size=(128, 256), num_classes=4, backbone='resnet10', min_level=3, max_level=7,
             num_filters=32, num_repeats=1, head_num_convs=1, head_num_filters=32,
@@ -46,23 +48,29 @@ def test_detect(model, images):
   assert detections['num_detections'].numpy().tolist() == [0, 0]
 
 
-def test_detect_in_graph_with_unknown_batch(model, images):
-  """As exported: a tf.function with a None batch gives the eager results."""
-  detect = tf.function(model.detect, input_signature=[tf.TensorSpec([None, 128, 256, 3])])
+def test_detect_in_graph_with_unknown_batch(images):
+  """As exported: a tf.function with a None batch detects what eager execution detects, on a
+  model whose scores are spread so that both images have detections. On the same raw outputs
+  the post-processing is exact; the network's graph kernels differ from eager in the last bits."""
+  model = RetinaNet(**TINY)
+  spread_scores(model)
   generator = model.detection_generator
   raw = model(images, training=False)
-  # Lift the class logits so that detections exist.
-  raw['cls_outputs'] = {k: v + 4.0 for k, v in raw['cls_outputs'].items()}
-  lifted = tf.function(lambda c, b: generator(c, b, model.anchor_boxes),
-                       input_signature=[{k: tf.TensorSpec([None] + v.shape[1:])
-                                         for k, v in raw['cls_outputs'].items()},
-                                        {k: tf.TensorSpec([None] + v.shape[1:])
-                                         for k, v in raw['box_outputs'].items()}])
-  graph = lifted(raw['cls_outputs'], raw['box_outputs'])
+  unknown_batch = lambda outputs: {k: tf.TensorSpec([None] + v.shape[1:])  # noqa: E731
+                                   for k, v in outputs.items()}
+  generate = tf.function(lambda c, b: generator(c, b, model.anchor_boxes),
+                         input_signature=[unknown_batch(raw['cls_outputs']),
+                                          unknown_batch(raw['box_outputs'])])
   eager = generator(raw['cls_outputs'], raw['box_outputs'], model.anchor_boxes)
-  assert graph['num_detections'].numpy().tolist() == [20, 20]
-  tf.nest.map_structure(np.testing.assert_array_equal, graph, eager)
-  tf.nest.map_structure(np.testing.assert_array_equal, detect(images), model.detect(images))
+  assert eager['num_detections'].numpy().min() >= 10
+  tf.nest.map_structure(np.testing.assert_array_equal,
+                        generate(raw['cls_outputs'], raw['box_outputs']), eager)
+
+  detect = tf.function(model.detect, input_signature=[tf.TensorSpec([None, 128, 256, 3])])
+  in_graph = {k: v.numpy() for k, v in detect(images).items()}
+  eager = {k: v.numpy() for k, v in eager.items()}
+  for image in range(2):
+    assert match_detections(eager, in_graph, image) == ([], [])
 
 
 def test_config_round_trip(model):
