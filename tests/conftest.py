@@ -1,6 +1,5 @@
 """Shared test setup: quiet TensorFlow, fixed seeds, and the coco128 sample when present."""
 import os
-import pathlib
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -8,9 +7,8 @@ import gin  # noqa: E402
 import pytest  # noqa: E402
 import tf_keras  # noqa: E402
 
+import training_helpers  # noqa: E402
 from nasfpn_tf.data import create_coco_tfrecord, synthetic  # noqa: E402
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -33,12 +31,8 @@ def _seed_and_clean_gin():
 
 @pytest.fixture
 def coco128_dir():
-  """The coco128 sample ($NASFPN_COCO128 or ../shared/data/coco128); skips when absent."""
-  path = pathlib.Path(os.environ.get('NASFPN_COCO128', REPO.parent / 'shared' / 'data' / 'coco128'))
-  if not (path / 'annotations' / 'instances_train2017.json').exists():
-    pytest.skip(f'coco128 not found at {path} (set $NASFPN_COCO128 to a folder with train2017/ '
-                'and annotations/instances_train2017.json)')
-  return path
+  """The coco128 sample; skips when absent, fails under CI=true (see coco128_dir_or_skip)."""
+  return training_helpers.coco128_dir_or_skip()
 
 
 @pytest.fixture(scope='session')
