@@ -1,14 +1,20 @@
-"""Shared test setup: quiet TensorFlow, fixed seeds, and the coco128 sample when present."""
+"""Shared test setup: quiet TensorFlow, deterministic ops and fixed seeds, and the coco128 sample
+when present."""
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import gin  # noqa: E402
 import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
 
 import training_helpers  # noqa: E402
 from nasfpn_tf.data import create_coco_tfrecord, synthetic  # noqa: E402
+
+# Seeds alone do not replay training: the training pipeline's parallel map and interleave
+# (deterministic=False) order examples by thread timing.
+tf.config.experimental.enable_op_determinism()
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -1,5 +1,11 @@
-"""RetinaNet: output shapes, detect(), config and .keras round trips, image size check, factory."""
+"""RetinaNet: output shapes, detect(), config and .keras round trips, image size check, factory,
+initial weights that replay in another process."""
+import hashlib
 import inspect
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +17,7 @@ from nasfpn_tf.models import RetinaNet
 from training_helpers import match_detections
 from training_helpers import spread_scores
 
+TESTS = pathlib.Path(__file__).resolve().parent
 TINY = dict(image_size=(128, 256), num_classes=4, backbone='resnet10', min_level=3, max_level=7,
             num_filters=32, num_repeats=1, head_num_convs=1, head_num_filters=32,
             anchor_num_scales=2, anchor_aspect_ratios=(1.0, 2.0), max_detections=20)
@@ -122,3 +129,24 @@ def test_factory_accepts_exactly_the_model_arguments():
             if p.kind == p.POSITIONAL_OR_KEYWORD and k != 'self']
   assert factory.MODEL_ARGUMENTS == tuple(params)
   assert 'num_repeats' in params and 'kwargs' not in params
+
+
+def initial_weights_digest():
+  """sha256 of the initial weights of a RetinaNet built now (16 filters, ResNet-10)."""
+  model = RetinaNet(**dict(TINY, image_size=(128, 128), num_filters=16, head_num_filters=16))
+  return hashlib.sha256(b''.join(w.tobytes() for w in model.get_weights())).hexdigest()
+
+
+def test_initial_weights_replay_in_a_fresh_process():
+  """The autouse seeding covers everything initializers draw from: weights built here, after
+  whatever else ran on this worker, equal those of a fresh process seeded 0; seed 1 differs."""
+  digest = initial_weights_digest()
+  script = ('import tf_keras, test_models_retinanet as t; tf_keras.utils.set_random_seed(0); '
+            'print(t.initial_weights_digest())')
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]),
+             TF_CPP_MIN_LOG_LEVEL='2')
+  fresh = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
+                         timeout=120, check=True)
+  assert fresh.stdout.split()[-1] == digest
+  tf_keras.utils.set_random_seed(1)
+  assert initial_weights_digest() != digest
