@@ -1,6 +1,8 @@
-"""COCO -> TFRecord conversion: counts on coco128, and every kind of broken input reported."""
+"""COCO -> TFRecord conversion: counts on coco128 (which CI must have), and every kind of broken
+input reported."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ import tensorflow as tf
 
 from nasfpn_tf.data import create_coco_tfrecord
 from nasfpn_tf.data import tfexample
+from training_helpers import coco128_dir_or_skip
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,6 +54,23 @@ def _expected_box_count(data):
       continue
     count += 1
   return count
+
+
+def test_missing_coco128_fails_under_ci_and_skips_elsewhere(monkeypatch, tmp_path):
+  """Under CI=true the coco128 tests cannot pass by skipping; the message says where to put it."""
+  missing = tmp_path / 'no_coco128'
+  monkeypatch.setenv('NASFPN_COCO128', str(missing))
+  monkeypatch.setenv('CI', 'true')
+  where = re.escape(f'not found at {missing} (set $NASFPN_COCO128')
+  with pytest.raises(pytest.fail.Exception, match=where):
+    coco128_dir_or_skip()
+  monkeypatch.delenv('CI')
+  with pytest.raises(pytest.skip.Exception, match=where):
+    coco128_dir_or_skip()
+  (missing / 'annotations').mkdir(parents=True)
+  (missing / 'annotations' / 'instances_train2017.json').write_text('{}')
+  monkeypatch.setenv('CI', 'true')
+  assert coco128_dir_or_skip() == missing
 
 
 def test_coco128_counts(coco128):

@@ -1,7 +1,7 @@
 """export_tflite: a trained tiny model dir -> .tflite in every quantization; the float file
 detects what `model.detect` detects, runs in the stock interpreter with builtin ops and the
-TFLite_Detection_PostProcess op only; int8 takes uint8 pixels and keeps the post-processing
-in float."""
+TFLite_Detection_PostProcess op only; float16 and dynamic-range files detect most of what the
+Keras model detects; int8 takes uint8 pixels and keeps the post-processing in float."""
 import collections
 import contextlib
 import io
@@ -24,6 +24,7 @@ from nasfpn_tf.models.postprocess import DetectionGenerator
 from nasfpn_tf.training import trainer as trainer_lib
 from training_helpers import match_detections
 from training_helpers import pairwise_iou
+from training_helpers import spread_scores
 from training_helpers import tiny_bindings
 
 FLAGS = flags.FLAGS
@@ -175,16 +176,32 @@ def test_float32_detects_what_the_keras_model_detects(model_dir, loaded, val_ima
   assert total >= 20
 
 
-@pytest.mark.parametrize('quantization,use_regular_nms', [('float16', True), ('dynamic', False)])
-def test_float16_and_dynamic_range_export_and_suppress(model_dir, loaded, val_images,
-                                                       score_threshold, tmp_path, quantization,
-                                                       use_regular_nms):
-  """The model's NMS (IoU 0.5): regular NMS is class-aware like DetectionGenerator (what it
-  keeps matches model.detect but near the border), fast NMS class-agnostic."""
+@pytest.fixture(scope='module')
+def spread_model(model_dir):
+  """The model dir's model, its scores spread (training_helpers.spread_scores), with room for 1000
+  detections. After 2 steps its scores crowd near the 0.01 prior, where a quantized
+  model's rounding reorders them and picks which of two overlapping boxes NMS keeps; spread,
+  detections can be matched one to one, and no image reaches the max_detections cut."""
+  model = load_model(model_dir, ['build_retinanet.max_detections = 1000'])[0]
+  spread_scores(model)
+  return model
+
+
+@pytest.mark.parametrize('quantization,use_regular_nms,max_unmatched',
+                         [('float16', True, 0.1), ('dynamic', True, 0.2), ('dynamic', False, None)])
+def test_float16_and_dynamic_range_detect_like_the_keras_model(spread_model, val_images, tmp_path,
+                                                               quantization, use_regular_nms,
+                                                               max_unmatched):
+  """With regular NMS (class-aware, like DetectionGenerator), all but `max_unmatched` of the
+  Keras model's detections (20 or more) on every image are matched in the quantized model's.
+  float16 (measured: up to 4% unmatched): the op suppresses among unclipped boxes,
+  DetectionGenerator among boxes clipped to the image, which can change what is kept near the
+  border. Dynamic range (up to 11%) also quantizes activations on the fly, which moves scores by
+  up to ~0.006: candidates at the 0.05 threshold flip, and so does which of two close-scored
+  overlapping boxes NMS keeps. Fast NMS is class-agnostic: no two of its boxes overlap."""
   path = str(tmp_path / f'{quantization}.tflite')
-  summary = tflite.export_tflite(
-      model_dir, path, quantization, use_regular_nms=use_regular_nms,
-      gin_bindings=[f'build_retinanet.pre_nms_score_threshold = {score_threshold!r}'])
+  summary = tflite.export_model_tflite(spread_model, path, quantization,
+                                       use_regular_nms=use_regular_nms)
   with open(path, 'rb') as f:
     content = f.read()
   _check_ops(summary, content)
@@ -197,25 +214,21 @@ def test_float16_and_dynamic_range_export_and_suppress(model_dir, loaded, val_im
     assert any(op == 'CONV_2D' and inputs[1] == 'int8' for op, inputs in dtypes)
 
   detector = tflite.TFLiteDetector(model_content=content)
-  model = loaded[0]
-  generator = DetectionGenerator(model.image_size, 10, pre_nms_score_threshold=score_threshold)
-  matched = total = 0
-  for image in val_images:
+  for i, image in enumerate(val_images):
     raw = detector.raw(image)
     count = int(raw['num_detections'][0])
+    assert count >= 20, f'image {i}: {count} detections'
     boxes, classes = raw['detection_boxes'][0, :count], raw['detection_classes'][0, :count]
     overlap = np.triu(pairwise_iou(boxes, boxes) > 0.5, k=1)
     if use_regular_nms:
       overlap &= classes[:, None] == classes[None, :]
     assert not overlap.any()
-    if use_regular_nms:  # float16 weights: the scores hardly move
-      outputs = model(tf.constant(image), training=False)
-      expected = {k: v.numpy() for k, v in generator(
-          outputs['cls_outputs'], outputs['box_outputs'], model.anchor_boxes).items()}
+    if use_regular_nms:
+      expected = {k: v.numpy() for k, v in spread_model.detect(tf.constant(image)).items()}
+      expected_count = int(expected['num_detections'][0])
       missing, _ = match_detections(expected, detector(image))
-      matched += int(expected['num_detections'][0]) - len(missing)
-      total += int(expected['num_detections'][0])
-  assert matched >= 0.8 * total
+      assert 20 <= expected_count < 1000 and len(missing) <= max_unmatched * expected_count, (
+          f'image {i}: {len(missing)} of {expected_count} Keras detections unmatched')
 
 
 def test_int8_takes_uint8_pixels_and_keeps_the_postprocessing_in_float(

@@ -1,5 +1,11 @@
-"""RetinaNet: output shapes, detect(), config and .keras round trips, image size check, factory."""
+"""RetinaNet: output shapes, detect(), config and .keras round trips, image size check, factory,
+initial weights that replay in another process."""
+import hashlib
 import inspect
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +14,10 @@ import tf_keras
 
 from nasfpn_tf.decoders import block_specs
 from nasfpn_tf.models import RetinaNet
+from training_helpers import match_detections
+from training_helpers import spread_scores
 
+TESTS = pathlib.Path(__file__).resolve().parent
 TINY = dict(image_size=(128, 256), num_classes=4, backbone='resnet10', min_level=3, max_level=7,
             num_filters=32, num_repeats=1, head_num_convs=1, head_num_filters=32,
             anchor_num_scales=2, anchor_aspect_ratios=(1.0, 2.0), max_detections=20)
@@ -46,23 +55,29 @@ def test_detect(model, images):
   assert detections['num_detections'].numpy().tolist() == [0, 0]
 
 
-def test_detect_in_graph_with_unknown_batch(model, images):
-  """As exported: a tf.function with a None batch gives the eager results."""
-  detect = tf.function(model.detect, input_signature=[tf.TensorSpec([None, 128, 256, 3])])
+def test_detect_in_graph_with_unknown_batch(images):
+  """As exported: a tf.function with a None batch detects what eager execution detects, on a
+  model whose scores are spread so that both images have detections. On the same raw outputs
+  the post-processing is exact; the network's graph kernels differ from eager in the last bits."""
+  model = RetinaNet(**TINY)
+  spread_scores(model)
   generator = model.detection_generator
   raw = model(images, training=False)
-  # Lift the class logits so that detections exist.
-  raw['cls_outputs'] = {k: v + 4.0 for k, v in raw['cls_outputs'].items()}
-  lifted = tf.function(lambda c, b: generator(c, b, model.anchor_boxes),
-                       input_signature=[{k: tf.TensorSpec([None] + v.shape[1:])
-                                         for k, v in raw['cls_outputs'].items()},
-                                        {k: tf.TensorSpec([None] + v.shape[1:])
-                                         for k, v in raw['box_outputs'].items()}])
-  graph = lifted(raw['cls_outputs'], raw['box_outputs'])
+  unknown_batch = lambda outputs: {k: tf.TensorSpec([None] + v.shape[1:])  # noqa: E731
+                                   for k, v in outputs.items()}
+  generate = tf.function(lambda c, b: generator(c, b, model.anchor_boxes),
+                         input_signature=[unknown_batch(raw['cls_outputs']),
+                                          unknown_batch(raw['box_outputs'])])
   eager = generator(raw['cls_outputs'], raw['box_outputs'], model.anchor_boxes)
-  assert graph['num_detections'].numpy().tolist() == [20, 20]
-  tf.nest.map_structure(np.testing.assert_array_equal, graph, eager)
-  tf.nest.map_structure(np.testing.assert_array_equal, detect(images), model.detect(images))
+  assert eager['num_detections'].numpy().min() >= 10
+  tf.nest.map_structure(np.testing.assert_array_equal,
+                        generate(raw['cls_outputs'], raw['box_outputs']), eager)
+
+  detect = tf.function(model.detect, input_signature=[tf.TensorSpec([None, 128, 256, 3])])
+  in_graph = {k: v.numpy() for k, v in detect(images).items()}
+  eager = {k: v.numpy() for k, v in eager.items()}
+  for image in range(2):
+    assert match_detections(eager, in_graph, image) == ([], [])
 
 
 def test_config_round_trip(model):
@@ -114,3 +129,24 @@ def test_factory_accepts_exactly_the_model_arguments():
             if p.kind == p.POSITIONAL_OR_KEYWORD and k != 'self']
   assert factory.MODEL_ARGUMENTS == tuple(params)
   assert 'num_repeats' in params and 'kwargs' not in params
+
+
+def initial_weights_digest():
+  """sha256 of the initial weights of a RetinaNet built now (16 filters, ResNet-10)."""
+  model = RetinaNet(**dict(TINY, image_size=(128, 128), num_filters=16, head_num_filters=16))
+  return hashlib.sha256(b''.join(w.tobytes() for w in model.get_weights())).hexdigest()
+
+
+def test_initial_weights_replay_in_a_fresh_process():
+  """The autouse seeding covers everything initializers draw from: weights built here, after
+  whatever else ran on this worker, equal those of a fresh process seeded 0; seed 1 differs."""
+  digest = initial_weights_digest()
+  script = ('import tf_keras, test_models_retinanet as t; tf_keras.utils.set_random_seed(0); '
+            'print(t.initial_weights_digest())')
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]),
+             TF_CPP_MIN_LOG_LEVEL='2')
+  fresh = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
+                         timeout=120, check=True)
+  assert fresh.stdout.split()[-1] == digest
+  tf_keras.utils.set_random_seed(1)
+  assert initial_weights_digest() != digest

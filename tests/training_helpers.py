@@ -1,10 +1,15 @@
 """What the test files share: tiny-model gin bindings, readers of what training writes, the
-matching of one detector's detections against another's, and the loading of experiment scripts."""
+matching of one detector's detections against another's, the loading of experiment scripts, and
+the lookup of the coco128 sample."""
 import importlib.util
+import os
 import pathlib
 
 import numpy as np
+import pytest
 import tensorflow as tf
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tiny_bindings(records, **trainer):
@@ -95,8 +100,22 @@ def match_detections(expected, actual, image=0):
 
 def load_experiment(name):
   """The module of `experiments/<name>.py` (a script directory, not a package)."""
-  path = pathlib.Path(__file__).resolve().parents[1] / 'experiments' / f'{name}.py'
+  path = REPO / 'experiments' / f'{name}.py'
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def coco128_dir_or_skip():
+  """The coco128 sample ($NASFPN_COCO128, else ../shared/data/coco128); skips the test when it
+  is absent, but fails it when $CI is 'true': a CI run without the sample must not pass by
+  skipping every test that reads real images."""
+  path = pathlib.Path(os.environ.get('NASFPN_COCO128', REPO.parent / 'shared' / 'data' / 'coco128'))
+  if not (path / 'annotations' / 'instances_train2017.json').exists():
+    message = (f'coco128 not found at {path} (set $NASFPN_COCO128 to a folder with train2017/ '
+               'and annotations/instances_train2017.json)')
+    if os.environ.get('CI') == 'true':
+      pytest.fail(f'{message}; CI=true, where its tests must run, not skip', pytrace=False)
+    pytest.skip(message)
+  return path
