@@ -132,7 +132,7 @@ def test_jitter_keeps_size_and_boxes_inside(records):
                                                aug_scale_max=1.5)
   anchors = input_pipeline.anchor_boxes(MODEL_CONFIG)
   flat_anchors = tf.concat([tf.reshape(anchors[str(l)], [-1, 4]) for l in range(3, 8)], 0)
-  scales_seen = set()
+  scales_seen, positives_seen = set(), 0
   for images, labels in dataset.take(3):
     assert images.shape == (4, 128, 128, 3)
     info = labels['image_info'].numpy()
@@ -144,11 +144,13 @@ def test_jitter_keeps_size_and_boxes_inside(records):
                          for l in range(3, 8)], 1)
     for i in range(4):
       positive = labels['box_weights'][i] > 0
+      positives_seen += int(tf.reduce_sum(tf.cast(positive, tf.int32)))
       boxes = box_ops.decode_boxes(tf.boolean_mask(targets[i], positive),
                                    tf.boolean_mask(flat_anchors, positive)).numpy()
       assert np.all(boxes >= -1e-3) and np.all(boxes <= 128 + 1e-3)
       assert np.all(boxes[:, 2:] > boxes[:, :2])
   assert len(scales_seen) > 1
+  assert positives_seen > 0  # the box checks above ran on something
 
 
 def test_eval_image_info_groundtruth_and_round_trip(records):

@@ -49,10 +49,19 @@ def test_detect(model, images):
   assert detections['detection_scores'].shape == [2, 20]
   assert detections['detection_classes'].dtype == tf.int32
   assert detections['num_detections'].shape == [2]
-  boxes = detections['detection_boxes'].numpy()
-  assert boxes.min() >= 0 and boxes[..., 2].max() <= 128 and boxes[..., 3].max() <= 256
   # Untrained logits sit at the 0.01 prior, below the 0.05 threshold.
   assert detections['num_detections'].numpy().tolist() == [0, 0]
+
+
+def test_detections_lie_inside_the_image(images):
+  spread = RetinaNet(**TINY)
+  spread_scores(spread)
+  detections = spread.detect(images)
+  for i, count in enumerate(detections['num_detections'].numpy()):
+    assert count >= 10
+    boxes = detections['detection_boxes'][i, :count].numpy()
+    assert boxes.min() >= 0 and boxes[:, 2].max() <= 128 and boxes[:, 3].max() <= 256
+    assert np.all(boxes[:, 2:] >= boxes[:, :2])
 
 
 def test_detect_in_graph_with_unknown_batch(images):
