@@ -31,8 +31,6 @@ from nasfpn_tf.models.losses import RetinaNetLoss
 from nasfpn_tf.training import checkpointing
 from nasfpn_tf.training import distribute
 from nasfpn_tf.training import precision
-# Registers the schedules that `RetinaNetTrainer.learning_rate` can reference.
-from nasfpn_tf.training import schedules  # noqa: F401  pylint: disable=unused-import
 
 MODES = ('train', 'eval', 'train_and_eval')
 LOSS_KEYS = ('total_loss', 'cls_loss', 'box_loss', 'reg_loss')
