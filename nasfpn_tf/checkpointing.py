@@ -69,13 +69,14 @@ def _plain(value):
 
 def _recorded_differences(path: str, recorded: Mapping[str, Any],
                           model_config: Mapping[str, Any]) -> str:
+  """A line per argument whose value in `recorded` (read from `path`) differs from now."""
   changed = []
   for name in sorted(set(recorded) | set(model_config)):
     old, new = _plain(recorded.get(name)), _plain(model_config.get(name))
     if name in recorded and name in model_config and old == new:
       continue
     old_text = json.dumps(old) if name in recorded else 'not recorded'
-    new_text = json.dumps(new) if name in model_config else 'no such argument'
+    new_text = json.dumps(new) if name in model_config else 'no longer an argument'
     changed.append(f'  {MODEL_CONFIGURABLE}.{name}: {old_text} in {path}, now {new_text}')
   return '\n'.join(changed)
 
