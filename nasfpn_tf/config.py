@@ -1,13 +1,29 @@
-"""Gin parsing with errors that name the file or binding at fault."""
+"""Gin: the one place that registers every configurable, and parsing with errors that name the
+file or binding at fault.
+
+Gin files hold no `import` lines and no module imports another just to register names:
+`register_configurables` makes every name known before a parse.
+"""
 import pathlib
 from typing import Sequence
 
 import gin
 
-# Registers the configurables the model gin files bind.
-import nasfpn_tf.models  # noqa: F401  pylint: disable=unused-import
-
 GIN_CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / 'gin_configs'
+
+
+def register_configurables() -> None:
+  """Makes every gin name of the package known (idempotent: modules import once).
+
+  Imported here, on the first parse, rather than with this module: a module that imports config
+  (export) loads training only when it parses a config that binds its names.
+  """
+  # pylint: disable=g-import-not-at-top,unused-import
+  from nasfpn_tf.data import input_pipeline  # noqa: F401  build_train/eval_dataset
+  from nasfpn_tf.models import factory  # noqa: F401  build_retinanet
+  from nasfpn_tf.models import losses  # noqa: F401  RetinaNetLoss
+  from nasfpn_tf.training import schedules  # noqa: F401  StepDecay/CosineDecayWithWarmup
+  from nasfpn_tf.training import trainer  # noqa: F401  RetinaNetTrainer
 
 
 def parse_gin(gin_files: Sequence[str] = (), gin_bindings: Sequence[str] = ()) -> None:
@@ -17,6 +33,7 @@ def parse_gin(gin_files: Sequence[str] = (), gin_bindings: Sequence[str] = ()) -
   (a misspelled binding) raise ValueError naming the file or binding. Files can `include` others
   by path relative to themselves or to gin_configs/.
   """
+  register_configurables()
   gin.clear_config()
   gin.add_config_file_search_path(str(GIN_CONFIGS_DIR))
   for name in gin_files:

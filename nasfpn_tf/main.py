@@ -6,13 +6,15 @@ r"""Trains, evaluates and exports NAS-FPN RetinaNet models from gin configs.
       --gin_bindings="build_eval_dataset.file_pattern = '/data/val-*.tfrecord'" \
       --gin_bindings="RetinaNetTrainer.learning_rate = @StepDecayWithWarmup()"
 
-Writes into --model_dir: operative_config.gin (every setting the run used), checkpoints
-(ckpt-<step>; a restart resumes from the last), TensorBoard summaries (train/, eval/) and
-eval_metrics.json (COCO metrics of the last evaluation). Configuration errors, a diverged loss
+Writes into --model_dir: model_config.json (the model's config, what its checkpoints fit),
+operative_config.gin (every setting the run used), checkpoints (ckpt-<step>; a restart resumes
+from the last), TensorBoard summaries (train/, eval/) and eval_metrics.json (COCO metrics of the
+last evaluation). Configuration errors, a diverged loss
 or a checkpoint of another config end the program with a message naming the flag, gin binding,
 file or checkpoint at fault, and exit status 1.
 
-Exports read the model dir's own operative_config.gin and last checkpoint (not --gin_file):
+Exports read the model dir's own model_config.json (in older model dirs, operative_config.gin)
+and last checkpoint (not --gin_file):
 
   python -m nasfpn_tf.main --mode=export_saved_model --model_dir=runs/demo \
       --export_dir=exports/demo/1
@@ -41,7 +43,7 @@ _GIN_BINDINGS = flags.DEFINE_multi_string(
     'gin_bindings', [], 'Gin binding applied after the files, e.g. '
     "'RetinaNetTrainer.train_steps = 100'; repeatable. RetinaNetTrainer "
     '(nasfpn_tf/training/trainer.py) lists the training bindings. The exports apply them on '
-    "top of the model dir's operative_config.gin: post-processing settings such as "
+    "top of the model dir's model_config.json: post-processing settings such as "
     "'build_retinanet.max_detections = 300' (a change to the network fails against the "
     'checkpoint).')
 EXPORT_MODES = ('export_saved_model', 'export_tflite')
@@ -50,12 +52,13 @@ _MODE = flags.DEFINE_enum(
     'train: train to RetinaNetTrainer.train_steps (resuming from the last checkpoint in '
     '--model_dir); eval: COCO-evaluate the last checkpoint; train_and_eval: train, evaluating '
     'every RetinaNetTrainer.eval_every_steps and at the end. export_saved_model: the last '
-    'checkpoint, built from the model dir\'s operative_config.gin, as a SavedModel for TF '
+    'checkpoint, built from the model dir\'s model_config.json, as a SavedModel for TF '
     'Serving in --export_dir (signatures: nasfpn_tf/export/saved_model.py); export_tflite: as a '
     'TFLite file at --tflite_path.')
 _MODEL_DIR = flags.DEFINE_string(
-    'model_dir', None, 'Folder for checkpoints, summaries, operative_config.gin and '
-    'eval_metrics.json; created if missing. The exports read it.', required=True)
+    'model_dir', None, 'Folder for checkpoints, summaries, model_config.json, '
+    'operative_config.gin and eval_metrics.json; created if missing. The exports read it.',
+    required=True)
 _EXPORT_DIR = flags.DEFINE_string(
     'export_dir', None, 'For --mode=export_saved_model: the SavedModel folder to write, new or '
     'empty (TF Serving loads <base>/<version>, e.g. exports/nasfpn/1).')
@@ -133,7 +136,7 @@ def _export() -> None:
     logging.set_verbosity(logging.WARNING)
   if _GIN_FILE.value:
     raise ValueError(f'--mode={mode} builds the model from {_MODEL_DIR.value}/'
-                     'operative_config.gin, the config of its checkpoints; drop --gin_file.')
+                     'model_config.json, the config of its checkpoints; drop --gin_file.')
   if mode == 'export_saved_model':
     if not _EXPORT_DIR.value:
       raise ValueError('--mode=export_saved_model needs --export_dir.')

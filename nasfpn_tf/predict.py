@@ -5,7 +5,7 @@ r"""Detects objects in image files with an exported or a trained NAS-FPN RetinaN
   python -m nasfpn_tf.predict --model=runs/demo --input=photo.jpg --output_dir=out
 
 --model is a SavedModel folder (nasfpn_tf.main --mode=export_saved_model), a .tflite file
-(--mode=export_tflite) or a model dir (its last checkpoint, built from its operative_config.gin).
+(--mode=export_tflite) or a model dir (its last checkpoint, built from its model_config.json).
 Every image is decoded with PIL (grayscale, palette and RGBA images as RGB) and preprocessed as
 evaluation does it. Writes into --output_dir:
   detections.json  every detection in COCO results format ({image_id, category_id, bbox: [x, y,
@@ -39,7 +39,7 @@ from nasfpn_tf.export import saved_model
 
 _MODEL = flags.DEFINE_string(
     'model', None, 'A SavedModel folder, a .tflite file, or a model dir with checkpoints and '
-    'operative_config.gin.')
+    'model_config.json (or, written before it, operative_config.gin).')
 _INPUT = flags.DEFINE_multi_string(
     'input', None, 'An image file, a folder (its image files, not subfolders), or a glob such '
     "as 'photos/*.jpg'; repeatable.")

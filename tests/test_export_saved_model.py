@@ -21,6 +21,7 @@ from nasfpn_tf import config
 from nasfpn_tf import main
 from nasfpn_tf.data import input_pipeline
 from nasfpn_tf.data import tfexample
+from nasfpn_tf.export import saved_model
 from nasfpn_tf.training import trainer as trainer_lib
 from training_helpers import match_detections
 from training_helpers import spread_scores
@@ -226,12 +227,13 @@ def test_corrupt_image_is_an_invalid_argument_error(served):
                                 outputs['encoded']['num_detections'][:1])
 
 
-def _copy_model_dir(model_dir, destination, checkpoint=True, operative_config=True):
+def _copy_model_dir(model_dir, destination, checkpoint=True, leave_out=()):
+  """A copy of `model_dir`'s files, without its checkpoints unless `checkpoint`, nor the files
+  named in `leave_out`."""
   destination.mkdir()
   for path in model_dir.iterdir():
     is_checkpoint = path.name == 'checkpoint' or path.name.startswith('ckpt-')
-    if path.is_file() and (checkpoint or not is_checkpoint) and (
-        operative_config or path.name != 'operative_config.gin'):
+    if path.is_file() and (checkpoint or not is_checkpoint) and path.name not in leave_out:
       shutil.copy(path, destination / path.name)
   return destination
 
@@ -244,32 +246,59 @@ def test_model_dir_without_checkpoint_fails_clearly(exported, tmp_path):
   assert not (tmp_path / 'export').exists()
 
 
-def test_model_dir_without_operative_config_fails_clearly(exported, tmp_path):
-  model_dir = _copy_model_dir(exported[0], tmp_path / 'model', operative_config=False)
-  with pytest.raises(SystemExit, match=r'operative_config.gin not found: the model dir has no '
-                                       'record of the config'):
+def test_model_dir_without_a_config_record_fails_clearly(exported, tmp_path):
+  model_dir = _copy_model_dir(exported[0], tmp_path / 'model',
+                              leave_out=('operative_config.gin', 'model_config.json'))
+  with pytest.raises(SystemExit, match=r'operative_config.gin not found \(nor model_config.json\): '
+                                       'the model dir has no record of the config'):
     run_main('--mode=export_saved_model', f'--model_dir={model_dir}',
              f'--export_dir={tmp_path / "export"}')
+
+
+def test_model_dir_without_model_config_json_exports_from_its_operative_config(
+    exported, tmp_path):
+  """Model dirs written before model_config.json still export, the same network."""
+  model_dir = _copy_model_dir(exported[0], tmp_path / 'model', leave_out=('model_config.json',))
+  summary = json.loads(run_main('--mode=export_saved_model', f'--model_dir={model_dir}',
+                                f'--export_dir={tmp_path / "export"}').splitlines()[-1])
+  assert summary['step'] == 2 and summary['label_map'] == exported[2]['label_map']
+  model, _, _ = saved_model.load_model(str(model_dir))
+  assert model.get_config() == exported[3].get_config()
+
+
+def test_model_config_json_alone_rebuilds_the_model(exported, tmp_path):
+  model_dir = _copy_model_dir(exported[0], tmp_path / 'model', leave_out=('operative_config.gin',))
+  model, checkpoint, step = saved_model.load_model(
+      str(model_dir), ['build_retinanet.max_detections = 7'])
+  assert checkpoint == str(model_dir / 'ckpt-2') and step == 2
+  recorded = json.loads((model_dir / 'model_config.json').read_text())
+  assert model.get_config() == dict(recorded, max_detections=7)
+  for restored, trained in zip(model.weights, exported[3].weights):
+    np.testing.assert_array_equal(restored.numpy(), trained.numpy())
 
 
 def test_config_that_does_not_match_the_checkpoint_fails_clearly(exported, tmp_path):
-  # An operative config edited after training.
-  model_dir = _copy_model_dir(exported[0], tmp_path / 'model')
-  operative = model_dir / 'operative_config.gin'
-  operative.write_text(operative.read_text().replace('build_retinanet.num_filters = 16',
-                                                     'build_retinanet.num_filters = 24'))
-  with pytest.raises(SystemExit) as exit_:
-    run_main('--mode=export_saved_model', f'--model_dir={model_dir}',
-             f'--export_dir={tmp_path / "export"}')
-  assert f'checkpoint {model_dir / "ckpt-2"} was trained with another model config' in str(
-      exit_.value.code)
+  # A record edited after training: model_config.json, or the operative config without it.
+  edits = [('model_config.json', (), '"num_filters": 16', '"num_filters": 24'),
+           ('operative_config.gin', ('model_config.json',), 'build_retinanet.num_filters = 16',
+            'build_retinanet.num_filters = 24')]
+  for name, leave_out, old, new in edits:
+    model_dir = _copy_model_dir(exported[0], tmp_path / name, leave_out=leave_out)
+    record = model_dir / name
+    assert old in record.read_text()
+    record.write_text(record.read_text().replace(old, new))
+    with pytest.raises(SystemExit) as exit_:
+      run_main('--mode=export_saved_model', f'--model_dir={model_dir}',
+               f'--export_dir={tmp_path / "export"}')
+    assert f'checkpoint {model_dir / "ckpt-2"} was trained with another model config' in str(
+        exit_.value.code)
   # A binding on top that changes the network is named.
   with pytest.raises(SystemExit) as exit_:
     run_main('--mode=export_saved_model', f'--model_dir={exported[0]}',
              f'--export_dir={tmp_path / "export"}',
              '--gin_bindings=build_retinanet.head_num_filters = 8')
-  assert 'build_retinanet.head_num_filters: 16' in str(exit_.value.code)
-  assert 'now 8' in str(exit_.value.code)
+  assert (f'build_retinanet.head_num_filters: 16 in {exported[0] / "model_config.json"}, now 8'
+          in str(exit_.value.code))
   assert not (tmp_path / 'export').exists()
 
 

@@ -3,16 +3,19 @@ import contextlib
 import io
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras
 
+from nasfpn_tf import checkpointing
 from nasfpn_tf import config
 from nasfpn_tf.evaluation.coco_metrics import METRIC_NAMES
 from nasfpn_tf.layers.dropblock import DropBlock
-from nasfpn_tf.training import checkpointing, trainer as trainer_lib
+from nasfpn_tf.models.retinanet import RetinaNet
+from nasfpn_tf.training import trainer as trainer_lib
 from training_helpers import checkpoint_step, read_scalars, tiny_bindings
 
 
@@ -44,6 +47,11 @@ def test_train_and_eval_writes_the_model_dir(trained):
                'build_train_dataset.flip_prob = 0.5', 'build_eval_dataset.max_num_instances = 100',
                'StepDecayWithWarmup.warmup_steps = 2', 'RetinaNetLoss.focal_gamma = 1.5'):
     assert line in operative
+  # The model's config as data: JSON round-trips it to the same model config.
+  recorded = json.loads((model_dir / 'model_config.json').read_text())
+  assert recorded == json.loads(json.dumps(trainer.model.get_config()))
+  assert recorded['num_filters'] == 16 and recorded['image_size'] == [128, 128]
+  assert RetinaNet.from_config(recorded).get_config() == recorded
 
   # Progress lines at every log step: step, loss terms, learning rate, throughput, ETA.
   progress = re.findall(r'step (\d+)/4 \| loss [\d.]+ \(cls [\d.]+ box [\d.]+ reg [\d.]+\) \| '
@@ -121,9 +129,29 @@ def test_a_checkpoint_of_another_model_config_fails_naming_the_change(trained, s
     _trainer(model_dir, tiny_bindings(synthetic_records) + ['build_retinanet.num_filters = 24'])
   message = str(error.value)
   assert 'ckpt-4' in message
-  assert 'build_retinanet.num_filters: 16' in message and 'now 24' in message
+  assert (f'build_retinanet.num_filters: 16 in {model_dir / "model_config.json"}, now 24'
+          in message)
+  assert message.count('build_retinanet.') == 1  # only what changed
   # The record of what the checkpoints were trained with survives the failed start.
   assert 'build_retinanet.num_filters = 16' in (model_dir / 'operative_config.gin').read_text()
+
+
+def test_a_model_dir_without_model_config_json_restores_from_its_operative_config(
+    trained, synthetic_records, tmp_path):
+  """Model dirs written before model_config.json: the operative config is their record."""
+  model_dir = tmp_path / 'model'
+  shutil.copytree(trained[0], model_dir)
+  (model_dir / 'model_config.json').unlink()
+  with pytest.raises(checkpointing.CheckpointMismatchError) as error:
+    _trainer(model_dir, tiny_bindings(synthetic_records) + ['build_retinanet.num_filters = 24'])
+  assert (f'build_retinanet.num_filters: 16 in {model_dir / "operative_config.gin"}, now 24'
+          in str(error.value))
+  with contextlib.redirect_stdout(io.StringIO()) as out:
+    trainer = _trainer(model_dir, tiny_bindings(synthetic_records))
+  assert f'Restored {model_dir / "ckpt-4"} at step 4.' in out.getvalue()
+  # A training start records it.
+  assert json.loads((model_dir / 'model_config.json').read_text()) == json.loads(
+      json.dumps(trainer.model.get_config()))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_records, tmp_path):

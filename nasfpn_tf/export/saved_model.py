@@ -1,7 +1,8 @@
 """A trained model dir -> SavedModel for TF Serving, with preprocessing and NMS in the graph.
 
-The model is rebuilt from the model dir's own `operative_config.gin` (not the user's gin
-files), so the export is the network its checkpoints were trained as. Signatures:
+The model is rebuilt from the model dir's own record of its config, `model_config.json` (or, in
+model dirs written before it, `operative_config.gin`), not from the user's gin files, so the
+export is the network its checkpoints were trained as. Signatures:
 
   serving_default        images              uint8 [B, H, W, 3] RGB; one size per batch (a
                                              tensor), any size between batches.
@@ -31,14 +32,12 @@ import tensorflow as tf
 import tf_keras
 from official.vision.ops import preprocess_ops
 
+from nasfpn_tf import checkpointing
 from nasfpn_tf import config
 from nasfpn_tf.data import input_pipeline
 from nasfpn_tf.data import tfexample
-from nasfpn_tf.models.factory import build_retinanet
+from nasfpn_tf.models import factory
 from nasfpn_tf.models.retinanet import RetinaNet
-from nasfpn_tf.training import checkpointing
-# Registers every configurable an operative config binds (trainer, datasets, schedules, loss).
-from nasfpn_tf.training import trainer  # noqa: F401  pylint: disable=unused-import
 
 LABEL_MAP_FILE = 'label_map.json'
 # Signature name -> its input's name.
@@ -52,24 +51,32 @@ _SHARD_SUFFIX = re.compile(r'-\d{5}-of-\d{5}\.tfrecord$')
 
 
 def load_model(model_dir: str, gin_bindings: Sequence[str] = ()) -> Tuple[RetinaNet, str, int]:
-  """The model of `model_dir`'s operative config with its last checkpoint restored (float32,
+  """The model of `model_dir`'s recorded config with its last checkpoint restored (float32,
   whatever precision it trained in); returns (model, checkpoint path, step).
 
-  `gin_bindings` apply on top of the operative config: post-processing settings such as
-  `build_retinanet.max_detections` are free, a change to the network fails the restore with a
-  CheckpointMismatchError naming it. Raises ValueError when the model dir lacks a checkpoint or
-  its operative_config.gin.
+  The record is model_config.json, else (older model dirs) the operative config. `gin_bindings`
+  apply on top: post-processing settings such as `build_retinanet.max_detections` are free, a
+  change to the network fails the restore with a CheckpointMismatchError naming it. Leaves the
+  operative config (the training records, where `find_label_map` looks) and `gin_bindings`
+  parsed. Raises ValueError when the model dir lacks a checkpoint or any record of its config.
   """
   checkpoint = tf.train.latest_checkpoint(model_dir)
   if checkpoint is None:
     raise ValueError(f'no checkpoint (ckpt-N) in model dir {model_dir}: train it first '
                      '(--mode=train).')
-  config_path = os.path.join(model_dir, checkpointing.OPERATIVE_CONFIG)
-  if not tf.io.gfile.exists(config_path):
-    raise ValueError(f'{config_path} not found: the model dir has no record of the config its '
-                     'checkpoints were trained with.')
-  config.parse_gin([config_path], gin_bindings)
-  model = build_retinanet()
+  recorded = checkpointing.read_model_config(model_dir)
+  operative_config = os.path.join(model_dir, checkpointing.OPERATIVE_CONFIG)
+  has_operative_config = tf.io.gfile.exists(operative_config)
+  if recorded is None and not has_operative_config:
+    raise ValueError(f'{operative_config} not found (nor {checkpointing.MODEL_CONFIG}): the model '
+                     'dir has no record of the config its checkpoints were trained with.')
+  config.parse_gin([], gin_bindings)
+  changes = factory.bound_model_arguments()
+  config.parse_gin([operative_config] if has_operative_config else [], gin_bindings)
+  if recorded is None:
+    model = factory.build_retinanet()
+  else:
+    model = RetinaNet.from_config(dict(recorded, **changes))
   # The restore also reads the step count, into this otherwise unused optimizer.
   optimizer = tf_keras.optimizers.SGD()
   checkpoint = checkpointing.Checkpointer(model_dir, model, optimizer).restore(model_only=True)

@@ -1,5 +1,6 @@
 """`build_retinanet`: the one gin configurable that describes a whole model."""
 import inspect
+from typing import Any, Dict
 
 import gin
 
@@ -19,3 +20,15 @@ def build_retinanet(**model_arguments) -> RetinaNet:
   The model's config holds every argument, so a saved model rebuilds without gin.
   """
   return RetinaNet(**model_arguments)
+
+
+def bound_model_arguments() -> Dict[str, Any]:
+  """{argument: value} of the `build_retinanet` bindings in the parsed gin config: what they
+  change in a recorded model config."""
+  bound = {}
+  for name in MODEL_ARGUMENTS:
+    try:
+      bound[name] = gin.query_parameter(f'build_retinanet.{name}')
+    except ValueError:  # not bound
+      continue
+  return bound

@@ -23,17 +23,15 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from nasfpn_tf import checkpointing
 from nasfpn_tf.data import input_pipeline
 from nasfpn_tf.evaluation import coco_metrics
 from nasfpn_tf.evaluation import evaluate
 from nasfpn_tf.layers.dropblock import set_dropblock_step
 from nasfpn_tf.models.factory import build_retinanet
 from nasfpn_tf.models.losses import RetinaNetLoss
-from nasfpn_tf.training import checkpointing
 from nasfpn_tf.training import distribute
 from nasfpn_tf.training import precision
-# Registers the schedules that `RetinaNetTrainer.learning_rate` can reference.
-from nasfpn_tf.training import schedules  # noqa: F401  pylint: disable=unused-import
 
 MODES = ('train', 'eval', 'train_and_eval')
 LOSS_KEYS = ('total_loss', 'cls_loss', 'box_loss', 'reg_loss')
@@ -160,6 +158,7 @@ class RetinaNetTrainer:
     if training and self.is_chief:
       # After the model, datasets and restore: complete, and it never replaces the record of
       # what an incompatible checkpoint was trained with.
+      checkpointing.write_model_config(model_dir, model_config)
       checkpointing.atomic_write_text(os.path.join(model_dir, checkpointing.OPERATIVE_CONFIG),
                                       gin.operative_config_str())
     self._train_writer = self._writer('train') if training else None

@@ -1,10 +1,14 @@
-"""Checkpoints in the model dir: crash-safe saves, multi-worker aware, clear restore errors.
+"""The model dir's checkpoints and the record of their model config: crash-safe saves,
+multi-worker aware, restore errors that name what changed.
 
 tf.train.CheckpointManager writes a checkpoint's data files first and only then rewrites the
 `checkpoint` index file (atomically, by rename), so a process killed at any moment leaves the
 index naming the last complete checkpoint; restores always go through that index.
+
+Below training and export, which both restore: it imports no other module of the package.
 """
 import ast
+import json
 import os
 import re
 import shutil
@@ -14,8 +18,11 @@ import gin
 import tensorflow as tf
 import tf_keras
 
+# The model's config (`RetinaNet.get_config()`) its checkpoints were trained with, as JSON.
+MODEL_CONFIG = 'model_config.json'
+# Every setting of the run; the only record in model dirs older than MODEL_CONFIG.
 OPERATIVE_CONFIG = 'operative_config.gin'
-# The model's own bindings: what a checkpoint's variables depend on.
+# The configurable whose arguments are the model config: what a checkpoint's variables depend on.
 MODEL_CONFIGURABLE = 'build_retinanet'
 
 
@@ -31,18 +38,54 @@ def atomic_write_text(path: str, text: str) -> None:
   tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
+def write_model_config(model_dir: str, model_config: Mapping[str, Any]) -> None:
+  """Records `model_config` (the model's `get_config()`) as model_dir's MODEL_CONFIG."""
+  atomic_write_text(os.path.join(model_dir, MODEL_CONFIG),
+                    json.dumps(model_config, indent=1, sort_keys=True) + '\n')
+
+
+def read_model_config(model_dir: str) -> Optional[Dict[str, Any]]:
+  """model_dir's recorded model config; None when the dir has no MODEL_CONFIG (older dirs)."""
+  path = os.path.join(model_dir, MODEL_CONFIG)
+  if not tf.io.gfile.exists(path):
+    return None
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      model_config = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path}: not a JSON model config ({e}).') from e
+  if not isinstance(model_config, dict):
+    raise ValueError(f'{path}: expected a JSON object of RetinaNet arguments, got '
+                     f'{str(model_config)[:200]}.')
+  return model_config
+
+
+def _plain(value):
+  """Tuples as lists, so a config value compares equal to its JSON or gin literal."""
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  return value
+
+
+def _recorded_differences(path: str, recorded: Mapping[str, Any],
+                          model_config: Mapping[str, Any]) -> str:
+  """A line per argument whose value in `recorded` (read from `path`) differs from now."""
+  changed = []
+  for name in sorted(set(recorded) | set(model_config)):
+    old, new = _plain(recorded.get(name)), _plain(model_config.get(name))
+    if name in recorded and name in model_config and old == new:
+      continue
+    old_text = json.dumps(old) if name in recorded else 'not recorded'
+    new_text = json.dumps(new) if name in model_config else 'no longer an argument'
+    changed.append(f'  {MODEL_CONFIGURABLE}.{name}: {old_text} in {path}, now {new_text}')
+  return '\n'.join(changed)
+
+
 def _bindings(config_text: str, configurable: str) -> Dict[str, str]:
   """{parameter: value text} of `configurable` in an operative config (continuations joined)."""
   joined = re.sub(r'\n[ \t]+', ' ', config_text)
   prefix = re.escape(configurable) + r'\.(\w+)\s*=\s*(.*)'
   return {m.group(1): m.group(2).strip() for m in re.finditer(prefix, joined)}
-
-
-def _plain(value):
-  """Tuples as lists, so a gin literal compares equal to the model config's value."""
-  if isinstance(value, (list, tuple)):
-    return [_plain(v) for v in value]
-  return value
 
 
 def _means(text: str, value: Any) -> bool:
@@ -52,16 +95,10 @@ def _means(text: str, value: Any) -> bool:
     return False
 
 
-def model_config_differences(model_dir: str, model_config: Mapping[str, Any]) -> Optional[str]:
-  """The `build_retinanet` bindings that differ between model_dir's operative config (what its
-  checkpoints were trained with) and the current gin config; None when there is no record.
-
-  `model_config` (the current model's `get_config()`) gives the values of unbound parameters:
-  a binding dropped in favour of an equal default is no change.
-  """
-  path = os.path.join(model_dir, OPERATIVE_CONFIG)
-  if not tf.io.gfile.exists(path):
-    return None
+def _operative_differences(path: str, model_config: Mapping[str, Any]) -> str:
+  """The `build_retinanet` bindings of the operative config at `path` that the current gin
+  config changed; `model_config` gives the values of unbound parameters (a binding dropped in
+  favour of an equal default is no change)."""
   with tf.io.gfile.GFile(path) as f:
     before = _bindings(f.read(), MODEL_CONFIGURABLE)
   now = _bindings(gin.operative_config_str(), MODEL_CONFIGURABLE)
@@ -74,6 +111,23 @@ def model_config_differences(model_dir: str, model_config: Mapping[str, Any]) ->
       new = f'not bound ({model_config.get(name)!r})'
     changed.append(f'  {MODEL_CONFIGURABLE}.{name}: {old or "not bound"} in {path}, now {new}')
   return '\n'.join(changed)
+
+
+def model_config_differences(model_dir: str, model_config: Mapping[str, Any]) -> Optional[str]:
+  """What differs between the model config model_dir's checkpoints were trained with and
+  `model_config` (the current model's `get_config()`), a line per argument; None when the model
+  dir has no record.
+
+  The record is MODEL_CONFIG; in a model dir without one, the `build_retinanet` bindings of its
+  OPERATIVE_CONFIG, compared with the current gin config's.
+  """
+  recorded = read_model_config(model_dir)
+  if recorded is not None:
+    return _recorded_differences(os.path.join(model_dir, MODEL_CONFIG), recorded, model_config)
+  path = os.path.join(model_dir, OPERATIVE_CONFIG)
+  if tf.io.gfile.exists(path):
+    return _operative_differences(path, model_config)
+  return None
 
 
 class Checkpointer:
@@ -131,12 +185,13 @@ class Checkpointer:
              'config builds.']
     differences = model_config_differences(self.model_dir, self._model.get_config())
     if differences is None:
-      lines.append(f'No {OPERATIVE_CONFIG} in the model dir says which config that was.')
+      lines.append(f'No {MODEL_CONFIG} or {OPERATIVE_CONFIG} in the model dir says which config '
+                   'that was.')
     elif differences:
-      lines += [f'{MODEL_CONFIGURABLE} bindings that changed since:', differences]
+      lines += [f'{MODEL_CONFIGURABLE} arguments that changed since:', differences]
     else:
-      lines.append(f'Its {OPERATIVE_CONFIG} has the same {MODEL_CONFIGURABLE} bindings: compare '
-                   'the rest of it (e.g. RetinaNetTrainer.mixed_precision).')
+      lines.append(f'Its record has the same {MODEL_CONFIGURABLE} arguments: compare the rest of '
+                   f'its {OPERATIVE_CONFIG} (e.g. RetinaNetTrainer.mixed_precision).')
     lines += ['Use a fresh --model_dir, or the config it was trained with.',
               f'Restore error: {str(error).strip()[:2000]}']
     return '\n'.join(lines)
