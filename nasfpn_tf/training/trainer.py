@@ -156,11 +156,7 @@ class RetinaNetTrainer:
     self._build_datasets(train_dataset_fn if training else None, eval_batch_size)
     self._restore(training)
     if training and self.is_chief:
-      # After the model, datasets and restore: complete, and it never replaces the record of
-      # what an incompatible checkpoint was trained with.
-      checkpointing.write_model_config(model_dir, model_config)
-      checkpointing.atomic_write_text(os.path.join(model_dir, checkpointing.OPERATIVE_CONFIG),
-                                      gin.operative_config_str())
+      self._record_config()
     self._train_writer = self._writer('train') if training else None
     self._eval_writer = self._writer('eval') if mode != 'train' else None
     self._compile_functions()
@@ -208,6 +204,14 @@ class RetinaNetTrainer:
       self._say(f'Restored {restored} at step {self.step}.')
     elif self.mode == 'eval':
       raise ValueError(f'--mode=eval: no checkpoint in --model_dir={self.model_dir}.')
+
+  def _record_config(self) -> None:
+    """model_config.json and operative_config.gin beside the checkpoints. Written after the
+    model, datasets and restore: complete, and never over the record of what an incompatible
+    checkpoint was trained with."""
+    checkpointing.write_model_config(self.model_dir, self.model.get_config())
+    checkpointing.atomic_write_text(os.path.join(self.model_dir, checkpointing.OPERATIVE_CONFIG),
+                                    gin.operative_config_str())
 
   def _compile_functions(self) -> None:
     self._run_steps = tf.function(self._run_steps_fn)
