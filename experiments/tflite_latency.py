@@ -5,8 +5,8 @@ random weights (latency does not depend on them; batch-norm statistics are set f
 images so activations keep a trained model's scale: `nasfpn_tf.utils.batch_norm`), exported with
 nasfpn_tf.export.tflite in every quantization (int8 calibrated on random images: fine for timing,
 not for accuracy) and timed in the stock TFLite interpreter (XNNPACK) on this machine's CPU:
-warm-up runs, then the median (and fastest) of --runs invocations of the whole file (network + TFLite_Detection_PostProcess),
-batch 1, the files taking turns so that load from other processes falls on all alike. Ratios
+warm-up runs, then the median (and fastest) of --runs invocations of the whole file (network +
+TFLite_Detection_PostProcess), batch 1, the files taking turns so that load from other processes falls on all alike. Ratios
 are to FPNLite @64 in the same column, as the paper's are. With random weights every score sits
 near the 0.01 prior, below the 0.05 NMS threshold, so NMS has nothing to do in these timings:
 the post-processing op is timed on its own below, with N candidates above the threshold, in
@@ -38,6 +38,8 @@ from nasfpn_tf.config import GIN_CONFIGS_DIR, parse_gin
 from nasfpn_tf.data import input_pipeline
 from nasfpn_tf.evaluation import evaluate
 from nasfpn_tf.export import tflite
+from nasfpn_tf.export import tflite_postprocess
+from nasfpn_tf.export import tflite_runtime
 from nasfpn_tf.export.saved_model import load_model
 from nasfpn_tf.models import build_retinanet
 from nasfpn_tf.utils.batch_norm import calibrate_batch_norm
@@ -84,7 +86,7 @@ def _median_and_min_ms(times: List[float]) -> Dict[str, float]:
 
 def _ready_interpreter(path: str, num_threads: int):
   """An interpreter of `path` with a random image (of its input dtype) set as input."""
-  interpreter = tflite.interpreter(model_path=path, num_threads=num_threads)
+  interpreter = tflite_runtime.interpreter(model_path=path, num_threads=num_threads)
   for detail in interpreter.get_input_details():
     dtype = np.dtype(detail['dtype'])
     value = np.random.RandomState(0).uniform(0, 255, detail['shape']).astype(dtype)
@@ -154,17 +156,19 @@ def measure_postprocess(output_dir: str) -> List[Dict]:
   class) pairs scored in [0.05, 1), the rest below the 0.05 threshold; random box encodings."""
   parse_gin([str(GIN_CONFIGS_DIR / f'{BASELINE}.gin')])
   model = build_retinanet()
-  anchors = tflite.anchors_center_size(model)
+  anchors = tflite_postprocess.anchors_center_size(model)
   num_anchors, num_classes = len(anchors), model.get_config()['num_classes']
   results = []
   for regular in (True, False):
-    postprocess = tflite.postprocess_op(tflite.postprocess_attributes(model, regular))
+    postprocess = tflite_postprocess.postprocess_op(
+        tflite_postprocess.postprocess_attributes(model, regular))
 
     @tf.function(input_signature=[tf.TensorSpec([1, num_anchors, 4], tf.float32),
                                   tf.TensorSpec([1, num_anchors, num_classes], tf.float32)])
     def only_postprocess(box_encodings, class_predictions):
-      return dict(zip(tflite.OUTPUT_NAMES, postprocess(  # pylint: disable=cell-var-from-loop
-          box_encodings, class_predictions, tf.constant(anchors))))
+      outputs = postprocess(  # pylint: disable=cell-var-from-loop
+          box_encodings, class_predictions, tf.constant(anchors))
+      return dict(zip(tflite_runtime.OUTPUT_NAMES, outputs))
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions(
         [only_postprocess.get_concrete_function()], tf.Module())
@@ -181,7 +185,7 @@ def measure_postprocess(output_dir: str) -> List[Dict]:
           0.05, 1.0, candidates)
       encodings = rng.normal(0, 0.5, [1, num_anchors, 4]).astype(np.float32)
       for threads in FLAGS.num_threads:
-        interpreter = tflite.interpreter(model_path=path, num_threads=int(threads))
+        interpreter = tflite_runtime.interpreter(model_path=path, num_threads=int(threads))
         runner = interpreter.get_signature_runner()
         inputs = dict(zip(sorted(runner.get_input_details()), (encodings, scores)))
         for _ in range(FLAGS.warmup):
@@ -242,7 +246,7 @@ def latency_markdown(rows: List[Dict], post: List[Dict]) -> str:
 
 def _evaluate_tflite(path: str, model_config, file_pattern: str) -> Dict[str, float]:
   """COCO metrics of a .tflite on the eval records, as the trainer evaluates."""
-  detector = tflite.TFLiteDetector(model_path=path)
+  detector = tflite_runtime.TFLiteDetector(model_path=path)
   dataset = input_pipeline.build_eval_dataset(file_pattern=file_pattern, global_batch_size=1,
                                               model_config=model_config)
   return evaluate.evaluate_detector(lambda images: detector(images.numpy()), dataset,

@@ -18,6 +18,8 @@ import gin
 import tensorflow as tf
 import tf_keras
 
+from nasfpn_tf.utils import files
+
 # The model's config (`RetinaNet.get_config()`) its checkpoints were trained with, as JSON.
 MODEL_CONFIG = 'model_config.json'
 # Every setting of the run; the only record in model dirs older than MODEL_CONFIG.
@@ -30,18 +32,10 @@ class CheckpointMismatchError(ValueError):
   """A model_dir checkpoint that does not fit the model being built (another config)."""
 
 
-def atomic_write_text(path: str, text: str) -> None:
-  """Writes `path` through a temporary file and a rename: readers never see half a file."""
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with tf.io.gfile.GFile(tmp, 'w') as f:
-    f.write(text)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
 def write_model_config(model_dir: str, model_config: Mapping[str, Any]) -> None:
   """Records `model_config` (the model's `get_config()`) as model_dir's MODEL_CONFIG."""
-  atomic_write_text(os.path.join(model_dir, MODEL_CONFIG),
-                    json.dumps(model_config, indent=1, sort_keys=True) + '\n')
+  files.atomic_write(os.path.join(model_dir, MODEL_CONFIG),
+                     json.dumps(model_config, indent=1, sort_keys=True) + '\n')
 
 
 def read_model_config(model_dir: str) -> Optional[Dict[str, Any]]:

@@ -34,6 +34,7 @@ import tensorflow as tf
 from official.vision.ops import preprocess_ops
 
 from nasfpn_tf.data import input_pipeline
+from nasfpn_tf.data import label_map as label_map_lib
 from nasfpn_tf.evaluation import coco_metrics
 from nasfpn_tf.export import saved_model
 
@@ -99,8 +100,8 @@ def _saved_model_detector(path: str) -> Tuple[Detector, Dict[int, str]]:
   if signature is None or 'images' not in signature.structured_input_signature[1]:
     raise ValueError(f'--model={path}: its serving_default signature takes no `images`; export '
                      'it with nasfpn_tf.main --mode=export_saved_model.')
-  label_map_file = os.path.join(path, 'assets', saved_model.LABEL_MAP_FILE)
-  label_map = (saved_model.read_label_map(label_map_file) if os.path.exists(label_map_file)
+  label_map_file = os.path.join(path, 'assets', label_map_lib.ASSET_FILE)
+  label_map = (label_map_lib.read_label_map(label_map_file) if os.path.exists(label_map_file)
                else {})
   return lambda image: _numpy(signature(images=tf.constant(image[None]))), label_map
 
@@ -114,8 +115,8 @@ def _model_dir_detector(path: str) -> Tuple[Detector, Dict[int, str]]:
 
 def _tflite_detector(path: str) -> Tuple[Detector, Dict[int, str]]:
   # Imported here so the other model kinds never load the TFLite code.
-  from nasfpn_tf.export import tflite  # pylint: disable=g-import-not-at-top
-  detector = tflite.TFLiteDetector(model_path=path)
+  from nasfpn_tf.export import tflite_runtime  # pylint: disable=g-import-not-at-top
+  detector = tflite_runtime.TFLiteDetector(model_path=path)
   size = detector.image_size
 
   def detect(image):
@@ -126,11 +127,9 @@ def _tflite_detector(path: str) -> Tuple[Detector, Dict[int, str]]:
         detections['detection_boxes'], image_info[None]).numpy()
     return detections
 
-  label_map = {}
-  labels_file = tflite.labels_path(path)
-  if os.path.exists(labels_file):
-    with open(labels_file) as f:  # {"<op index>": {"id": class id, "name": name or null}}
-      label_map = {entry['id']: entry['name'] for entry in json.load(f).values() if entry['name']}
+  labels_file = label_map_lib.tflite_labels_path(path)
+  label_map = (label_map_lib.read_tflite_labels(labels_file) if os.path.exists(labels_file)
+               else {})
   return detect, label_map
 
 
@@ -207,7 +206,7 @@ def predict(model: str, inputs: Sequence[str], output_dir: str, min_score: float
                      'images would overwrite them; choose another folder.')
   detect, label_map = load_detector(model)
   if label_map_path:
-    label_map = saved_model.read_label_map(label_map_path)
+    label_map = label_map_lib.read_label_map(label_map_path)
   os.makedirs(output_dir, exist_ok=True)
   results, skipped, taken, drawn = [], [], set(), 0
   for path, image_id in zip(paths, image_ids(paths)):

@@ -4,7 +4,7 @@ import tensorflow as tf
 import tf_keras
 from official.vision.modeling.decoders import nasfpn as tfm_nasfpn
 
-from nasfpn_tf.compat.tfm import block_specs_from_tfm, load_tfm_weights, pyramid_from_tfm
+from nasfpn_tf.compat.tfm_nasfpn import block_specs_from_tfm, load_tfm_weights, pyramid_from_tfm
 from nasfpn_tf.decoders import NASFPN, block_specs
 from nasfpn_tf.layers.merging_cell import MergingCell
 

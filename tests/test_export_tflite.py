@@ -17,8 +17,11 @@ from tensorflow.core.framework import attr_value_pb2
 
 from nasfpn_tf import config
 from nasfpn_tf import main
+from nasfpn_tf import predict
 from nasfpn_tf.data import input_pipeline
 from nasfpn_tf.export import tflite
+from nasfpn_tf.export import tflite_postprocess
+from nasfpn_tf.export import tflite_runtime
 from nasfpn_tf.export.saved_model import load_model
 from nasfpn_tf.models.postprocess import DetectionGenerator
 from nasfpn_tf.training import trainer as trainer_lib
@@ -85,17 +88,17 @@ def score_threshold(loaded, val_images):
 def _op_input_dtypes(content):
   """Counter of (op name, input dtypes) over the model's ops."""
   tensors = {t['index']: np.dtype(t['dtype']).name
-             for t in tflite.interpreter(model_content=content).get_tensor_details()}
+             for t in tflite_runtime.interpreter(model_content=content).get_tensor_details()}
   return collections.Counter(
       (op['op_name'], tuple(tensors[i] for i in op['inputs'] if i >= 0))
-      for op in tflite.op_details(content))
+      for op in tflite_runtime.op_details(content))
 
 
 def _check_ops(summary, content):
   """Builtins and the post-processing op only: no Flex (select TF) ops, no other custom op."""
-  assert tflite.custom_op_names(content) == [tflite.POSTPROCESS_OP]
-  assert summary['custom_ops'] == [tflite.POSTPROCESS_OP]
-  assert tflite.POSTPROCESS_OP in summary['ops']
+  assert tflite_runtime.custom_op_names(content) == [tflite_postprocess.POSTPROCESS_OP]
+  assert summary['custom_ops'] == [tflite_postprocess.POSTPROCESS_OP]
+  assert tflite_postprocess.POSTPROCESS_OP in summary['ops']
   assert not [op for op in summary['ops'] if op.startswith('Flex')]
 
 
@@ -104,11 +107,11 @@ def test_anchors_and_scales_decode_like_the_box_coder(loaded):
   TFM's decode_boxes in pixels, and the implements string parses as the op's attributes."""
   model = loaded[0]
   height, width = model.image_size
-  anchors = tflite.anchors_center_size(model)
+  anchors = tflite_postprocess.anchors_center_size(model)
   pixels = np.concatenate([model.anchor_boxes[l].numpy().reshape(-1, 4)
                            for l in sorted(model.anchor_boxes, key=int)])
   deltas = np.random.RandomState(0).uniform(-1, 1, pixels.shape).astype(np.float32)
-  attributes = tflite.postprocess_attributes(model)
+  attributes = tflite_postprocess.postprocess_attributes(model)
   y, x, h, w = (deltas[:, i] / attributes[k] for i, k in
                 enumerate(('y_scale', 'x_scale', 'h_scale', 'w_scale')))
   yc, xc = y * anchors[:, 2] + anchors[:, 0], x * anchors[:, 3] + anchors[:, 1]
@@ -117,9 +120,9 @@ def test_anchors_and_scales_decode_like_the_box_coder(loaded):
   expected = box_ops.decode_boxes(tf.constant(deltas), tf.constant(pixels)).numpy()
   np.testing.assert_allclose(op_boxes * [height, width, height, width], expected, atol=1e-3)
 
-  parsed = text_format.Parse(tflite._implements_signature(attributes),
+  parsed = text_format.Parse(tflite_postprocess._implements_signature(attributes),
                              attr_value_pb2.NameAttrList())
-  assert parsed.name == tflite.POSTPROCESS_OP
+  assert parsed.name == tflite_postprocess.POSTPROCESS_OP
   assert parsed.attr['num_classes'].i == 9  # foreground: ids 1..9 of num_classes = 10
   assert parsed.attr['use_regular_nms'].b
   assert parsed.attr['max_detections'].i == parsed.attr['detections_per_class'].i == 100
@@ -157,8 +160,12 @@ def test_float32_detects_what_the_keras_model_detects(model_dir, loaded, val_ima
   assert summary['labels'] == str(tmp_path / 'model.labels.json')
   assert sorted(labels, key=int) == [str(i) for i in range(9)]
   assert labels['0'] == {'id': 1, 'name': 'circle'} and labels['8'] == {'id': 9, 'name': 'ring'}
+  # predict finds the labels beside the file and maps boxes to the original image.
+  detect, names = predict.load_detector(path)
+  assert names == {e['id']: e['name'] for e in labels.values() if e['name']} and names[9] == 'ring'
+  assert detect(np.zeros([64, 96, 3], np.uint8))['detection_boxes'].shape == (1, 100, 4)
 
-  detector = tflite.TFLiteDetector(model_path=path)
+  detector = tflite_runtime.TFLiteDetector(model_path=path)
   generator = DetectionGenerator(model.image_size, 10, pre_nms_score_threshold=score_threshold,
                                  nms_iou_threshold=1.0)
   total = 0
@@ -213,7 +220,7 @@ def test_float16_and_dynamic_range_detect_like_the_keras_model(spread_model, val
   else:  # int8 weights in float convolutions
     assert any(op == 'CONV_2D' and inputs[1] == 'int8' for op, inputs in dtypes)
 
-  detector = tflite.TFLiteDetector(model_content=content)
+  detector = tflite_runtime.TFLiteDetector(model_content=content)
   for i, image in enumerate(val_images):
     raw = detector.raw(image)
     count = int(raw['num_detections'][0])
@@ -247,11 +254,11 @@ def test_int8_takes_uint8_pixels_and_keeps_the_postprocessing_in_float(
   dtypes = _op_input_dtypes(content)
   convs = [inputs for op, inputs in dtypes if op == 'CONV_2D']
   assert convs and all(inputs[:2] == ('int8', 'int8') for inputs in convs)
-  assert dtypes[(tflite.POSTPROCESS_OP, ('float32', 'float32', 'float32'))] == 1
+  assert dtypes[(tflite_postprocess.POSTPROCESS_OP, ('float32', 'float32', 'float32'))] == 1
   assert {op for op, inputs in dtypes if 'float32' in inputs} <= {
-      tflite.POSTPROCESS_OP, 'DEQUANTIZE'}
+      tflite_postprocess.POSTPROCESS_OP, 'DEQUANTIZE'}
 
-  out = tflite.TFLiteDetector(model_content=content)(np.round(val_images[0]))
+  out = tflite_runtime.TFLiteDetector(model_content=content)(np.round(val_images[0]))
   assert out['detection_boxes'].shape == (1, 100, 4)
   assert np.all(np.isfinite(out['detection_scores']))
 
@@ -278,7 +285,7 @@ def test_main_int8_with_float_input_fast_nms_and_other_calibration_records(
   _check_ops(summary, content)
   convs = [inputs for op, inputs in _op_input_dtypes(content) if op == 'CONV_2D']
   assert convs and all(inputs[:2] == ('int8', 'int8') for inputs in convs)
-  out = tflite.TFLiteDetector(model_content=content)(val_images[0])
+  out = tflite_runtime.TFLiteDetector(model_content=content)(val_images[0])
   assert np.all(np.isfinite(out['detection_scores']))
 
 

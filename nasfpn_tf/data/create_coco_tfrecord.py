@@ -23,6 +23,7 @@ from absl import logging
 from PIL import Image
 import tensorflow as tf
 
+from nasfpn_tf.data import label_map
 from nasfpn_tf.data import tfexample
 
 _ANNOTATIONS_FILE = flags.DEFINE_string(
@@ -57,10 +58,6 @@ class _SkipImage(Exception):
 def shard_paths(output_prefix, num_shards):
   """The shard file names, in shard order."""
   return [f'{output_prefix}-{i:05d}-of-{num_shards:05d}.tfrecord' for i in range(num_shards)]
-
-
-def label_map_path(output_prefix):
-  return f'{output_prefix}-label_map.json'
 
 
 def load_coco(annotations_file):
@@ -231,8 +228,7 @@ def convert(annotations_file, image_dir, output_prefix, num_shards=1, num_thread
   for writer in writers:
     writer.close()
 
-  with tf.io.gfile.GFile(label_map_path(output_prefix), 'w') as f:
-    json.dump({str(k): v for k, v in sorted(categories.items())}, f, indent=1)
+  label_map.write_label_map(label_map.records_label_map_path(output_prefix), categories)
   return {
       'images_written': counts['images_written'],
       'boxes_written': counts['boxes_written'],
@@ -246,7 +242,7 @@ def convert(annotations_file, image_dir, output_prefix, num_shards=1, num_thread
       'skipped_boxes': dict(sorted(skipped_boxes.items())),
       'num_shards': num_shards,
       'shards': paths,
-      'label_map': label_map_path(output_prefix),
+      'label_map': label_map.records_label_map_path(output_prefix),
       'categories': {str(k): v for k, v in sorted(categories.items())},
   }
 

@@ -24,7 +24,7 @@ class NASFPN(tf_keras.Model):
 
   `merge_filters` (default: `num_filters`, as the paper) is the width at which cells merge their
   inputs. TF Model Garden's NASFPN always merges at 256, whatever `num_filters`, with a 1x1
-  conv + BN on each cell input when they differ; `compat.tfm.pyramid_from_tfm` sets 256 to
+  conv + BN on each cell input when they differ; `compat.tfm_nasfpn.pyramid_from_tfm` sets 256 to
   reproduce it.
   """
 

@@ -21,9 +21,7 @@ normalizes pixels itself. Every signature returns
 with K = build_retinanet.max_detections. The category names are in assets/label_map.json
 ({"id": "name"}).
 """
-import json
 import os
-import re
 import tempfile
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -35,19 +33,18 @@ from official.vision.ops import preprocess_ops
 from nasfpn_tf import checkpointing
 from nasfpn_tf import config
 from nasfpn_tf.data import input_pipeline
+from nasfpn_tf.data import label_map as label_map_lib
 from nasfpn_tf.data import tfexample
 from nasfpn_tf.models import factory
 from nasfpn_tf.models.retinanet import RetinaNet
+from nasfpn_tf.utils import files
 
-LABEL_MAP_FILE = 'label_map.json'
 # Signature name -> its input's name.
 SIGNATURE_INPUTS = {
     'serving_default': 'images',
     'serving_encoded_image': 'encoded_image',
     'serving_tf_example': 'serialized_example',
 }
-# create_coco_tfrecord's shard suffix: its label map is {prefix}-label_map.json beside the shards.
-_SHARD_SUFFIX = re.compile(r'-\d{5}-of-\d{5}\.tfrecord$')
 
 
 def load_model(model_dir: str, gin_bindings: Sequence[str] = ()) -> Tuple[RetinaNet, str, int]:
@@ -83,33 +80,15 @@ def load_model(model_dir: str, gin_bindings: Sequence[str] = ()) -> Tuple[Retina
   return model, checkpoint, int(optimizer.iterations.numpy())
 
 
-def read_label_map(path: str) -> Dict[int, str]:
-  """{category id: name} from a JSON object {"id": "name"} (create_coco_tfrecord's label map)."""
-  try:
-    with tf.io.gfile.GFile(path) as f:
-      data = json.load(f)
-  except (tf.errors.NotFoundError, json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f'label map {path}: cannot read it as JSON ({e})') from e
-  try:
-    if not isinstance(data, dict):
-      raise TypeError
-    return {int(key): str(name) for key, name in data.items()}
-  except (TypeError, ValueError):
-    raise ValueError(f'label map {path}: expected a JSON object {{"category id": "name"}}, got '
-                     f'{str(data)[:200]}') from None
-
-
 def find_label_map() -> Optional[str]:
   """The label map beside the training (else eval) records that the parsed gin config names."""
   for binding in ('build_train_dataset.file_pattern', 'build_eval_dataset.file_pattern'):
     try:
-      pattern = gin.query_parameter(binding)
+      path = label_map_lib.find_records_label_map(gin.query_parameter(binding))
     except ValueError:
       continue
-    for shard in sorted(tf.io.gfile.glob(pattern)):
-      path = _SHARD_SUFFIX.sub('-label_map.json', shard)
-      if path != shard and tf.io.gfile.exists(path):
-        return path
+    if path:
+      return path
   return None
 
 
@@ -120,7 +99,7 @@ def model_label_map(num_classes: int,
   """
   path = label_map_path or find_label_map()
   if path:
-    return read_label_map(path), path
+    return label_map_lib.read_label_map(path), path
   return ({i: str(i) for i in range(1, num_classes)},
           'category ids only (no label map found beside the records in the operative config)')
 
@@ -196,16 +175,11 @@ def export_saved_model(model_dir: str, export_dir: str, gin_bindings: Sequence[s
                      'another (TF Serving reads versions as <base>/<number>).')
   model, checkpoint, step = load_model(model_dir, gin_bindings)
   label_map, label_map_source = model_label_map(model.get_config()['num_classes'], label_map_path)
-  staging = f"{export_dir.rstrip('/')}.tmp-{os.getpid()}"
-  with tempfile.TemporaryDirectory() as scratch:
-    label_map_file = os.path.join(scratch, LABEL_MAP_FILE)
-    with open(label_map_file, 'w') as f:
-      json.dump({str(k): v for k, v in sorted(label_map.items())}, f, indent=1)
+  with tempfile.TemporaryDirectory() as scratch, files.atomic_directory(export_dir) as staging:
+    label_map_file = os.path.join(scratch, label_map_lib.ASSET_FILE)
+    label_map_lib.write_label_map(label_map_file, label_map)
     module = DetectionModule(model, label_map_file)
     tf.saved_model.save(module, staging, signatures=module.signatures())
-  if tf.io.gfile.exists(export_dir):
-    tf.io.gfile.rmtree(export_dir)  # Empty, checked above.
-  tf.io.gfile.rename(staging, export_dir)
   return {'export_dir': export_dir, 'checkpoint': checkpoint, 'step': step,
           'image_size': model.image_size, 'label_map': label_map_source,
           'signatures': dict(SIGNATURE_INPUTS)}

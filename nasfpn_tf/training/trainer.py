@@ -32,6 +32,7 @@ from nasfpn_tf.models.factory import build_retinanet
 from nasfpn_tf.models.losses import RetinaNetLoss
 from nasfpn_tf.training import distribute
 from nasfpn_tf.training import precision
+from nasfpn_tf.utils import files
 
 MODES = ('train', 'eval', 'train_and_eval')
 LOSS_KEYS = ('total_loss', 'cls_loss', 'box_loss', 'reg_loss')
@@ -210,8 +211,8 @@ class RetinaNetTrainer:
     model, datasets and restore: complete, and never over the record of what an incompatible
     checkpoint was trained with."""
     checkpointing.write_model_config(self.model_dir, self.model.get_config())
-    checkpointing.atomic_write_text(os.path.join(self.model_dir, checkpointing.OPERATIVE_CONFIG),
-                                    gin.operative_config_str())
+    files.atomic_write(os.path.join(self.model_dir, checkpointing.OPERATIVE_CONFIG),
+                       gin.operative_config_str())
 
   def _compile_functions(self) -> None:
     self._run_steps = tf.function(self._run_steps_fn)
@@ -399,8 +400,8 @@ class RetinaNetTrainer:
       for name, value in metrics.items():
         tf.summary.scalar(f'coco/{name}', value)
     self._eval_writer.flush()
-    checkpointing.atomic_write_text(os.path.join(self.model_dir, METRICS_FILE),
-                                    json.dumps(dict(metrics, step=step), indent=1))
+    files.atomic_write(os.path.join(self.model_dir, METRICS_FILE),
+                       json.dumps(dict(metrics, step=step), indent=1))
     return metrics
 
   def run(self) -> Optional[Dict[str, float]]:

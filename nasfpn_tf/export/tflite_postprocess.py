@@ -1,0 +1,88 @@
+"""The TFLite file's post-processing: `TFLite_Detection_PostProcess`, wired from the model config.
+
+TensorFlow's `CombinedNonMaxSuppression` has no TFLite kernel. As in TF Model Garden
+(`detection_generator._generate_detections_tflite`), the graph calls an empty `tf.function` whose
+`experimental_implements` attribute names the op and its attributes, and the converter replaces
+the call by the op: the custom op compiled into the stock TFLite runtime (no Flex / select-TF
+ops). Its outputs are float32 whatever the quantization: it runs in float (its inputs are
+dequantized in an int8 model).
+
+The op and our `DetectionGenerator` (what `model.detect` and evaluation run) agree on:
+  - box decoding: TFM `box_ops.decode_boxes` without weights, i.e. y/x/h/w scales 1.0 (the
+    labeler's `AnchorLabeler` encodes with `box_coder_weights=None`); anchors are baked in as a
+    constant [N, 4] (ycenter, xcenter, h, w) normalized by the input size;
+  - scores: sigmoid of the logits, background column skipped (the op's label offset 1);
+  - NMS (`use_regular_nms=True`, the default): per class, scores >= build_retinanet.
+    pre_nms_score_threshold, IoU > nms_iou_threshold suppressed, up to max_detections per class,
+    then the max_detections best overall: the class-aware NMS of `combined_non_max_suppression`.
+Differences, all small on a trained model: `DetectionGenerator` keeps the pre_nms_top_k best
+(anchor, class) pairs per level before NMS and clips boxes to the image before NMS (the op sees
+unclipped boxes, so IoUs of boxes crossing the border differ); TFM clips the decoded log-size at
+log(1000/16), the op does not. `use_regular_nms=False` is the op's fast NMS: one class per anchor
+(its best), class-AGNOSTIC NMS; faster with many classes, but a box suppresses overlapping boxes
+of other classes. Regular NMS is the default for that fidelity; the README's TFLite section has
+what each costs in AP and time.
+"""
+from typing import Any, Dict, Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from nasfpn_tf.models.retinanet import RetinaNet
+
+POSTPROCESS_OP = 'TFLite_Detection_PostProcess'
+
+
+def anchors_center_size(model: RetinaNet) -> np.ndarray:
+  """The model's anchors, flattened in the order of its outputs (level, y, x, anchor), as the
+  op reads them: [N, 4] float32 (ycenter, xcenter, height, width) divided by the input size."""
+  height, width = model.image_size
+  levels = sorted(model.anchor_boxes, key=int)
+  boxes = np.concatenate([np.asarray(model.anchor_boxes[level], np.float64).reshape(-1, 4)
+                          for level in levels])
+  ymin, xmin, ymax, xmax = boxes.T
+  return np.stack([(ymin + ymax) / 2 / height, (xmin + xmax) / 2 / width,
+                   (ymax - ymin) / height, (xmax - xmin) / width], axis=-1).astype(np.float32)
+
+
+def postprocess_attributes(model: RetinaNet, use_regular_nms: bool = True) -> Dict[str, Any]:
+  """The op's attributes from the model config (`build_retinanet` post-processing bindings)."""
+  config = model.get_config()
+  return {
+      'max_detections': int(config['max_detections']),
+      'max_classes_per_detection': 1,
+      # Regular NMS: as many per class as overall, like combined_non_max_suppression here.
+      'detections_per_class': int(config['max_detections']),
+      'use_regular_nms': bool(use_regular_nms),
+      'nms_score_threshold': float(config['pre_nms_score_threshold']),
+      'nms_iou_threshold': float(config['nms_iou_threshold']),
+      # TFM box coder without weights (AnchorLabeler's box_coder_weights=None, decode_boxes).
+      'y_scale': 1.0, 'x_scale': 1.0, 'h_scale': 1.0, 'w_scale': 1.0,
+      'num_classes': int(config['num_classes']) - 1,  # foreground; the op skips column 0
+  }
+
+
+def _implements_signature(attributes: Mapping[str, Any]) -> str:
+  """The `experimental_implements` NameAttrList text the converter legalizes into the op."""
+  parts = [f'name: "{POSTPROCESS_OP}"']
+  for key, value in attributes.items():
+    if isinstance(value, bool):
+      text = f'b: {str(value).lower()}'
+    elif isinstance(value, int):
+      text = f'i: {value}'
+    else:
+      text = f'f: {value!r}'
+    parts.append(f'attr {{ key: "{key}" value {{ {text} }} }}')
+  return ' '.join(parts)
+
+
+def postprocess_op(attributes: Mapping[str, Any]):
+  """A tf.function (box_encodings [1, N, 4], class_predictions [1, N, C], anchors [N, 4]) ->
+  (boxes, classes, scores, num_detections) that the converter replaces by the op with these
+  `attributes` (see `postprocess_attributes`). In TensorFlow it returns zeros: only the
+  converted model computes."""
+  @tf.function(experimental_implements=_implements_signature(attributes))
+  def postprocess(box_encodings, class_predictions, anchors):  # pylint: disable=unused-argument
+    dummy = tf.constant(0.0, tf.float32)
+    return dummy, dummy, dummy, dummy
+  return postprocess
