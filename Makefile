@@ -1,21 +1,70 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv and installs the
-# pinned stack (constraints.txt) when missing.
+# locked stack of its Python version (requirements/lock-py3.X.txt) when missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The supported Python versions, one lock each; setup.py's python_requires says the same
+# (tests/test_locks.py checks both).
+PYTHON_VERSIONS := 3.10 3.11 3.12 3.13
+LOCKS := $(PYTHON_VERSIONS:%=requirements/lock-py%.txt)
+PRINT_VERSION := import sys; print(".".join(map(str, sys.version_info[:3])))
+# The goals to name in the hint of a wrong interpreter.
+GOALS = $(or $(MAKECMDGOALS),test)
+SUPPORTED := $(firstword $(PYTHON_VERSIONS))-$(lastword $(PYTHON_VERSIONS))
 DEMO_DIR ?= runs/demo
 # pytest workers: the suite is dominated by single-threaded graph building, so 2 processes on
 # 2 cores finish sooner than one.
 TEST_WORKERS ?= 2
 
-.PHONY: demo demo-steps test clean
+.PHONY: demo demo-steps test clean lock
 
-$(STAMP): setup.py constraints.txt
+# The venv's interpreter (.venv's own once it exists) must be a supported version: otherwise one
+# line says which it found and what to run instead, before anything is created.
+# The lock of its version is installed as is with --no-deps, so pip adds no unlocked version of
+# its own (a dependency missing from a stale lock would otherwise come in at whatever version is
+# newest); `pip check` then fails unless the locked set meets the requirements of setup.py and of
+# every package in it.
+$(STAMP): setup.py constraints.txt $(LOCKS)
+	@supported() { v=$$($$1 -c '$(PRINT_VERSION)' 2>/dev/null) && \
+	    case " $(PYTHON_VERSIONS) " in *" $${v%.*} "*) return 0;; esac; return 1; }; \
+	  py=$(PYTHON); fix=; if test -x $(PY); then py=$(PY); fix='`make clean`, then '; fi; \
+	  supported $$py && exit 0; \
+	  found="is Python $$v"; test -n "$$v" || found="was not found"; \
+	  hint="install one, then run $$fix\`make $(GOALS) PYTHON=python3.X\`"; \
+	  for c in $(PYTHON_VERSIONS:%=python%); do \
+	    supported $$c && hint="run $$fix\`make $(GOALS) PYTHON=$$c\`"; \
+	  done; \
+	  echo "make: $$py $$found; nasfpn_tf needs Python $(SUPPORTED): $$hint" >&2; exit 1
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -c constraints.txt -e '.[test]'
+	v=$$($(PY) -c '$(PRINT_VERSION)') && \
+	  $(PY) -m pip install --no-deps -r requirements/lock-py$${v%.*}.txt -e .
+	$(PY) -m pip check
 	touch $(STAMP)
+
+# make lock: after an edit of constraints.txt (or setup.py's requirements), resolves the full
+# locks again, one per supported version, for Linux x86_64 wheels whatever machine runs it. uv
+# (pinned, in build/uv) can resolve for another Python than its own. It keeps the versions a lock
+# already holds where they still fit; delete a lock to resolve it afresh. setup.py's metadata is
+# refreshed because uv's cache of it does not see constraints.txt.
+UV_VERSION := 0.13.9
+UV := build/uv/bin/uv
+LOCK_ARGS := setup.py --extra test -c constraints.txt --python-platform linux \
+  --refresh-package nasfpn-tf
+
+lock: | $(UV)
+	mkdir -p requirements
+	for v in $(PYTHON_VERSIONS); do \
+	  args="$(LOCK_ARGS) --python-version $$v -o requirements/lock-py$$v.txt"; \
+	  $(UV) pip compile --quiet $$args \
+	    --custom-compile-command "make lock, which runs uv $(UV_VERSION): uv pip compile $$args" \
+	    || exit 1; \
+	done
+
+$(UV):
+	$(PYTHON) -m venv build/uv
+	build/uv/bin/pip install uv==$(UV_VERSION)
 
 # make demo: embedded dataset -> TFRecords -> train + COCO eval of gin_configs/demo.gin -> exports
 # -> drawn predictions, each phase timed.

@@ -28,7 +28,7 @@ setuptools.setup(
     long_description=(_HERE / 'README.md').read_text(),
     long_description_content_type='text/markdown',
     packages=setuptools.find_packages(include=['nasfpn_tf', 'nasfpn_tf.*']),
-    python_requires='>=3.10,<3.13',
+    python_requires='>=3.10,<3.14',
     install_requires=_pins(_RUNTIME),
     extras_require={'test': _pins(_TEST)},
     license='Apache-2.0',
