@@ -35,6 +35,10 @@ or AVX512-BF16, GPUs; --fast_precision) ours in bfloat16 is an extra column. Tra
 like with like at that fast precision (TFM's COCO experiment trains in bfloat16:
 `mixed_precision_dtype`), and in float32.
 
+This file holds the flags and runs the comparisons of each configuration; the comparisons are in
+bench/ (latency, training with op_profile, memory, ap), the typed results and their JSON keys in
+bench/rows.py, the table in bench/report.py.
+
   python experiments/benchmark.py --configs=small,r50_640 --json --ap_num_val=64
       # 2 cores: small ~15 min plus ~15 min to train the AP model once; r50_640 ~30 min
   python experiments/benchmark.py --configs=r50_640 --repeats=3 --json
@@ -62,7 +66,8 @@ from nasfpn_tf.compat.tfm import retinanet_from_tfm  # noqa: E402
 from nasfpn_tf.utils.batch_norm import calibrate_batch_norm  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list('configs', ['small', 'r50_640'], 'Configurations to run (see CONFIGS in bench/models.py).')
+flags.DEFINE_list('configs', ['small', 'r50_640'],
+                  'Configurations to run (see CONFIGS in bench/models.py).')
 flags.DEFINE_bool('json', False, 'Also print one JSON object per configuration (last lines).')
 flags.DEFINE_integer('repeats', 5, 'Timed calls per side for batch-1 and network-only latency, '
                      'and timed train steps per variant.')
