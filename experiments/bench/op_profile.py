@@ -1,0 +1,66 @@
+"""Where a train step spends its time, from the TF profiler, by op type."""
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Callable, Dict
+
+import tensorflow as tf
+from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+from bench.timing import run, say
+
+PROFILE_CATEGORIES = ('conv', 'norm_relu_pool', 'rest')
+PROFILE_LABELS = {'conv': 'convolutions (forward, input and filter gradients)',
+                  'norm_relu_pool': 'batch norm, ReLU, max pool (forward and gradients)',
+                  'rest': 'rest (loss, casts, gradient sums, optimizer, resampling, XLA)'}
+
+
+def op_category(op_type: str) -> str:
+  op_type = op_type.replace('_MklNative', '').replace('_Mkl', '')
+  if 'Conv2D' in op_type:
+    return 'conv'
+  if op_type.startswith(('FusedBatchNorm', 'Relu', 'MaxPool')):
+    return 'norm_relu_pool'
+  return 'rest'
+
+
+def _op_seconds_by_category(logdir: str) -> Dict[str, float]:
+  """Sums the durations of the TF ops the executor ran (events 'name:Type' on the tf_Compute
+  threads) by category; an async op's launch (our XLA-compiled focal loss) counts as 'rest'."""
+  seconds = dict.fromkeys(PROFILE_CATEGORIES, 0.0)
+  for path in pathlib.Path(logdir).rglob('*.xplane.pb'):
+    space = xplane_pb2.XSpace()
+    space.ParseFromString(path.read_bytes())
+    for plane in space.planes:
+      for line in plane.lines:
+        if not line.name.startswith('tf_Compute'):
+          continue
+        for event in line.events:
+          name = plane.event_metadata[event.metadata_id].name
+          op_type = name.rsplit(':', 1)[-1]
+          if name == 'ExecutorState::ProcessAsync::Start':
+            category = 'rest'
+          elif ':' in name and '::' not in name and not op_type.startswith(' '):
+            category = op_category(op_type)
+          else:
+            continue  # Executor bookkeeping, or XLA's own events inside its launch.
+          seconds[category] += event.duration_ps * 1e-12
+  return seconds
+
+
+def profile_train_steps(steps: Dict[str, Callable[[], Any]],
+                        repeats: int) -> Dict[str, Dict[str, float]]:
+  """{side_variant: {category: seconds per step}} from `repeats` traced steps of each."""
+  result = {}
+  for name, step in steps.items():
+    logdir = tempfile.mkdtemp(prefix='nasfpn_profile_')
+    try:
+      tf.profiler.experimental.start(logdir)
+      for _ in range(repeats):
+        run(step)
+      tf.profiler.experimental.stop()
+      result[name] = {k: v / repeats for k, v in _op_seconds_by_category(logdir).items()}
+    finally:
+      shutil.rmtree(logdir, ignore_errors=True)
+    say(f'  profiled {name}: ' + ', '.join(f'{k} {v:.3f} s' for k, v in result[name].items()))
+  return result
