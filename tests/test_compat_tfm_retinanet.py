@@ -11,6 +11,7 @@ from official.vision.ops import anchor
 from nasfpn_tf.compat.tfm import load_tfm_retinanet_weights, retinanet_from_tfm
 from nasfpn_tf.models import RetinaNet
 from nasfpn_tf.models.backbones import IMAGENET_MEAN_RGB, IMAGENET_STDDEV_RGB
+from nasfpn_tf.models.postprocess import sorted_detection_rows
 
 SIZE = 128
 NUM_CLASSES = 5
@@ -74,15 +75,6 @@ def normalized(images):
   return (images - IMAGENET_MEAN_RGB) / IMAGENET_STDDEV_RGB
 
 
-def sorted_rows(detections, index):
-  count = int(detections['num_detections'][index])
-  rows = np.concatenate([
-      np.asarray(detections['detection_classes'][index, :count], np.float64)[:, None],
-      np.asarray(detections['detection_scores'][index, :count], np.float64)[:, None],
-      np.asarray(detections['detection_boxes'][index, :count], np.float64)], axis=1)
-  return rows[np.lexsort(rows.T[::-1])]
-
-
 def test_config_follows_the_tfm_model(tfm_model):
   ours = retinanet_from_tfm(tfm_model)
   config = ours.get_config()
@@ -121,7 +113,8 @@ def test_same_detections_from_the_same_raw_outputs(tfm_model, images):
   theirs = tfm_model.detection_generator(outputs['box_outputs'], outputs['cls_outputs'],
                                          their_anchors, image_shape)
   for index in range(2):
-    rows, their_rows = sorted_rows(detections, index), sorted_rows(theirs, index)
+    rows = sorted_detection_rows(detections, index)
+    their_rows = sorted_detection_rows(theirs, index)
     assert len(rows) == len(their_rows) > 20
     np.testing.assert_array_equal(rows[:, 0], their_rows[:, 0])
     np.testing.assert_allclose(rows[:, 1:], their_rows[:, 1:], atol=1e-4, rtol=1e-5)

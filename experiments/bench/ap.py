@@ -16,6 +16,7 @@ from bench.timing import say
 from nasfpn_tf.compat.tfm import retinanet_from_tfm
 from nasfpn_tf.data import create_coco_tfrecord, input_pipeline, synthetic
 from nasfpn_tf.evaluation import coco_metrics
+from nasfpn_tf.models.postprocess import sorted_detection_rows
 
 # The AP model: the small architecture, trained once on the synthetic shapes.
 AP_ARCHITECTURE = 'small'
@@ -89,18 +90,9 @@ def trained_ap_weights(work_dir: pathlib.Path, records: Dict[str, str], data: Ap
   return str(prefix)
 
 
-def _sorted_detections(detections, index):
-  count = int(detections['num_detections'][index])
-  rows = np.concatenate([
-      np.asarray(detections['detection_classes'][index, :count], np.float64)[:, None],
-      np.asarray(detections['detection_scores'][index, :count], np.float64)[:, None],
-      np.asarray(detections['detection_boxes'][index, :count], np.float64)], axis=1)
-  return rows[np.lexsort(rows.T[::-1])]
-
-
 def same_detections(a, b, index) -> bool:
   """Same count, classes, scores (1e-5) and boxes (1e-3 px) for image `index`."""
-  rows_a, rows_b = _sorted_detections(a, index), _sorted_detections(b, index)
+  rows_a, rows_b = sorted_detection_rows(a, index), sorted_detection_rows(b, index)
   return (rows_a.shape == rows_b.shape and np.array_equal(rows_a[:, 0], rows_b[:, 0]) and
           np.allclose(rows_a[:, 1], rows_b[:, 1], atol=1e-5) and
           np.allclose(rows_a[:, 2:], rows_b[:, 2:], atol=1e-3))

@@ -14,6 +14,7 @@ per 640px R-50 image on 2 CPU cores). Here the work scales with the kept candida
 """
 from typing import Dict, Mapping, Sequence
 
+import numpy as np
 import tensorflow as tf
 import tf_keras
 from official.vision.ops import box_ops
@@ -97,3 +98,14 @@ class DetectionGenerator(tf_keras.layers.Layer):
             'num_classes': self.num_classes, 'pre_nms_top_k': self.pre_nms_top_k,
             'pre_nms_score_threshold': self.pre_nms_score_threshold,
             'nms_iou_threshold': self.nms_iou_threshold, 'max_detections': self.max_detections}
+
+
+def sorted_detection_rows(detections: Mapping[str, tf.Tensor], index: int) -> np.ndarray:
+  """Image `index`'s detections as [N, 6] rows (class, score, ymin, xmin, ymax, xmax) in a fixed
+  order, so two detectors' outputs compare row by row whatever order each returned them in."""
+  count = int(detections['num_detections'][index])
+  rows = np.concatenate([
+      np.asarray(detections['detection_classes'][index, :count], np.float64)[:, None],
+      np.asarray(detections['detection_scores'][index, :count], np.float64)[:, None],
+      np.asarray(detections['detection_boxes'][index, :count], np.float64)], axis=1)
+  return rows[np.lexsort(rows.T[::-1])]
