@@ -2,7 +2,7 @@
 
 bfloat16 training is trusted on GPUs, TPUs and CPUs with AMX-BF16 (Intel Sapphire Rapids and
 later), and on CPUs without bfloat16 hardware, where TensorFlow emulates it (slowly). On CPUs with
-AVX512-BF16 but no AMX (AMD Zen 4 and 5), bfloat16 training of the RetinaNet on real COCO images
+AVX512-BF16 but no AMX (e.g. AMD Zen 4), bfloat16 training of the RetinaNet on real COCO images
 stopped learning while its loss stayed finite and its weights went NaN (issue 10; the README's
 "Mixed precision" section), so `mixed_precision='bfloat16'` trains in float32 there unless
 forced; the output says so.
