@@ -6,7 +6,7 @@ import setuptools
 
 _HERE = pathlib.Path(__file__).parent
 _RUNTIME = ('tensorflow', 'tf-keras', 'tf-models-official', 'pycocotools', 'gin-config',
-            'absl-py', 'numpy', 'matplotlib', 'pillow')
+            'absl-py', 'numpy', 'matplotlib', 'pillow', 'ray[tune]')
 _TEST = ('pytest', 'pytest-xdist')
 
 
