@@ -30,7 +30,8 @@ def _holds(clause, version):
 
 
 def _name(name):
-  return re.sub(r'[-_.]+', '-', name).lower()
+  """The normalized distribution name, extras dropped ('ray[tune]' -> 'ray')."""
+  return re.sub(r'[-_.]+', '-', re.sub(r'\[.*\]', '', name)).lower()
 
 
 def _supported_versions():
