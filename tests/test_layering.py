@@ -1,6 +1,6 @@
 """The package's layers: layers <- decoders <- models <- data/training/evaluation <- export <-
-main/predict/experiments. A lower layer never imports a higher one, and gin names are registered
-in config.py alone, not by imports in gin files."""
+main/predict/search/experiments. A lower layer never imports a higher one, and gin names are
+registered in config.py alone, not by imports in gin files."""
 import ast
 import pathlib
 
@@ -10,13 +10,13 @@ from nasfpn_tf.config import GIN_CONFIGS_DIR
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'nasfpn_tf'
 HIGHER_THAN_MODELS = ('nasfpn_tf.training', 'nasfpn_tf.export', 'nasfpn_tf.evaluation',
-                      'nasfpn_tf.data', 'experiments')
+                      'nasfpn_tf.data', 'nasfpn_tf.search', 'experiments')
 # Folder -> the modules no file in it may import.
 FORBIDDEN = {
     'layers': HIGHER_THAN_MODELS,
     'decoders': HIGHER_THAN_MODELS,
     'models': HIGHER_THAN_MODELS,
-    'export': ('nasfpn_tf.training', 'experiments'),
+    'export': ('nasfpn_tf.training', 'nasfpn_tf.search', 'experiments'),
 }
 
 
