@@ -63,6 +63,7 @@ from bench import ap, latency, memory, models, report, rows  # noqa: E402
 from bench import training as training_lib  # noqa: E402
 from bench.timing import say  # noqa: E402
 from nasfpn_tf.compat.tfm import retinanet_from_tfm  # noqa: E402
+from nasfpn_tf.models.geometry import normalize_pixels  # noqa: E402
 from nasfpn_tf.utils.batch_norm import calibrate_batch_norm  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -109,7 +110,7 @@ def run_config(name: str, precision: str, work_dir: pathlib.Path) -> rows.Config
   # Trained-like activations: without this, random BN statistics let activations grow through
   # the repeats until every score saturates, a regime no trained model is in (and one where
   # TFM's NMS is much faster: its padded NMS stops early once 100 boxes per class are kept).
-  calibrate_batch_norm(tfm_model, models.normalize(models.random_images(2, size, seed=5)))
+  calibrate_batch_norm(tfm_model, normalize_pixels(models.random_images(2, size, seed=5)))
   ours = retinanet_from_tfm(tfm_model)
   ours_bf16 = (None if precision == 'float32' else
                models.build_ours(ours.get_config(), precision, tfm_model))
@@ -126,7 +127,7 @@ def run_config(name: str, precision: str, work_dir: pathlib.Path) -> rows.Config
   batch = FLAGS.train_batch or config.train_batch
   if not FLAGS.skip_train:
     training = training_lib.training_comparison(
-        config, task, tfm_model, model_config, precision, batch, FLAGS.repeats, FLAGS.xla,
+        task, tfm_model, model_config, precision, batch, FLAGS.repeats, FLAGS.xla,
         FLAGS.profile_steps if FLAGS.profile_train_step else None)
   if not FLAGS.skip_memory:
     peak_rss_mb = {}

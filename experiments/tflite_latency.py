@@ -156,7 +156,7 @@ def measure_postprocess(output_dir: str) -> List[Dict]:
   class) pairs scored in [0.05, 1), the rest below the 0.05 threshold; random box encodings."""
   parse_gin([str(GIN_CONFIGS_DIR / f'{BASELINE}.gin')])
   model = build_retinanet()
-  anchors = tflite_postprocess.anchors_center_size(model)
+  anchors = tflite_postprocess.anchors_center_size(model.geometry)
   num_anchors, num_classes = len(anchors), model.get_config()['num_classes']
   results = []
   for regular in (True, False):

@@ -31,12 +31,11 @@ from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
 import tensorflow as tf
-from official.vision.ops import preprocess_ops
 
-from nasfpn_tf.data import input_pipeline
 from nasfpn_tf.data import label_map as label_map_lib
 from nasfpn_tf.evaluation import coco_metrics
 from nasfpn_tf.export import saved_model
+from nasfpn_tf.models import geometry
 
 _MODEL = flags.DEFINE_string(
     'model', None, 'A SavedModel folder, a .tflite file, or a model dir with checkpoints and '
@@ -120,10 +119,11 @@ def _tflite_detector(path: str) -> Tuple[Detector, Dict[int, str]]:
   size = detector.image_size
 
   def detect(image):
-    # The file takes the preprocessed image and answers in its input's pixels.
-    inputs, image_info = preprocess_ops.resize_and_crop_image(image, size, padded_size=size)
+    # The file takes the preprocessed image and answers in its input's pixels; its input size is
+    # all the preprocessing needs.
+    inputs, image_info = geometry.resize_and_pad(image, size)
     detections = detector(inputs.numpy())
-    detections['detection_boxes'] = input_pipeline.to_original_image(
+    detections['detection_boxes'] = geometry.to_original_image(
         detections['detection_boxes'], image_info[None]).numpy()
     return detections
 

@@ -10,7 +10,7 @@ from official.vision.ops import anchor
 
 from nasfpn_tf.compat.tfm import load_tfm_retinanet_weights, retinanet_from_tfm
 from nasfpn_tf.models import RetinaNet
-from nasfpn_tf.models.backbones import IMAGENET_MEAN_RGB, IMAGENET_STDDEV_RGB
+from nasfpn_tf.models.geometry import normalize_pixels
 from nasfpn_tf.models.postprocess import sorted_detection_rows
 
 SIZE = 128
@@ -71,10 +71,6 @@ def images():
   return tf.random.stateless_uniform([2, SIZE, SIZE, 3], seed=[3, 4], maxval=255.0)
 
 
-def normalized(images):
-  return (images - IMAGENET_MEAN_RGB) / IMAGENET_STDDEV_RGB
-
-
 def test_config_follows_the_tfm_model(tfm_model):
   ours = retinanet_from_tfm(tfm_model)
   config = ours.get_config()
@@ -89,7 +85,7 @@ def test_config_follows_the_tfm_model(tfm_model):
 
 def test_same_raw_outputs(tfm_model, images):
   outputs = retinanet_from_tfm(tfm_model)(images, training=False)
-  scores, boxes, _ = tfm_model.head(tfm_model.decoder(tfm_model.backbone(normalized(images))))
+  scores, boxes, _ = tfm_model.head(tfm_model.decoder(tfm_model.backbone(normalize_pixels(images))))
   for key, theirs in (('cls_outputs', scores), ('box_outputs', boxes)):
     for level in theirs:
       np.testing.assert_allclose(outputs[key][level], theirs[level], atol=1e-4, rtol=0)

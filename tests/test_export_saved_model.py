@@ -22,6 +22,7 @@ from nasfpn_tf import main
 from nasfpn_tf.data import input_pipeline
 from nasfpn_tf.data import tfexample
 from nasfpn_tf.export import saved_model
+from nasfpn_tf.models import geometry
 from nasfpn_tf.training import trainer as trainer_lib
 from training_helpers import match_detections
 from training_helpers import spread_scores
@@ -91,7 +92,7 @@ def keras_detections(detect, size, images):
     inputs, image_info = preprocess_ops.resize_and_crop_image(tf.constant(image), size,
                                                               padded_size=size)
     detections = detect(inputs[None])
-    detections['detection_boxes'] = input_pipeline.to_original_image(
+    detections['detection_boxes'] = geometry.to_original_image(
         detections['detection_boxes'], image_info[None])
     outputs.append({key: value.numpy() for key, value in detections.items()})
   return {key: np.concatenate([o[key] for o in outputs]) for key in outputs[0]}
@@ -164,7 +165,7 @@ def served(exported, synthetic_records, tmp_path_factory):
   expected_examples = []
   for batch, labels in eval_batches:  # the evaluation pipeline itself
     detections = detect(batch)
-    detections['detection_boxes'] = input_pipeline.to_original_image(
+    detections['detection_boxes'] = geometry.to_original_image(
         detections['detection_boxes'], labels['image_info'])
     expected_examples.append({key: value.numpy() for key, value in detections.items()})
   expected = {

@@ -107,7 +107,7 @@ def test_anchors_and_scales_decode_like_the_box_coder(loaded):
   TFM's decode_boxes in pixels, and the implements string parses as the op's attributes."""
   model = loaded[0]
   height, width = model.image_size
-  anchors = tflite_postprocess.anchors_center_size(model)
+  anchors = tflite_postprocess.anchors_center_size(model.geometry)
   pixels = np.concatenate([model.anchor_boxes[l].numpy().reshape(-1, 4)
                            for l in sorted(model.anchor_boxes, key=int)])
   deltas = np.random.RandomState(0).uniform(-1, 1, pixels.shape).astype(np.float32)

@@ -6,6 +6,7 @@ import tf_keras
 from official.vision.modeling.backbones import mobilenet
 
 from nasfpn_tf.models import backbones
+from nasfpn_tf.models import geometry
 
 
 def test_mobilenetv2_trimmed_drops_unused_final_conv():
@@ -53,8 +54,8 @@ def test_unknown_backbone_names_gin_binding():
 def test_image_normalization_values_and_config():
   layer = backbones.ImageNormalization()
   pixels = np.array([[[[0.0, 128.0, 255.0]]]], np.float32)
-  expected = (pixels - np.array(backbones.IMAGENET_MEAN_RGB)) / np.array(
-      backbones.IMAGENET_STDDEV_RGB)
+  expected = (pixels - np.array(geometry.IMAGENET_MEAN_RGB)) / np.array(
+      geometry.IMAGENET_STDDEV_RGB)
   np.testing.assert_allclose(layer(pixels), expected, rtol=1e-6)
   clone = backbones.ImageNormalization.from_config(layer.get_config())
   np.testing.assert_allclose(clone(pixels), expected, rtol=1e-6)

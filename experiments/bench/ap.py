@@ -3,19 +3,20 @@ architecture trained briefly on the synthetic shapes, copied into ours."""
 import dataclasses
 import pathlib
 import time
-from typing import Any, Dict
+from typing import Dict
 
 import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from bench.models import (CONFIGS, NUM_CLASSES, Config, build_ours, build_tfm, normalize,
-                          tfm_detect_fn, tfm_task)
+from bench.models import (CONFIGS, NUM_CLASSES, Config, build_ours, build_tfm, tfm_detect_fn,
+                          tfm_task)
 from bench.rows import Ap
 from bench.timing import say
-from nasfpn_tf.compat.tfm import retinanet_from_tfm
+from nasfpn_tf.compat.tfm import geometry_from_tfm, retinanet_from_tfm
 from nasfpn_tf.data import create_coco_tfrecord, input_pipeline, synthetic
 from nasfpn_tf.evaluation import coco_metrics
+from nasfpn_tf.models import geometry
 from nasfpn_tf.models.postprocess import sorted_detection_rows
 
 # The AP model: the small architecture, trained once on the synthetic shapes.
@@ -48,12 +49,6 @@ def synthetic_records(work_dir: pathlib.Path, data: ApData) -> Dict[str, str]:
           'val_json': str(root / 'raw' / 'annotations' / 'instances_val.json')}
 
 
-def _pipeline_config(image_size: int) -> Dict[str, Any]:
-  return {'image_size': [image_size, image_size], 'num_classes': NUM_CLASSES, 'min_level': 3,
-          'max_level': 7, 'anchor_num_scales': 3, 'anchor_aspect_ratios': [0.5, 1.0, 2.0],
-          'anchor_size': 4.0}
-
-
 def trained_ap_weights(work_dir: pathlib.Path, records: Dict[str, str], data: ApData) -> str:
   """TFM's model of the AP architecture trained with TFM's own train step in float32 on the
   synthetic train split; returns its checkpoint, made once. (In bfloat16, 1.5x faster, one run of
@@ -73,8 +68,8 @@ def trained_ap_weights(work_dir: pathlib.Path, records: Dict[str, str], data: Ap
   optimizer = tf_keras.optimizers.SGD(learning_rate=schedule, momentum=0.9, global_clipnorm=10.0)
   dataset = input_pipeline.build_train_dataset(
       file_pattern=records['train'], global_batch_size=AP_TRAIN_BATCH,
-      model_config=_pipeline_config(config.image_size))
-  dataset = dataset.map(lambda images, labels: (normalize(images), labels))
+      model_config=dict(geometry_from_tfm(model).to_config(), num_classes=NUM_CLASSES))
+  dataset = dataset.map(lambda images, labels: (geometry.normalize_pixels(images), labels))
   iterator = iter(dataset)
   step = tf.function(lambda: task.train_step(next(iterator), model, optimizer)['loss'])
   start = time.perf_counter()
@@ -116,7 +111,7 @@ def ap_comparison(config: Config, precision: str, work_dir: pathlib.Path, data: 
                 for name in detectors}
   dataset = input_pipeline.build_eval_dataset(
       file_pattern=records['val'], global_batch_size=8,
-      model_config=_pipeline_config(size))
+      model_config=ours.get_config())
   identical = {name: 0 for name in detectors if name != 'theirs'}
   seconds = {name: 0.0 for name in detectors}
   num_images = 0
@@ -127,7 +122,7 @@ def ap_comparison(config: Config, precision: str, work_dir: pathlib.Path, data: 
       outputs[name] = {k: v.numpy() for k, v in detect(images).items()}
       seconds[name] += time.perf_counter() - start
     for name, detections in outputs.items():
-      mapped = dict(detections, detection_boxes=input_pipeline.to_original_image(
+      mapped = dict(detections, detection_boxes=geometry.to_original_image(
           detections['detection_boxes'], labels['image_info']).numpy())
       evaluators[name].update(labels['source_id'], mapped)
     for i in range(int(images.shape[0])):

@@ -12,6 +12,7 @@ import tensorflow as tf
 from bench.models import CONFIGS, build_ours, build_tfm, random_images, tfm_detect_fn, tfm_task
 from bench.timing import run
 from bench.training import ours_train_step, tfm_train_step, train_batch
+from nasfpn_tf.models.geometry import ModelGeometry
 
 
 def _max_rss_mb() -> float:
@@ -37,7 +38,7 @@ def run_worker(kind: str, spec: Dict[str, Any]) -> Dict[str, float]:
       fn = tfm_detect_fn(build_tfm(tfm_task(config)), config.image_size)
     run(fn, images)  # The peak is reached in the first (tracing) call already.
   else:
-    images, labels = train_batch(config, spec['batch'])
+    images, labels = train_batch(ModelGeometry.from_config(spec['model_config']), spec['batch'])
     if spec['side'] == 'ours':
       step, _ = ours_train_step(spec['model_config'], spec['precision'], images, labels)
     else:

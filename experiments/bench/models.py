@@ -1,6 +1,6 @@
 """Both sides' models: TF Model Garden's RetinaNet as its users get it, ours converted from it,
 and the functions the benchmark times (end to end, network only)."""
-from typing import Any, Dict, NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
@@ -10,7 +10,7 @@ from official.vision import registry_imports  # noqa: F401  (TFM experiments and
 
 from nasfpn_tf.compat.tfm import load_tfm_retinanet_weights
 from nasfpn_tf.evaluation import coco_metrics
-from nasfpn_tf.models.backbones import IMAGENET_MEAN_RGB, IMAGENET_STDDEV_RGB
+from nasfpn_tf.models.geometry import normalize_pixels
 from nasfpn_tf.models.head import CLASS_PRIOR
 from nasfpn_tf.models.retinanet import RetinaNet
 from nasfpn_tf.training import precision as training_precision
@@ -104,17 +104,13 @@ def plain(value):
   return value
 
 
-def normalize(images: tf.Tensor) -> tf.Tensor:
-  """TFM's input convention (its parser normalizes outside the model)."""
-  return (images - tf.constant(IMAGENET_MEAN_RGB)) / tf.constant(IMAGENET_STDDEV_RGB)
-
-
 def tfm_detect_fn(tfm_model, image_size: int):
-  """TFM end to end: normalization + model + its default detection generator."""
+  """TFM end to end: normalization (outside the model, TFM's input convention) + model + its
+  default detection generator."""
   def detect(images):
     image_shape = tf.tile(tf.constant([[image_size, image_size]], tf.float32),
                           [tf.shape(images)[0], 1])
-    outputs = tfm_model(normalize(images), image_shape=image_shape, training=False)
+    outputs = tfm_model(normalize_pixels(images), image_shape=image_shape, training=False)
     return {k: outputs[k] for k in coco_metrics.DETECTION_KEYS}
   return tf.function(detect)
 
@@ -122,7 +118,7 @@ def tfm_detect_fn(tfm_model, image_size: int):
 def tfm_network_fn(tfm_model):
   """TFM backbone + decoder + head, inference mode (its model call adds post-processing)."""
   def network(images):
-    features = tfm_model.decoder(tfm_model.backbone(normalize(images), training=False),
+    features = tfm_model.decoder(tfm_model.backbone(normalize_pixels(images), training=False),
                                  training=False)
     scores, boxes, _ = tfm_model.head(features, training=False)
     return scores, boxes
@@ -133,15 +129,18 @@ def ours_network_fn(model, jit_compile=False):
   return tf.function(lambda images: model(images, training=False), jit_compile=jit_compile)
 
 
-def random_images(batch: int, size: int, seed: int = 1) -> tf.Tensor:
-  return tf.random.stateless_uniform([batch, size, size, 3], seed=[seed, 0], maxval=255.0)
+def random_images(batch: int, size: Union[int, Sequence[int]], seed: int = 1) -> tf.Tensor:
+  """[batch, height, width, 3] pixels in [0, 255); `size` is [height, width] or one side."""
+  height, width = (size, size) if isinstance(size, int) else size
+  return tf.random.stateless_uniform([batch, height, width, 3], seed=[seed, 0], maxval=255.0)
 
 
 def max_abs_diff(ours_model, tfm_model, size: int) -> float:
   """Largest difference of the raw outputs (class logits, box deltas) of the two networks."""
   images = random_images(2, size, seed=7)
   ours = ours_model(images, training=False)
-  scores, boxes, _ = tfm_model.head(tfm_model.decoder(tfm_model.backbone(normalize(images))))
+  features = tfm_model.decoder(tfm_model.backbone(normalize_pixels(images)))
+  scores, boxes, _ = tfm_model.head(features)
   diffs = [tf.reduce_max(tf.abs(tf.cast(ours[key][level], tf.float32) - theirs[level]))
            for key, theirs in (('cls_outputs', scores), ('box_outputs', boxes))
            for level in theirs]

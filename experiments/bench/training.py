@@ -9,20 +9,21 @@ import tensorflow as tf
 import tf_keras
 from official.vision.ops import anchor
 
-from bench.models import NUM_CLASSES, Config, build_tfm, normalize, random_images
+from bench.models import NUM_CLASSES, build_tfm, random_images
 from bench.op_profile import profile_train_steps
 from bench.rows import SUFFIX, Training, TrainStep
 from bench.timing import alternate, say
 from nasfpn_tf.compat.tfm import load_tfm_retinanet_weights
 from nasfpn_tf.models import factory as model_factory  # gin: build_retinanet
+from nasfpn_tf.models.geometry import ModelGeometry, normalize_pixels
 from nasfpn_tf.training.trainer import RetinaNetTrainer
 
 
-def train_batch(config: Config, batch: int, seed: int = 0):
+def train_batch(geometry: ModelGeometry, batch: int, seed: int = 0):
   """A fixed batch: random pixels, 1-8 random boxes per image labeled by TFM's AnchorLabeler
-  (the targets both RetinaNet losses read)."""
-  size = config.image_size
-  anchors = anchor.Anchor(3, 7, 3, [0.5, 1.0, 2.0], 4.0, [size, size]).multilevel_boxes
+  on the model's anchors (the targets both RetinaNet losses read)."""
+  size = np.array(geometry.image_size, np.float64)  # (height, width)
+  anchors = geometry.anchor_boxes()
   labeler = anchor.AnchorLabeler(0.5, 0.5)
   rng = np.random.default_rng(seed)
   per_image = []
@@ -39,7 +40,7 @@ def train_batch(config: Config, batch: int, seed: int = 0):
                       'box_targets': box_targets, 'cls_weights': cls_weights,
                       'box_weights': box_weights})
   labels = tf.nest.map_structure(lambda *x: tf.stack(x), *per_image)
-  return random_images(batch, size, seed=3), labels
+  return random_images(batch, geometry.image_size, seed=3), labels
 
 
 def _gin_bindings(model_config: Dict[str, Any]) -> List[str]:
@@ -77,18 +78,18 @@ def tfm_train_step(task, tfm_model, images, labels):
   """TFM's `RetinaNetTask.train_step` (SGD 0.01 / momentum 0.9) on the fixed batch, fed by an
   iterator like ours."""
   optimizer = tf_keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)
-  iterator = iter(tf.data.Dataset.from_tensors((normalize(images), labels)).repeat())
+  iterator = iter(tf.data.Dataset.from_tensors((normalize_pixels(images), labels)).repeat())
   step = tf.function(lambda: task.train_step(next(iterator), tfm_model, optimizer)['loss'])
   return step
 
 
-def training_comparison(config: Config, task, tfm_model, model_config: Dict[str, Any],
+def training_comparison(task, tfm_model, model_config: Dict[str, Any],
                         precision: str, batch: int, repeats: int, xla: bool = False,
                         profile_steps: Optional[int] = None) -> Training:
   """Both sides' steps in float32 and at the fast `precision` (bfloat16: TFM's COCO experiment),
   from `tfm_model`'s weights, timed over `repeats` steps after two untimed; with `xla`, ours in
   float32 under XLA too; with `profile_steps`, that many steps of each traced by op type."""
-  images, labels = train_batch(config, batch)
+  images, labels = train_batch(ModelGeometry.from_config(model_config), batch)
   say(f'training steps at batch {batch}: building the variants from the same weights')
   variants = ('float32',) + (() if precision == 'float32' else (precision,))
   steps = {}

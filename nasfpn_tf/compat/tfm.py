@@ -1,8 +1,9 @@
 """TF Model Garden (`official.vision`) RetinaNet models as `nasfpn_tf.models.RetinaNet`.
 
 For a whole TFM RetinaNet (ResNet, `nasfpn` decoder, RetinaNet head), `retinanet_from_tfm(model)`
-returns our RetinaNet with the same raw outputs, and `load_tfm_retinanet_weights(ours, model)`
-copies the weights into an existing one. The decoder is matched cell by cell (`tfm_nasfpn`), the
+returns our RetinaNet with the same raw outputs, `load_tfm_retinanet_weights(ours, model)`
+copies the weights into an existing one, and `geometry_from_tfm(model)` is its input size, levels
+and anchors as a `ModelGeometry`. The decoder is matched cell by cell (`tfm_nasfpn`), the
 backbone by walking both graphs, the head one weight to one.
 """
 import tensorflow as tf
@@ -11,6 +12,7 @@ import tf_keras
 from nasfpn_tf.compat import tfm_graph as graph
 from nasfpn_tf.compat import tfm_nasfpn
 from nasfpn_tf.decoders import block_specs as specs_lib
+from nasfpn_tf.models.geometry import ModelGeometry
 from nasfpn_tf.models.retinanet import RetinaNet
 
 # TFM ResNet settings our `backbones.build_backbone` (TFM's ResNet at its defaults) reproduces.
@@ -33,7 +35,6 @@ def retinanet_from_tfm(tfm_model, **overrides):
   generator's; `pre_nms_top_k` keeps ours (per level, where TFM's is per class over all
   levels). `overrides` replace any `RetinaNet` argument (e.g. `pre_nms_top_k`).
   """
-  model_config = tfm_model.get_config()
   backbone_config = tfm_model.backbone.get_config()
   if 'model_id' not in backbone_config or 'stem_type' not in backbone_config:
     raise ValueError(f'TFM backbone {type(tfm_model.backbone).__name__}: only ResNet backbones '
@@ -53,9 +54,6 @@ def retinanet_from_tfm(tfm_model, **overrides):
     raise ValueError('TFM head: attribute heads or per-level convs have no nasfpn_tf '
                      'equivalent.')
   generator_config = tfm_model.detection_generator.get_config()
-  image_size = overrides.get('image_size', list(tfm_model.backbone.inputs[0].shape[1:3]))
-  if None in image_size:
-    raise ValueError(f'The TFM model takes images of size {image_size}: pass image_size=[h, w].')
   regularizer = backbone_config['kernel_regularizer']
   l2 = getattr(regularizer, 'l2', None)
   if regularizer is not None and l2 is None:
@@ -63,15 +61,13 @@ def retinanet_from_tfm(tfm_model, **overrides):
   # TFM's get_config() omits the block specs.
   pyramid_specs = tfm_nasfpn.block_specs_from_tfm(
       tfm_model.decoder._block_specs)  # pylint: disable=protected-access
-  min_level, max_level = model_config['min_level'], model_config['max_level']
+  geometry = geometry_from_tfm(tfm_model, overrides.get('image_size'))
   named = [name for name in specs_lib.SPECS
-           if specs_lib.resolve(name, min_level, max_level) == pyramid_specs]
+           if specs_lib.resolve(name, geometry.min_level, geometry.max_level) == pyramid_specs]
   arguments = dict(
-      image_size=image_size,
+      **geometry.to_config(),
       num_classes=head_config['num_classes'],
       backbone=f"resnet{backbone_config['model_id']}",
-      min_level=min_level,
-      max_level=max_level,
       block_specs=named[0] if named else specs_lib.to_config(pyramid_specs),
       num_filters=decoder_config['num_filters'],
       num_repeats=decoder_config['num_repeats'],
@@ -80,9 +76,6 @@ def retinanet_from_tfm(tfm_model, **overrides):
       head_num_convs=head_config['num_convs'],
       head_num_filters=head_config['num_filters'],
       head_use_separable_conv=head_config['use_separable_conv'],
-      anchor_num_scales=model_config['num_scales'],
-      anchor_aspect_ratios=list(model_config['aspect_ratios']),
-      anchor_size=model_config['anchor_size'],
       pre_nms_score_threshold=generator_config['pre_nms_score_threshold'],
       nms_iou_threshold=generator_config['nms_iou_threshold'],
       max_detections=generator_config['max_num_detections'],
@@ -96,6 +89,18 @@ def retinanet_from_tfm(tfm_model, **overrides):
   model = RetinaNet(**{**arguments, **overrides})
   load_tfm_retinanet_weights(model, tfm_model)
   return model
+
+
+def geometry_from_tfm(tfm_model, image_size=None) -> ModelGeometry:
+  """The input size (its static one, else `image_size` [h, w]), levels and anchors of a built TFM
+  `RetinaNetModel`: what its input pipeline labels and its detection generator decodes."""
+  config = tfm_model.get_config()
+  if image_size is None:
+    image_size = list(tfm_model.backbone.inputs[0].shape[1:3])
+  if None in image_size:
+    raise ValueError(f'The TFM model takes images of size {image_size}: pass image_size=[h, w].')
+  return ModelGeometry(image_size, config['min_level'], config['max_level'], config['num_scales'],
+                       config['aspect_ratios'], config['anchor_size'])
 
 
 def load_tfm_retinanet_weights(retinanet, tfm_model) -> None:

@@ -1,49 +1,30 @@
 """RetinaNet training and evaluation input pipelines over detection TFRecords (TFM style).
 
-The image size, anchor settings and num_classes come from the model's config
+The image size, anchors (`ModelGeometry`) and num_classes come from the model's config
 (`RetinaNet.get_config()`, i.e. the `build_retinanet` gin bindings), so labels are always made
 for the anchors the model predicts on. Images are RGB float32 pixels in [0, 255]: the model
 normalizes them itself. Class ids are the dataset's own ids, kept raw (0 is background), so
 every id must lie in [1, num_classes).
 """
 import sys
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import gin
 import tensorflow as tf
 from official.vision.ops import anchor, box_ops, preprocess_ops
 
 from nasfpn_tf.data import tfexample
+from nasfpn_tf.models import geometry as geometry_lib
+from nasfpn_tf.models.geometry import ModelGeometry
 
 AUTOTUNE = tf.data.AUTOTUNE
-# The `RetinaNet.get_config()` entries the pipeline needs.
-MODEL_KEYS = ('image_size', 'num_classes', 'min_level', 'max_level', 'anchor_num_scales',
-              'anchor_aspect_ratios', 'anchor_size')
 
 
-def _model_settings(model_config: Mapping[str, Any]) -> Dict[str, Any]:
-  """The pipeline's view of the model config, validated before any data is read."""
-  missing = [key for key in MODEL_KEYS if key not in model_config]
-  if missing:
-    raise ValueError(f'model_config lacks {missing}; pass RetinaNet.get_config() (needs '
-                     f'{list(MODEL_KEYS)}).')
-  settings = {key: model_config[key] for key in MODEL_KEYS}
-  image_size = [int(s) for s in settings['image_size']]
-  stride = 2**int(settings['max_level'])
-  if len(image_size) != 2 or any(s <= 0 or s % stride for s in image_size):
-    raise ValueError(
-        f'image_size {image_size} must be [height, width], each a multiple of 2^max_level = '
-        f"{stride} (max_level = {settings['max_level']}), so every pyramid level divides evenly.")
-  settings['image_size'] = image_size
-  return settings
-
-
-def anchor_boxes(model_config: Mapping[str, Any]) -> Dict[str, tf.Tensor]:
-  """{level: [h, w, A*4]} TFM anchors in input pixels: the same boxes as `RetinaNet.anchor_boxes`."""
-  s = _model_settings(model_config)
-  return anchor.Anchor(s['min_level'], s['max_level'], s['anchor_num_scales'],
-                       [float(r) for r in s['anchor_aspect_ratios']], s['anchor_size'],
-                       s['image_size']).multilevel_boxes
+def _model_settings(model_config: Mapping[str, Any]) -> Tuple[ModelGeometry, int]:
+  """(geometry, num_classes) of the model config, validated before any data is read."""
+  if 'num_classes' not in model_config:
+    raise ValueError('model_config lacks num_classes; pass RetinaNet.get_config().')
+  return ModelGeometry.from_config(model_config), int(model_config['num_classes'])
 
 
 def _list_files(file_pattern: str) -> Sequence[str]:
@@ -130,14 +111,14 @@ def build_train_dataset(file_pattern: str,
   {level: [B, h, w, A*4]}, 'cls_weights' and 'box_weights' [B, num_anchors], 'image_info'
   [B, 4, 2] (see `build_eval_dataset`), what `RetinaNetLoss` consumes.
   """
-  settings = _model_settings(model_config)
-  image_size = settings['image_size']
-  anchors = anchor_boxes(settings)
+  geometry, num_classes = _model_settings(model_config)
+  image_size = list(geometry.image_size)
+  anchors = geometry.anchor_boxes()
   labeler = anchor.AnchorLabeler(match_threshold, unmatched_threshold)
 
   def parse(serialized):
     data = tfexample.decode_example(serialized)
-    classes = _checked_classes(data, settings['num_classes'], file_pattern)
+    classes = _checked_classes(data, num_classes, file_pattern)
     not_crowd = tf.logical_not(data['is_crowd'])
     boxes = tf.boolean_mask(data['boxes'], not_crowd)
     classes = tf.boolean_mask(classes, not_crowd)
@@ -182,24 +163,20 @@ def build_eval_dataset(file_pattern: str,
                        cycle_length: int = 16) -> tf.data.Dataset:
   """One deterministic pass of (images, labels) batches for evaluation.
 
-  Each image is resized to fit `image_size` (aspect ratio kept, no jitter) and zero-padded at the
-  bottom / right. Labels: 'image_info' [B, 4, 2] = TFM's [[orig_h, orig_w], [out_h, out_w],
-  [y_scale, x_scale], [offset_y, offset_x]] (what `to_original_image` needs; out is
-  `image_size`, as TFM 2.20 fills it, the image content being round(orig * scale)),
-  'source_id' [B] string, and 'groundtruths': 'boxes' [B, max_num_instances, 4] (ymin, xmin,
-  ymax, xmax in original pixels; padding -1), 'classes' (dataset ids; padding -1), 'is_crowd'
-  (padding False), 'area' (padding -1), 'num_instances' [B], 'height', 'width' [B]. An image
-  with more than `max_num_instances` objects keeps the first ones, with a warning on stderr.
-  The last batch may be smaller.
+  Each image goes through `geometry.resize_and_pad` (resized to fit `image_size`, aspect ratio
+  kept, no jitter, zero-padded at the bottom / right). Labels: 'image_info' [B, 4, 2] (TFM's,
+  from `resize_and_pad`: what `geometry.to_original_image` needs), 'source_id' [B] string, and
+  'groundtruths': 'boxes' [B, max_num_instances, 4] (ymin, xmin, ymax, xmax in original pixels;
+  padding -1), 'classes' (dataset ids; padding -1), 'is_crowd' (padding False), 'area' (padding
+  -1), 'num_instances' [B], 'height', 'width' [B]. An image with more than `max_num_instances`
+  objects keeps the first ones, with a warning on stderr. The last batch may be smaller.
   """
-  settings = _model_settings(model_config)
-  image_size = settings['image_size']
+  geometry, num_classes = _model_settings(model_config)
 
   def parse(serialized):
     data = tfexample.decode_example(serialized)
-    classes = _checked_classes(data, settings['num_classes'], file_pattern)
-    image, image_info = preprocess_ops.resize_and_crop_image(
-        data['image'], image_size, padded_size=image_size)
+    classes = _checked_classes(data, num_classes, file_pattern)
+    image, image_info = geometry_lib.resize_and_pad(data['image'], geometry.image_size)
     num_instances = tf.shape(classes)[0]
     if num_instances > max_num_instances:
       tf.print('WARNING: image', data['source_id'], 'in', file_pattern, 'has', num_instances,
@@ -221,22 +198,9 @@ def build_eval_dataset(file_pattern: str,
     }
     labels = {'image_info': image_info, 'source_id': data['source_id'],
               'groundtruths': groundtruths}
-    return tf.ensure_shape(image, image_size + [3]), labels
+    return image, labels
 
   dataset = _records(file_pattern, input_context, training=False, cycle_length=cycle_length)
   dataset = dataset.map(parse, num_parallel_calls=AUTOTUNE)
   dataset = dataset.batch(_per_replica_batch(global_batch_size, input_context))
   return dataset.prefetch(AUTOTUNE)
-
-
-def to_original_image(boxes: tf.Tensor, image_info: tf.Tensor) -> tf.Tensor:
-  """Boxes in model-input pixels -> original image pixels, clipped to the original image.
-
-  boxes [B, K, 4] (ymin, xmin, ymax, xmax) and image_info [B, 4, 2] from the pipeline:
-  undoes the crop offset, then the scale (input = original * scale - offset).
-  """
-  image_info = tf.cast(image_info, tf.float32)
-  original_size, scale, offset = image_info[:, 0:1], image_info[:, 2:3], image_info[:, 3:4]
-  boxes = (tf.cast(boxes, tf.float32) + tf.tile(offset, [1, 1, 2])) / tf.tile(scale, [1, 1, 2])
-  return tf.clip_by_value(boxes, 0.0, tf.tile(original_size, [1, 1, 2]))
-

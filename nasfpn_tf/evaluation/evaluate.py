@@ -10,8 +10,8 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import numpy as np
 import tensorflow as tf
 
-from nasfpn_tf.data import input_pipeline
 from nasfpn_tf.evaluation.coco_metrics import CocoEvaluator
+from nasfpn_tf.models import geometry
 
 DetectFn = Callable[[tf.Tensor], Mapping[str, Any]]
 
@@ -51,7 +51,7 @@ def evaluate_detector(detect_fn: DetectFn, dataset: tf.data.Dataset,
   start, num_images = time.perf_counter(), 0
   for images, labels in dataset:
     detections = dict(detect_fn(images))
-    detections['detection_boxes'] = input_pipeline.to_original_image(
+    detections['detection_boxes'] = geometry.to_original_image(
         detections['detection_boxes'], labels['image_info'])
     evaluator.update(labels['source_id'], detections)
     if annotation_file is None:

@@ -11,9 +11,9 @@ export is the network its checkpoints were trained as. Signatures:
   serving_tf_example     serialized_example  string [B]: tf.Examples with `image/encoded`
                                              (the layout of nasfpn_tf.data.tfexample).
 
-Each image is preprocessed exactly as evaluation does it (`build_eval_dataset`): resized keeping
-its aspect ratio to fit the model's image_size, zero-padded at the bottom/right; the model
-normalizes pixels itself. Every signature returns
+Each image is preprocessed exactly as evaluation does it (`models.geometry.resize_and_pad`):
+resized keeping its aspect ratio to fit the model's image_size, zero-padded at the bottom/right;
+the model normalizes pixels itself. Every signature returns
   detection_boxes    float32 [B, K, 4]  ymin, xmin, ymax, xmax in ORIGINAL image pixels
   detection_scores   float32 [B, K]
   detection_classes  int32 [B, K]       the dataset's category ids (as in the training records)
@@ -28,14 +28,13 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import gin
 import tensorflow as tf
 import tf_keras
-from official.vision.ops import preprocess_ops
 
 from nasfpn_tf import checkpointing
 from nasfpn_tf import config
-from nasfpn_tf.data import input_pipeline
 from nasfpn_tf.data import label_map as label_map_lib
 from nasfpn_tf.data import tfexample
 from nasfpn_tf.models import factory
+from nasfpn_tf.models import geometry
 from nasfpn_tf.models.retinanet import RetinaNet
 from nasfpn_tf.utils import files
 
@@ -105,8 +104,9 @@ def model_label_map(num_classes: int,
 
 
 class DetectionModule(tf.Module):
-  """The model between evaluation's preprocessing and `to_original_image`: images in, boxes in
-  original pixels out. Its methods are the SavedModel signatures (see the module docstring)."""
+  """The model between evaluation's preprocessing (`geometry.resize_and_pad`) and
+  `geometry.to_original_image`: images in, boxes in original pixels out. Its methods are the
+  SavedModel signatures (see the module docstring)."""
 
   def __init__(self, model: RetinaNet, label_map_file: Optional[str] = None):
     super().__init__()
@@ -120,20 +120,14 @@ class DetectionModule(tf.Module):
     if label_map_file:  # Copied into the SavedModel's assets/.
       self.label_map = tf.saved_model.Asset(label_map_file)
 
-  def _preprocess(self, image: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
-    """One uint8 [H, W, 3] image -> (model input, image_info), as `build_eval_dataset` does."""
-    image, image_info = preprocess_ops.resize_and_crop_image(
-        image, self._image_size, padded_size=self._image_size)
-    return tf.ensure_shape(image, self._image_size + [3]), image_info
-
   def _detect(self, images: tf.Tensor, decode) -> Dict[str, tf.Tensor]:
     """`decode` maps one element of `images` to a uint8 [H, W, 3] image."""
     inputs, image_info = tf.map_fn(
-        lambda image: self._preprocess(decode(image)), images,
+        lambda image: geometry.resize_and_pad(decode(image), self._image_size), images,
         fn_output_signature=(tf.TensorSpec(self._image_size + [3], tf.float32),
                              tf.TensorSpec([4, 2], tf.float32)))
     detections = self._detect_network(inputs)
-    detections['detection_boxes'] = input_pipeline.to_original_image(
+    detections['detection_boxes'] = geometry.to_original_image(
         detections['detection_boxes'], image_info)
     return detections
 

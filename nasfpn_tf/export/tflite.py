@@ -30,8 +30,8 @@ def tflite_function(model: RetinaNet, use_regular_nms: bool = True):
   """The concrete function to convert: images [1, H, W, 3] float32 -> the op's four outputs."""
   height, width = model.image_size
   num_classes = model.get_config()['num_classes']
-  levels = sorted(model.anchor_boxes, key=int)
-  anchors = tflite_postprocess.anchors_center_size(model)
+  levels = model.geometry.levels
+  anchors = tflite_postprocess.anchors_center_size(model.geometry)
   postprocess = tflite_postprocess.postprocess_op(
       tflite_postprocess.postprocess_attributes(model, use_regular_nms))
 

@@ -28,18 +28,19 @@ from typing import Any, Dict, Mapping
 import numpy as np
 import tensorflow as tf
 
+from nasfpn_tf.models.geometry import ModelGeometry
 from nasfpn_tf.models.retinanet import RetinaNet
 
 POSTPROCESS_OP = 'TFLite_Detection_PostProcess'
 
 
-def anchors_center_size(model: RetinaNet) -> np.ndarray:
+def anchors_center_size(geometry: ModelGeometry) -> np.ndarray:
   """The model's anchors, flattened in the order of its outputs (level, y, x, anchor), as the
   op reads them: [N, 4] float32 (ycenter, xcenter, height, width) divided by the input size."""
-  height, width = model.image_size
-  levels = sorted(model.anchor_boxes, key=int)
-  boxes = np.concatenate([np.asarray(model.anchor_boxes[level], np.float64).reshape(-1, 4)
-                          for level in levels])
+  height, width = geometry.image_size
+  anchor_boxes = geometry.anchor_boxes()
+  boxes = np.concatenate([np.asarray(anchor_boxes[level], np.float64).reshape(-1, 4)
+                          for level in geometry.levels])
   ymin, xmin, ymax, xmax = boxes.T
   return np.stack([(ymin + ymax) / 2 / height, (xmin + xmax) / 2 / width,
                    (ymax - ymin) / height, (xmax - xmin) / width], axis=-1).astype(np.float32)

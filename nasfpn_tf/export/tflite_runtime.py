@@ -2,8 +2,8 @@
 
 The file's interface (batch 1, the fixed `build_retinanet.image_size` [H, W]):
   input   images             [1, H, W, 3] RGB pixels in [0, 255], already resized / padded as
-                             evaluation does it (`build_eval_dataset`: resized keeping the aspect
-                             ratio to fit, zero-padded at the bottom / right):
+                             evaluation does it (`models.geometry.resize_and_pad`: resized
+                             keeping the aspect ratio to fit, zero-padded at the bottom / right):
                              float32, or uint8 for int8 with `int8_io` (its scale is 1 and zero
                              point 0, so raw pixels go in as they are).
   outputs detection_boxes    float32 [1, K, 4] ymin, xmin, ymax, xmax NORMALIZED to the input

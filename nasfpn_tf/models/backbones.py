@@ -1,9 +1,9 @@
 """Backbones by name (TF Model Garden's), trimmed to the features the pyramid reads.
 
 Input convention: RetinaNet takes raw RGB pixels in [0, 255] (float) and normalizes them itself with
-`ImageNormalization` (ImageNet mean/std, as TFM's RetinaNet input pipeline does outside its model),
-so an exported model needs no preprocessing beyond resizing/padding. TFM backbones normalize
-nothing themselves.
+`ImageNormalization` (`geometry.normalize_pixels`: ImageNet mean/std, as TFM's RetinaNet input
+pipeline does outside its model), so an exported model needs no preprocessing beyond
+resizing/padding. TFM backbones normalize nothing themselves.
 """
 from typing import Sequence
 
@@ -11,9 +11,7 @@ import tensorflow as tf
 import tf_keras
 from official.vision.modeling.backbones import mobilenet, resnet
 
-# ImageNet statistics on the [0, 255] scale, the values TFM's input pipelines use.
-IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+from nasfpn_tf.models import geometry
 
 PYRAMID_INPUT_LEVELS = ('3', '4', '5')
 
@@ -33,16 +31,14 @@ class ImageNormalization(tf_keras.layers.Layer):
   dtype (mixed precision).
   """
 
-  def __init__(self, mean: Sequence[float] = IMAGENET_MEAN_RGB,
-               stddev: Sequence[float] = IMAGENET_STDDEV_RGB, **kwargs):
+  def __init__(self, mean: Sequence[float] = geometry.IMAGENET_MEAN_RGB,
+               stddev: Sequence[float] = geometry.IMAGENET_STDDEV_RGB, **kwargs):
     super().__init__(**kwargs)
     self.mean = [float(m) for m in mean]
     self.stddev = [float(s) for s in stddev]
 
   def call(self, images):
-    images = tf.cast(images, tf.float32)
-    normalized = (images - tf.constant(self.mean)) / tf.constant(self.stddev)
-    return tf.cast(normalized, self.compute_dtype)
+    return tf.cast(geometry.normalize_pixels(images, self.mean, self.stddev), self.compute_dtype)
 
   def get_config(self):
     return {**super().get_config(), 'mean': self.mean, 'stddev': self.stddev}

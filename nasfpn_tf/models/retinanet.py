@@ -3,11 +3,11 @@ from typing import Dict, Optional, Sequence
 
 import tensorflow as tf
 import tf_keras
-from official.vision.ops import anchor
 
 from nasfpn_tf.decoders import NASFPN
 from nasfpn_tf.decoders import block_specs as block_specs_lib
 from nasfpn_tf.models import backbones
+from nasfpn_tf.models.geometry import ModelGeometry
 from nasfpn_tf.models.head import RetinaNetHead
 from nasfpn_tf.models.postprocess import DetectionGenerator
 
@@ -21,8 +21,9 @@ class RetinaNet(tf_keras.Model):
   (`backbones.ImageNormalization`). `model(images, training=...)` returns the raw outputs
   {'cls_outputs': {level: [B, h, w, A*num_classes] logits}, 'box_outputs': {level: [B, h, w,
   A*4] deltas}}, the network measured as "backbone + pyramid + head". `detect(images)` adds the
-  post-processing. `anchor_boxes` {level: [h, w, A*4]} are TFM `Anchor` boxes in input pixels,
-  what the training labeler needs. `num_classes` counts background (class 0, never predicted).
+  post-processing. `geometry` is its `ModelGeometry` (input size, levels, anchors);
+  `anchor_boxes` {level: [h, w, A*4]} are its TFM `Anchor` boxes in input pixels, what the
+  training labeler needs. `num_classes` counts background (class 0, never predicted).
   `activation` is the pyramid's and head's (TFM backbones keep their own). `l2_weight_decay`
   adds TFM's L2 kernel regularizer (weight_decay / 2 * sum w^2) to backbone, pyramid and head.
   `merge_filters` is the pyramid's (`NASFPN`): None merges at `num_filters` as the paper; TF
@@ -59,16 +60,17 @@ class RetinaNet(tf_keras.Model):
                norm_epsilon: float = 1e-3,
                l2_weight_decay: float = 0.0,
                **kwargs):
-    image_size = [int(s) for s in image_size]
-    _check_image_size(image_size, max_level)
-    config = {k: v for k, v in locals().items() if k not in ('self', 'kwargs', '__class__')}
-    config['anchor_aspect_ratios'] = [float(r) for r in anchor_aspect_ratios]
+    geometry = ModelGeometry(image_size, min_level, max_level, anchor_num_scales,
+                             anchor_aspect_ratios, anchor_size)
+    config = {k: v for k, v in locals().items()
+              if k not in ('self', 'kwargs', '__class__', 'geometry')}
+    config.update(geometry.to_config())
+    image_size = config['image_size']
     if not isinstance(block_specs, str):  # rows or BlockSpecs -> JSON-friendly rows
       config['block_specs'] = block_specs_lib.to_config(
           block_specs_lib.resolve(block_specs, min_level, max_level))
     norm = dict(use_sync_bn=use_sync_bn, norm_momentum=norm_momentum, norm_epsilon=norm_epsilon)
     regularizer = tf_keras.regularizers.l2(l2_weight_decay / 2.0) if l2_weight_decay else None
-    num_anchors = anchor_num_scales * len(anchor_aspect_ratios)
 
     images = tf_keras.Input(shape=image_size + [3], name='images')
     backbone_model = backbones.build_backbone(backbone, image_size + [3],
@@ -81,9 +83,10 @@ class RetinaNet(tf_keras.Model):
         dropblock_ramp_steps=dropblock_ramp_steps, kernel_regularizer=regularizer,
         name='decoder', **norm)
     head = RetinaNetHead(
-        min_level, max_level, num_classes, num_anchors, num_convs=head_num_convs,
-        num_filters=head_num_filters, use_separable_conv=head_use_separable_conv,
-        activation=activation, kernel_regularizer=regularizer, name='head', **norm)
+        min_level, max_level, num_classes, geometry.num_anchors_per_location,
+        num_convs=head_num_convs, num_filters=head_num_filters,
+        use_separable_conv=head_use_separable_conv, activation=activation,
+        kernel_regularizer=regularizer, name='head', **norm)
     features = decoder(backbone_model(backbones.ImageNormalization(name='normalize')(images)))
     cls_outputs, box_outputs = head(features)
     kwargs.setdefault('name', 'retinanet')
@@ -98,9 +101,8 @@ class RetinaNet(tf_keras.Model):
         image_size, num_classes, pre_nms_top_k=pre_nms_top_k,
         pre_nms_score_threshold=pre_nms_score_threshold, nms_iou_threshold=nms_iou_threshold,
         max_detections=max_detections, name='detection_generator')
-    self.anchor_boxes = anchor.Anchor(min_level, max_level, anchor_num_scales,
-                                      config['anchor_aspect_ratios'], anchor_size,
-                                      image_size).multilevel_boxes
+    self.geometry = geometry
+    self.anchor_boxes = geometry.anchor_boxes()
 
   @property
   def image_size(self):
@@ -121,16 +123,3 @@ class RetinaNet(tf_keras.Model):
   @classmethod
   def from_config(cls, config, custom_objects=None):
     return cls(**config)
-
-
-def _check_image_size(image_size, max_level):
-  """Every pyramid level must divide evenly: sizes are multiples of 2^max_level."""
-  if len(image_size) != 2:
-    raise ValueError(f'image_size (gin: build_retinanet.image_size) is [height, width], got '
-                     f'{image_size}.')
-  stride = 2**max_level
-  if any(size <= 0 or size % stride for size in image_size):
-    raise ValueError(
-        f'image_size {image_size} (gin: build_retinanet.image_size) must be a multiple of '
-        f'2^max_level = {stride} (build_retinanet.max_level = {max_level}): pad images, or '
-        f'use e.g. {[max(stride, -(-s // stride) * stride) for s in image_size]}.')
