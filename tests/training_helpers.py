@@ -73,20 +73,21 @@ def pairwise_iou(a, b):
   return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def match_detections(expected, actual, image=0):
+def match_detections(expected, actual, image=0, min_iou=0.95, score_tolerance=0.02):
   """Greedy one-to-one matching of image `image`'s detections in `expected`'s score order: same
-  class, box IoU >= 0.95 or corners within 0.5 px (a box clipped to the image border may have no
-  area), score within 0.02. Returns (unmatched expected indices, unmatched actual indices)."""
+  class, box IoU >= `min_iou` or corners within 0.5 px (a box clipped to the image border may
+  have no area), score within `score_tolerance`. Returns (unmatched expected indices, unmatched
+  actual indices)."""
   n = int(expected['num_detections'][image])
   m = int(actual['num_detections'][image])
   a = expected['detection_boxes'][image, :n]
   b = actual['detection_boxes'][image, :m]
-  same_box = (pairwise_iou(a, b) >= 0.95) | (np.abs(a[:, None] - b[None]).max(-1) <= 0.5)
+  same_box = (pairwise_iou(a, b) >= min_iou) | (np.abs(a[:, None] - b[None]).max(-1) <= 0.5)
   ok = (same_box
         & (expected['detection_classes'][image, :n, None]
            == actual['detection_classes'][image, None, :m])
         & (np.abs(expected['detection_scores'][image, :n, None]
-                  - actual['detection_scores'][image, None, :m]) <= 0.02))
+                  - actual['detection_scores'][image, None, :m]) <= score_tolerance))
   free = np.ones(m, bool)
   missing = []
   for i in range(n):

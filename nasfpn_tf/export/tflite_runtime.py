@@ -12,7 +12,9 @@ The file's interface (batch 1, the fixed `build_retinanet.image_size` [H, W]):
                              class 0 is background), name in `<stem>.labels.json`
                              (`data.label_map.read_tflite_labels`).
           detection_scores   float32 [1, K] sigmoid scores, decreasing.
-          num_detections     float32 [1] valid rows; later rows are zero.
+          num_detections     float32 [1] valid rows. Read only those: with regular NMS the op
+                             zeroes later rows, with fast NMS it leaves them unwritten (what
+                             the buffer held: an earlier image's rows, or garbage such as NaN).
   with K = build_retinanet.max_detections; the outputs are those of the post-processing op
   (`tflite_postprocess`).
 """
@@ -111,19 +113,21 @@ class TFLiteDetector:
     return np.clip(np.round(image / scale + zero_point), info.min, info.max).astype(dtype)
 
   def raw(self, image) -> Dict[str, np.ndarray]:
-    """The op's outputs as they are (normalized boxes, 0-based foreground indices, floats)."""
+    """The op's outputs as they are (normalized boxes, 0-based foreground indices, floats; rows
+    past num_detections undefined with fast NMS, see the module docstring)."""
     return self._runner(**{INPUT_NAME: self._input_tensor(image)})
 
   def __call__(self, image) -> Dict[str, np.ndarray]:
     out = self.raw(image)
-    height, width = self.image_size
     count = int(out['num_detections'][0])
-    valid = np.arange(out['detection_scores'].shape[1])[None] < count
-    boxes = np.clip(out['detection_boxes'] * [height, width, height, width], 0,
-                    [height, width, height, width]).astype(np.float32)
-    return {
-        'detection_boxes': np.where(valid[..., None], boxes, 0).astype(np.float32),
-        'detection_scores': np.where(valid, out['detection_scores'], 0).astype(np.float32),
-        'detection_classes': np.where(valid, out['detection_classes'].astype(np.int32) + 1, 0),
-        'num_detections': np.array([count], np.int32),
-    }
+    max_detections = out['detection_scores'].shape[1]
+    size = np.array(self.image_size * 2, np.float32)  # height, width, height, width
+    # Only the first `count` rows are read: the rest may be unwritten (fast NMS).
+    boxes = np.zeros([1, max_detections, 4], np.float32)
+    scores = np.zeros([1, max_detections], np.float32)
+    classes = np.zeros([1, max_detections], np.int32)
+    boxes[0, :count] = np.clip(out['detection_boxes'][0, :count] * size, 0, size)
+    scores[0, :count] = out['detection_scores'][0, :count]
+    classes[0, :count] = out['detection_classes'][0, :count].astype(np.int32) + 1
+    return {'detection_boxes': boxes, 'detection_scores': scores, 'detection_classes': classes,
+            'num_detections': np.array([count], np.int32)}
