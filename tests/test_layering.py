@@ -1,5 +1,5 @@
-"""The package's layers: layers <- decoders <- models <- data/training/evaluation <- export <-
-main/predict/experiments. A lower layer never imports a higher one, and gin names are registered
+"""The package's layers: layers <- decoders <- models <- data/training/evaluation <- export, search
+<- main/predict/experiments. A lower layer never imports a higher one, and gin names are registered
 in config.py alone, not by imports in gin files."""
 import ast
 import pathlib
@@ -17,6 +17,7 @@ FORBIDDEN = {
     'decoders': HIGHER_THAN_MODELS,
     'models': HIGHER_THAN_MODELS,
     'export': ('nasfpn_tf.training', 'experiments'),
+    'search': ('experiments',),
 }
 
 

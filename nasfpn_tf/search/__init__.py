@@ -1,0 +1,1 @@
+"""The NAS-FPN architecture search (paper §3, §4.2)."""
