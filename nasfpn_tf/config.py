@@ -23,6 +23,9 @@ def register_configurables() -> None:
   from nasfpn_tf.models import factory  # noqa: F401  build_retinanet
   from nasfpn_tf.models import losses  # noqa: F401  RetinaNetLoss
   from nasfpn_tf.search import controllers  # noqa: F401  EvolutionController/PPOController
+  from nasfpn_tf.search import cpu_proxy  # noqa: F401  CpuProxy
+  from nasfpn_tf.search import feature_cache  # noqa: F401  CpuProxyCache
+  from nasfpn_tf.search import rewards  # noqa: F401  reward
   from nasfpn_tf.training import schedules  # noqa: F401  StepDecay/CosineDecayWithWarmup
   from nasfpn_tf.training import trainer  # noqa: F401  RetinaNetTrainer
 

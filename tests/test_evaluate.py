@@ -33,3 +33,11 @@ def test_counts_images_and_stops_after_max_batches(synthetic_records):
 def test_an_empty_dataset_is_an_error(synthetic_records):
   with pytest.raises(ValueError, match='yielded no images'):
     evaluate.evaluate_detector(_nothing_detected, _eval_dataset(synthetic_records).take(0))
+
+
+def test_images_may_be_a_nest_of_batch_first_tensors(synthetic_records):
+  """The search evaluates on cached backbone features: a dict per batch, counted by its batch."""
+  features = _eval_dataset(synthetic_records).map(
+      lambda images, labels: ({'3': images[:, ::8, ::8], '4': images[:, ::16, ::16]}, labels))
+  result = evaluate.evaluate_detector(lambda f: _nothing_detected(f['3']), features)
+  assert result.num_images == 4

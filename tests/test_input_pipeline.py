@@ -109,6 +109,16 @@ def test_train_labels_match_anchor_labeler_without_crowd(first_image):
   assert 0 < float(tf.reduce_sum(labels['box_weights']))
 
 
+def test_train_example_parser_is_the_pipelines_step(first_image):
+  """One ordered pass with the public parser gives the labels the pipeline gives (the search
+  caches them so)."""
+  parse = input_pipeline.train_example_parser(MODEL_CONFIG, **NO_AUGMENTATION)
+  image, labels = parse(next(iter(tf.data.TFRecordDataset(first_image))))
+  assert image.shape == (128, 128, 3)
+  _assert_labels_equal(tf.nest.map_structure(lambda t: t[None], labels),
+                       _expected_labels(*IMAGES[0]))
+
+
 def test_forced_flip_mirrors_image_and_boxes(first_image):
   flipped = input_pipeline.build_train_dataset(
       first_image, 1, MODEL_CONFIG, **dict(NO_AUGMENTATION, flip_prob=1.0))

@@ -1,6 +1,6 @@
-"""The package's layers: layers <- decoders <- models <- data/training/evaluation <- export <-
-main/predict/search/experiments. A lower layer never imports a higher one, and gin names are
-registered in config.py alone, not by imports in gin files."""
+"""The package's layers: layers <- decoders <- models <- data/training/evaluation <- export, search
+<- main/predict/experiments. A lower layer never imports a higher one, and gin names are registered
+in config.py alone, not by imports in gin files."""
 import ast
 import pathlib
 
@@ -17,6 +17,7 @@ FORBIDDEN = {
     'decoders': HIGHER_THAN_MODELS,
     'models': HIGHER_THAN_MODELS,
     'export': ('nasfpn_tf.training', 'nasfpn_tf.search', 'experiments'),
+    'search': ('experiments',),
 }
 
 

@@ -83,6 +83,56 @@ def _per_replica_batch(global_batch_size: int,
   return global_batch_size
 
 
+def train_example_parser(model_config: Mapping[str, Any],
+                         aug_scale_min: float = 0.8,
+                         aug_scale_max: float = 1.2,
+                         flip_prob: float = 0.5,
+                         match_threshold: float = 0.5,
+                         unmatched_threshold: float = 0.5,
+                         source: str = 'the training records'):
+  """The per-record step of `build_train_dataset`: a serialized tf.Example -> (image, labels) of
+  one image, augmented and anchor-labeled as documented there (`source` names the records in
+  errors). Public for one ordered pass over records without shuffling or repetition: the
+  architecture search caches each training image's backbone features and labels once.
+  """
+  geometry, num_classes = _model_settings(model_config)
+  image_size = list(geometry.image_size)
+  anchors = geometry.anchor_boxes()
+  labeler = anchor.AnchorLabeler(match_threshold, unmatched_threshold)
+
+  def parse(serialized):
+    data = tfexample.decode_example(serialized)
+    classes = _checked_classes(data, num_classes, source)
+    not_crowd = tf.logical_not(data['is_crowd'])
+    boxes = tf.boolean_mask(data['boxes'], not_crowd)
+    classes = tf.boolean_mask(classes, not_crowd)
+
+    image, boxes, _ = preprocess_ops.random_horizontal_flip(data['image'], boxes,
+                                                            prob=flip_prob)
+    boxes = box_ops.denormalize_boxes(boxes, tf.shape(image)[:2])
+    image, image_info = preprocess_ops.resize_and_crop_image(
+        image, image_size, padded_size=image_size, aug_scale_min=aug_scale_min,
+        aug_scale_max=aug_scale_max)
+    # Clipped to the crop window: boxes of a jittered-up image can leave it.
+    boxes = preprocess_ops.resize_and_crop_boxes(boxes, image_info[2], image_info[1],
+                                                 image_info[3])
+    kept = box_ops.get_non_empty_box_indices(boxes)
+    boxes, classes = tf.gather(boxes, kept), tf.gather(classes, kept)
+
+    cls_targets, box_targets, _, cls_weights, box_weights = labeler.label_anchors(
+        anchors, boxes, classes[:, None])
+    labels = {
+        'cls_targets': {level: tf.cast(t, tf.int32) for level, t in cls_targets.items()},
+        'box_targets': box_targets,
+        'cls_weights': cls_weights,
+        'box_weights': box_weights,
+        'image_info': image_info,
+    }
+    return tf.ensure_shape(image, image_size + [3]), labels
+
+  return parse
+
+
 @gin.configurable(denylist=['model_config', 'input_context'])
 def build_train_dataset(file_pattern: str,
                         global_batch_size: int,
@@ -111,41 +161,8 @@ def build_train_dataset(file_pattern: str,
   {level: [B, h, w, A*4]}, 'cls_weights' and 'box_weights' [B, num_anchors], 'image_info'
   [B, 4, 2] (see `build_eval_dataset`), what `RetinaNetLoss` consumes.
   """
-  geometry, num_classes = _model_settings(model_config)
-  image_size = list(geometry.image_size)
-  anchors = geometry.anchor_boxes()
-  labeler = anchor.AnchorLabeler(match_threshold, unmatched_threshold)
-
-  def parse(serialized):
-    data = tfexample.decode_example(serialized)
-    classes = _checked_classes(data, num_classes, file_pattern)
-    not_crowd = tf.logical_not(data['is_crowd'])
-    boxes = tf.boolean_mask(data['boxes'], not_crowd)
-    classes = tf.boolean_mask(classes, not_crowd)
-
-    image, boxes, _ = preprocess_ops.random_horizontal_flip(data['image'], boxes,
-                                                            prob=flip_prob)
-    boxes = box_ops.denormalize_boxes(boxes, tf.shape(image)[:2])
-    image, image_info = preprocess_ops.resize_and_crop_image(
-        image, image_size, padded_size=image_size, aug_scale_min=aug_scale_min,
-        aug_scale_max=aug_scale_max)
-    # Clipped to the crop window: boxes of a jittered-up image can leave it.
-    boxes = preprocess_ops.resize_and_crop_boxes(boxes, image_info[2], image_info[1],
-                                                 image_info[3])
-    kept = box_ops.get_non_empty_box_indices(boxes)
-    boxes, classes = tf.gather(boxes, kept), tf.gather(classes, kept)
-
-    cls_targets, box_targets, _, cls_weights, box_weights = labeler.label_anchors(
-        anchors, boxes, classes[:, None])
-    labels = {
-        'cls_targets': {level: tf.cast(t, tf.int32) for level, t in cls_targets.items()},
-        'box_targets': box_targets,
-        'cls_weights': cls_weights,
-        'box_weights': box_weights,
-        'image_info': image_info,
-    }
-    return tf.ensure_shape(image, image_size + [3]), labels
-
+  parse = train_example_parser(model_config, aug_scale_min, aug_scale_max, flip_prob,
+                               match_threshold, unmatched_threshold, source=file_pattern)
   dataset = _records(file_pattern, input_context, training=True, cycle_length=cycle_length)
   dataset = dataset.shuffle(shuffle_buffer_size).repeat()
   dataset = dataset.map(parse, num_parallel_calls=AUTOTUNE, deterministic=False)

@@ -41,7 +41,9 @@ def evaluate_detector(detect_fn: DetectFn, dataset: tf.data.Dataset,
   """COCO box metrics of `detect_fn` on `dataset`.
 
   `detect_fn(images)` returns detections in input pixels (`RetinaNet.detect`, a SavedModel's or a
-  TFLite detector's), tensors or arrays; `dataset` yields `build_eval_dataset`'s (images, labels).
+  TFLite detector's), tensors or arrays; `dataset` yields `build_eval_dataset`'s (images, labels),
+  where `images` may also be any nest of batch-first tensors that `detect_fn` takes (the search
+  feeds cached backbone features).
   Ground truth: the COCO json `annotation_file`, else the records' own. The dataset's category
   ids are the class indices, so detections need no mapping back.
   """
@@ -56,7 +58,7 @@ def evaluate_detector(detect_fn: DetectFn, dataset: tf.data.Dataset,
     evaluator.update(labels['source_id'], detections)
     if annotation_file is None:
       add_groundtruth(evaluator, labels)
-    num_images += int(images.shape[0])
+    num_images += int(tf.nest.flatten(images)[0].shape[0])
   if not num_images:
     raise ValueError('the eval dataset (build_eval_dataset.file_pattern) yielded no images.')
   return Evaluation(evaluator.evaluate(), num_images, time.perf_counter() - start)

@@ -32,3 +32,13 @@ def bound_model_arguments() -> Dict[str, Any]:
     except ValueError:  # not bound
       continue
   return bound
+
+
+def model_argument(name: str) -> Any:
+  """The `build_retinanet` argument `name` as the parsed gin config binds it, else RetinaNet's
+  default."""
+  if name not in MODEL_ARGUMENTS:
+    raise ValueError(f'{name!r} is not a build_retinanet argument; they are '
+                     f'{list(MODEL_ARGUMENTS)}.')
+  return bound_model_arguments().get(
+      name, inspect.signature(RetinaNet.__init__).parameters[name].default)
