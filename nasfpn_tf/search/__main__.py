@@ -30,6 +30,9 @@ flags.DEFINE_enum('proxy', 'cpu', list(PROXIES), 'cpu: the embedded data, frozen
                   '512 px, 10 epochs) on --data_dir; synthetic: no training, agreement with a '
                   'target table (tests the search machinery).')
 flags.DEFINE_string('data_dir', None, 'COCO TFRecords for --proxy=paper.')
+flags.DEFINE_string('proxy_dir', None, 'What the trials share, such as the CPU proxy\'s cached '
+                    'backbone features; default SEARCH_DIR/proxy. Point searches on the same proxy '
+                    'to one dir to build it once.')
 flags.DEFINE_enum('reward', 'ap', ['ap', 'ap_flops'], 'ap: the paper\'s; ap_flops: AP x '
                   '(FLOPs/--target_flops)^w, to aim at a compute budget.')
 flags.DEFINE_float('target_flops', None, 'FLOPs budget of --reward=ap_flops (2 per multiply-add, '
@@ -61,7 +64,7 @@ def main(argv):
       proxy=FLAGS.proxy, reward=FLAGS.reward, target_flops=FLAGS.target_flops,
       space=SearchSpace(FLAGS.num_cells, FLAGS.min_level, FLAGS.max_level), seed=FLAGS.seed,
       init_block_specs=FLAGS.init_block_specs, gin_bindings=tuple(FLAGS.gin_bindings),
-      data_dir=FLAGS.data_dir, cpus_per_trial=FLAGS.cpus_per_trial,
+      data_dir=FLAGS.data_dir, proxy_dir=FLAGS.proxy_dir, cpus_per_trial=FLAGS.cpus_per_trial,
       gpus_per_trial=FLAGS.gpus_per_trial, max_failures=FLAGS.max_failures,
       ray_address=FLAGS.ray_address, synthetic_seconds=FLAGS.synthetic_seconds)
   print(json.dumps(run_search(settings)), flush=True)

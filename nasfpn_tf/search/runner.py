@@ -47,6 +47,7 @@ class SearchSettings:
   init_block_specs: Optional[str] = None
   gin_bindings: Sequence[str] = ()
   data_dir: Optional[str] = None
+  proxy_dir: Optional[str] = None  # what trials share (the CPU proxy's cache); default DIR/proxy
   cpus_per_trial: float = 2
   gpus_per_trial: float = 0
   max_failures: int = 2
@@ -193,7 +194,7 @@ class ControllerSearcher:
         'gin_bindings': list(s.gin_bindings), 'data_dir': s.data_dir,
         'cpus_per_trial': s.cpus_per_trial, 'synthetic_seconds': s.synthetic_seconds,
         'results_dir': str((self.directory / 'results').resolve()),
-        'work_dir': str((self.directory / 'proxy').resolve())}
+        'work_dir': str(pathlib.Path(s.proxy_dir or self.directory / 'proxy').resolve())}
 
 
 def _proposal(record: Dict[str, Any]) -> controllers_lib.Proposal:
