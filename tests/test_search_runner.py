@@ -3,11 +3,12 @@ import json
 import pickle
 
 import gin
+import numpy as np
 import pytest
 
 from nasfpn_tf import config
 from nasfpn_tf.decoders import block_specs as specs_lib
-from nasfpn_tf.search import progress, runner
+from nasfpn_tf.search import controllers, progress, runner
 from nasfpn_tf.search.journal import Journal, ResultStore
 from nasfpn_tf.search.space import SearchSpace
 from nasfpn_tf.search.trials import synthetic_result
@@ -87,18 +88,20 @@ def test_every_sample_is_journaled_once_and_each_key_trained_once(tmp_path):
     assert record['key'] == SMALL.key(record['block_specs'])
 
 
-def test_a_restart_continues_without_losing_or_repeating_a_sample(tmp_path):
-  settings = _settings(tmp_path)
+@pytest.mark.parametrize('algorithm', ['random', 'ppo'])
+def test_a_restart_continues_without_losing_or_repeating_a_sample(tmp_path, algorithm):
+  settings = _settings(tmp_path, algorithm=algorithm)
   runner.check_search_dir(settings)
-  first = runner.ControllerSearcher(settings, log=lambda line: None)
+  state_path = tmp_path / 'search' / 'controller.pkl'
+  saved_states = []  # the controller's state file after each journal line
+  first = runner.ControllerSearcher(
+      settings, log=lambda line: saved_states.append(state_path.read_bytes()))
   _run_in_process(first, stop_after=15)  # killed with trials in flight
   assert len(first.records) >= 15
   done = list(first.records)
-  # A kill between a journal line and the controller's state: the state is one line behind.
-  state_path = tmp_path / 'search' / 'controller.pkl'
-  saved = pickle.loads(state_path.read_bytes())
-  saved['num_records'] -= 1
-  state_path.write_bytes(pickle.dumps(saved))
+  # Killed between a journal line and the state it leads to: the state is one line behind.
+  state_path.write_bytes(saved_states[-2])
+  assert pickle.loads(state_path.read_bytes())['num_records'] == len(done) - 1
 
   second = runner.ControllerSearcher(settings, log=lambda line: None)
   assert second.records == done
@@ -107,6 +110,13 @@ def test_a_restart_continues_without_losing_or_repeating_a_sample(tmp_path):
   records = Journal(tmp_path / 'search' / 'trials.jsonl').read()
   assert [r['trial'] for r in records] == list(range(40))
   assert records[:len(done)] == done
+  if algorithm == 'ppo':
+    # The same policy as a controller that saw every reward without a restart.
+    reference = controllers.make_controller('ppo', SMALL, seed=3)
+    for record in records:
+      reference.feedback(runner._proposal(record), record['reward'])  # pylint: disable=protected-access
+    for ours, theirs in zip(second.controller.state()['weights'], reference.state()['weights']):
+      np.testing.assert_array_equal(ours, theirs)
 
 
 def test_a_search_dir_of_another_search_is_refused(tmp_path):

@@ -179,7 +179,8 @@ class ControllerSearcher:
         'trial': len(self.records), 'key': proposal.key,
         'block_specs': specs_lib.to_config(proposal.block_specs), 'reward': reward,
         'seconds': seconds, 'cached': cached, 'result': result, 'node_id': node_id,
-        'actions': list(proposal.actions), 'log_probs': list(proposal.log_probs)}
+        'actions': list(proposal.actions), 'log_probs': list(proposal.log_probs),
+        'proposal_index': proposal.index}
     self.journal.append(record)
     self.records.append(record)
     self.controller.feedback(proposal, reward)
@@ -201,7 +202,8 @@ def _proposal(record: Dict[str, Any]) -> controllers_lib.Proposal:
   """The proposal a journal line records, to feed back again after a restart."""
   return controllers_lib.Proposal(
       block_specs=specs_lib.resolve(record['block_specs']), key=record['key'],
-      actions=tuple(record['actions']), log_probs=tuple(record['log_probs']))
+      actions=tuple(record['actions']), log_probs=tuple(record['log_probs']),
+      index=record['proposal_index'])
 
 
 def _tune_searcher(searcher: ControllerSearcher):
