@@ -12,6 +12,7 @@ from nasfpn_tf.search import controllers, progress, runner
 from nasfpn_tf.search.journal import Journal, ResultStore
 from nasfpn_tf.search.space import SearchSpace
 from nasfpn_tf.search.trials import synthetic_result
+from training_helpers import drive_in_process
 
 # 2 output cells over P3-P4: few enough keys (28) that random search repeats them.
 SMALL = SearchSpace(num_cells=2, min_level=3, max_level=4)
@@ -52,32 +53,11 @@ def _settings(tmp_path, **overrides):
   return runner.SearchSettings(**values)
 
 
-def _run_in_process(searcher, num_parallel=3, stop_after=None):
-  """Drives `searcher` as Tune would, `num_parallel` trials at a time, training synthetically in
-  this process; stops (as a kill would) after `stop_after` completions."""
-  in_flight, next_id, completions = [], 0, 0
-  while True:
-    while len(in_flight) < num_parallel:
-      config = searcher.suggest(f't{next_id}')
-      next_id += 1
-      if config is None:
-        break
-      in_flight.append((f't{next_id - 1}', config))
-    if not in_flight or completions == stop_after:
-      return
-    trial_id, config = in_flight.pop(0)
-    result = synthetic_result(SMALL, config['block_specs'])
-    searcher.results.put(config['key'], result)
-    searcher.complete(trial_id, {'result_json': json.dumps(result), 'reused': False,
-                                 'seconds': 0.1}, False)
-    completions += 1
-
-
 def test_every_sample_is_journaled_once_and_each_key_trained_once(tmp_path):
   settings = _settings(tmp_path)
   runner.check_search_dir(settings)
   searcher = runner.ControllerSearcher(settings, log=lambda line: None)
-  _run_in_process(searcher)
+  drive_in_process(searcher)
   records = Journal(tmp_path / 'search' / 'trials.jsonl').read()
   assert [r['trial'] for r in records] == list(range(40))
   trained = [r['key'] for r in records if not r['cached']]
@@ -96,7 +76,7 @@ def test_a_restart_continues_without_losing_or_repeating_a_sample(tmp_path, algo
   saved_states = []  # the controller's state file after each journal line
   first = runner.ControllerSearcher(
       settings, log=lambda line: saved_states.append(state_path.read_bytes()))
-  _run_in_process(first, stop_after=15)  # killed with trials in flight
+  drive_in_process(first, stop_after=15)  # killed with trials in flight
   assert len(first.records) >= 15
   done = list(first.records)
   # Killed between a journal line and the state it leads to: the state is one line behind.
@@ -106,7 +86,7 @@ def test_a_restart_continues_without_losing_or_repeating_a_sample(tmp_path, algo
   second = runner.ControllerSearcher(settings, log=lambda line: None)
   assert second.records == done
   assert pickle.loads(state_path.read_bytes())['num_records'] == len(done)
-  _run_in_process(second)
+  drive_in_process(second)
   records = Journal(tmp_path / 'search' / 'trials.jsonl').read()
   assert [r['trial'] for r in records] == list(range(40))
   assert records[:len(done)] == done
@@ -150,7 +130,7 @@ def test_outputs_are_written(tmp_path):
   settings = _settings(tmp_path, num_trials=10)
   runner.check_search_dir(settings)
   searcher = runner.ControllerSearcher(settings, log=lambda line: None)
-  _run_in_process(searcher)
+  drive_in_process(searcher)
   summary = searcher.progress.summary(wall_seconds=1.0)
   records = searcher.records
   best = max(records, key=lambda r: r['reward'])
