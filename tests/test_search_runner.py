@@ -1,6 +1,7 @@
 """The search loop without Ray: journal, result store, duplicates, budget, resuming, outputs."""
 import json
 import pickle
+import socket
 
 import gin
 import numpy as np
@@ -145,3 +146,25 @@ def test_outputs_are_written(tmp_path):
       improvements, best_so_far = improvements + 1, record['reward']
   assert len(list((directory / 'architectures').glob('*.png'))) == improvements
   assert json.loads((directory / 'search.json').read_text())['space'] == SMALL.config()
+
+
+def test_an_unreachable_ray_address_is_named_at_once():
+  with socket.socket() as s:  # a port nothing listens on once this closes
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  with pytest.raises(ValueError, match=f"--ray_address='127.0.0.1:{port}': no Ray cluster"):
+    runner.check_reachable(f'127.0.0.1:{port}', timeout=2)
+  with pytest.raises(ValueError, match='is not host:port'):
+    runner.check_reachable('head-node')
+
+
+def test_unknown_settings_are_named(tmp_path):
+  with pytest.raises(ValueError, match="--proxy='gpu'"):
+    runner.run_search(_settings(tmp_path, proxy='gpu'))
+  with pytest.raises(ValueError, match='--target_flops'):
+    runner.run_search(_settings(tmp_path, reward='ap_flops'))
+  with pytest.raises(ValueError, match="--algorithm='annealing'"):
+    runner.run_search(_settings(tmp_path, algorithm='annealing'))
+  with pytest.raises(ValueError, match="--init_block_specs='nasfpn' is not in SearchSpace"):
+    runner.run_search(_settings(tmp_path, init_block_specs='nasfpn'))  # a 7-cell P3-P7 table
+  assert not (tmp_path / 'search').exists()  # nothing recorded that a fixed command would trip on

@@ -235,6 +235,15 @@ def run_search(settings: SearchSettings, log=print) -> Dict[str, Any]:
   """Runs (or resumes) the search in `settings.search_dir`; returns the final summary."""
   if settings.proxy not in PROXIES:
     raise ValueError(f'--proxy={settings.proxy!r} is not one of {list(PROXIES)}.')
+  if settings.algorithm not in controllers_lib.CONTROLLERS:
+    raise ValueError(f'--algorithm={settings.algorithm!r} is not one of '
+                     f'{sorted(controllers_lib.CONTROLLERS)}.')
+  if settings.init_block_specs is not None:
+    try:
+      settings.space.encode(settings.init_block_specs)
+    except ValueError as e:
+      raise ValueError(f'--init_block_specs={settings.init_block_specs!r} is not in '
+                       f'{settings.space.describe()}: {e}') from e
   rewards_lib.check(settings.reward, settings.target_flops)
   pathlib.Path(settings.search_dir).mkdir(parents=True, exist_ok=True)
   check_search_dir(settings)
