@@ -243,7 +243,7 @@ def run_search(settings: SearchSettings, log=print) -> Dict[str, Any]:
       settings.space.encode(settings.init_block_specs)
     except ValueError as e:
       raise ValueError(f'--init_block_specs={settings.init_block_specs!r} is not in '
-                       f'{settings.space.describe()}: {e}') from e
+                       f'{settings.space!r}: {e}') from e
   rewards_lib.check(settings.reward, settings.target_flops)
   pathlib.Path(settings.search_dir).mkdir(parents=True, exist_ok=True)
   check_search_dir(settings)
