@@ -64,12 +64,14 @@ class SearchSettings:
     return identity
 
 
-def check_search_dir(settings: SearchSettings) -> None:
-  """Writes `search.json` in a new search dir; in an existing one, refuses other settings."""
+def check_search_dir(settings: SearchSettings, record: bool = True) -> None:
+  """Refuses a search dir that holds another search; with `record`, writes `search.json` in a
+  new one."""
   path = pathlib.Path(settings.search_dir) / 'search.json'
   identity = settings.identity()
   if not path.exists():
-    atomic_write(path, json.dumps(identity, indent=2, sort_keys=True))
+    if record:
+      atomic_write(path, json.dumps(identity, indent=2, sort_keys=True))
     return
   recorded = json.loads(path.read_text())
   differences = {name: (recorded.get(name), value) for name, value in identity.items()
@@ -195,7 +197,13 @@ class ControllerSearcher:
         'gin_bindings': list(s.gin_bindings), 'data_dir': s.data_dir,
         'cpus_per_trial': s.cpus_per_trial, 'synthetic_seconds': s.synthetic_seconds,
         'results_dir': str((self.directory / 'results').resolve()),
-        'work_dir': str(pathlib.Path(s.proxy_dir or self.directory / 'proxy').resolve())}
+        'work_dir': proxy_dir(s)}
+
+
+def proxy_dir(settings: SearchSettings) -> str:
+  """Where the trials' shared proxy files live (absolute: workers run elsewhere)."""
+  return str(pathlib.Path(settings.proxy_dir or pathlib.Path(settings.search_dir, 'proxy'))
+             .resolve())
 
 
 def _proposal(record: Dict[str, Any]) -> controllers_lib.Proposal:
@@ -245,9 +253,15 @@ def run_search(settings: SearchSettings, log=print) -> Dict[str, Any]:
       raise ValueError(f'--init_block_specs={settings.init_block_specs!r} is not in '
                        f'{settings.space!r}: {e}') from e
   rewards_lib.check(settings.reward, settings.target_flops)
-  pathlib.Path(settings.search_dir).mkdir(parents=True, exist_ok=True)
-  check_search_dir(settings)
+  check_search_dir(settings, record=False)
   started = time.time()
+  if settings.proxy != 'synthetic':
+    # What the trials share (the CPU proxy's cache), built here once rather than by the first
+    # trials at the same time; it also parses the proxy's gin, so bindings that do not build
+    # fail before the search dir records them.
+    from nasfpn_tf.search import proxy  # pylint: disable=g-import-not-at-top
+    proxy.prepare(settings.proxy, proxy_dir(settings), settings.gin_bindings)
+  check_search_dir(settings)
   searcher = ControllerSearcher(settings, log)
   if not searcher.finished:
     _run_trials_on_ray(settings, searcher)

@@ -69,8 +69,7 @@ def _run_proxy(config: Dict[str, Any]) -> Dict[str, Any]:
     time.sleep(config.get('synthetic_seconds', 0.0))
     return synthetic_result(SearchSpace.from_config(config['space']), config['block_specs'])
   from nasfpn_tf.search import proxy  # pylint: disable=g-import-not-at-top  (TensorFlow)
-  proxy.configure_threads(config['cpus_per_trial'])
   return proxy.run_trial(
       config['block_specs'], proxy=config['proxy'], seed=config['seed'],
       work_dir=config['work_dir'], gin_bindings=config['gin_bindings'],
-      data_dir=config['data_dir']).to_dict()
+      num_threads=max(1, int(config['cpus_per_trial'])), data_dir=config['data_dir']).to_dict()
