@@ -17,7 +17,7 @@ DEMO_DIR ?= runs/demo
 # 2 cores finish sooner than one.
 TEST_WORKERS ?= 2
 
-.PHONY: demo demo-steps test clean lock
+.PHONY: demo demo-steps search-demo test clean lock
 
 # The venv's interpreter (.venv's own once it exists) must be a supported version: otherwise one
 # line says which it found and what to run instead, before anything is created.
@@ -127,6 +127,20 @@ $(DEMO_RECORDS)/%-label_map.json: $(DEMO_DATA)/annotations/instances_val.json
 	  --annotations_file=$(DEMO_DATA)/annotations/instances_$*.json \
 	  --image_dir=$(DEMO_DATA)/$* --output_prefix=$(DEMO_RECORDS)/$* --num_shards=2 \
 	  --num_threads=2 > $(DEMO_RECORDS)-$*.json)
+
+# make search-demo: a short architecture search (PPO) on the CPU proxy into $(SEARCH_DIR), timed.
+# The proxy's shared cache (a backbone trained once, its features) is built first; every trial
+# then trains one pyramid on it. A rerun resumes; a larger SEARCH_DEMO_TRIALS extends the search.
+# PPO updates its policy every 4 rewards here (16 in a real search) so that it learns within the
+# demo's budget.
+SEARCH_DIR ?= runs/search_demo
+SEARCH_DEMO_TRIALS ?= 12
+search-demo: $(STAMP)
+	@s=$$(date +%s); $(DEMO_ENV) $(PY) -m nasfpn_tf.search --search_dir=$(SEARCH_DIR) \
+	  --algorithm=ppo --proxy=cpu --num_trials=$(SEARCH_DEMO_TRIALS) \
+	  --gin_bindings="PPOController.batch_size = 4" && \
+	  echo "[search-demo] $$(( $$(date +%s) - s )) s; best architecture: $(SEARCH_DIR)/best.gin," \
+	    "progress: $(SEARCH_DIR)/search_progress.png"
 
 test: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --durations=15 tests

@@ -3,6 +3,7 @@
 import pytest
 
 from nasfpn_tf.decoders.block_specs import NASFPN, BlockSpec, resolve
+from nasfpn_tf.visualization import architecture
 from training_helpers import load_experiment
 
 draw_architecture = load_experiment('draw_architecture')
@@ -22,14 +23,14 @@ def test_nasfpn_edges_hand_counted():
       (6, 10, 'input'), (9, 10, 'input'), (4, 10, 'dangling'),
       (9, 11, 'input'), (10, 11, 'input'),
   ]
-  assert [tuple(edge) for edge in draw_architecture.spec_edges(NASFPN, 3, 7)] == expected
+  assert [tuple(edge) for edge in architecture.spec_edges(NASFPN, 3, 7)] == expected
 
 
 @pytest.mark.parametrize('name,min_level,max_level', [
     ('nasfpn', 3, 7), ('nasfpn_lite', 3, 6), ('fpn', 3, 7), ('fpn', 2, 5)])
 def test_draws_png(tmp_path, name, min_level, max_level):
   path = tmp_path / f'{name}.png'
-  draw_architecture.draw_spec(resolve(name, min_level, max_level), min_level, max_level,
+  architecture.draw_spec(resolve(name, min_level, max_level), min_level, max_level,
                               str(path), title=name)
   data = path.read_bytes()
   assert data.startswith(PNG_SIGNATURE)
@@ -45,7 +46,7 @@ def test_natural_levels():
 def test_bad_spec_raises(tmp_path):
   reads_the_future = NASFPN[:2] + (BlockSpec(3, 'sum', (0, 12), True),) + NASFPN[3:]
   with pytest.raises(ValueError, match='does not exist yet'):
-    draw_architecture.draw_spec(reads_the_future, 3, 7, str(tmp_path / 'bad.png'))
+    architecture.draw_spec(reads_the_future, 3, 7, str(tmp_path / 'bad.png'))
   with pytest.raises(ValueError, match='No output cell produces level 8'):
-    draw_architecture.draw_spec(NASFPN, 3, 8, str(tmp_path / 'bad.png'))
+    architecture.draw_spec(NASFPN, 3, 8, str(tmp_path / 'bad.png'))
   assert not (tmp_path / 'bad.png').exists()

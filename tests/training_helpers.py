@@ -1,7 +1,8 @@
 """What the test files share: tiny-model gin bindings, readers of what training writes, the
-matching of one detector's detections against another's, the loading of experiment scripts, and
-the lookup of the coco128 sample."""
+matching of one detector's detections against another's, the loading of experiment scripts, the
+lookup of the coco128 sample, and a search driven without Ray."""
 import importlib.util
+import json
 import os
 import pathlib
 
@@ -120,3 +121,27 @@ def coco128_dir_or_skip():
       pytest.fail(f'{message}; CI=true, where its tests must run, not skip', pytrace=False)
     pytest.skip(message)
   return path
+
+
+def drive_in_process(searcher, num_parallel=3, stop_after=None):
+  """Drives a search's `ControllerSearcher` as Ray Tune would, `num_parallel` trials at a time,
+  with the synthetic proxy in this process; stops (as a kill would) after `stop_after`
+  completions."""
+  # pylint: disable=g-import-not-at-top
+  from nasfpn_tf.search.trials import synthetic_result
+  in_flight, next_id, completions = [], 0, 0
+  while True:
+    while len(in_flight) < num_parallel:
+      config = searcher.suggest(f't{next_id}')
+      next_id += 1
+      if config is None:
+        break
+      in_flight.append((f't{next_id - 1}', config))
+    if not in_flight or completions == stop_after:
+      return
+    trial_id, config = in_flight.pop(0)
+    result = synthetic_result(searcher.settings.space, config['block_specs'])
+    searcher.results.put(config['key'], result)
+    searcher.complete(trial_id, {'result_json': json.dumps(result), 'reused': False,
+                                 'seconds': 0.1}, False)
+    completions += 1

@@ -2,29 +2,39 @@
 
 Everything is written under a temporary sibling name (`<path>.tmp-<pid>`) and renamed into
 place, through `tf.io.gfile` so that the paths may be on GCS as well as local. This module
-imports nothing of nasfpn_tf: any layer may use it.
+imports nothing of nasfpn_tf: any layer may use it. `atomic_write` of a local path does not load
+TensorFlow (a search worker that trains nothing should not pay for it).
 """
 import contextlib
 import os
 from typing import Iterator, Union
 
-import tensorflow as tf
+PathLike = Union[str, os.PathLike]
 
 
-def staging_path(path: str) -> str:
+def staging_path(path: PathLike) -> str:
   """The temporary sibling `path` is written under before its rename."""
-  return f"{path.rstrip('/')}.tmp-{os.getpid()}"
+  return f"{os.fspath(path).rstrip('/')}.tmp-{os.getpid()}"
 
 
-def atomic_write(path: str, content: Union[str, bytes]) -> None:
+def atomic_write(path: PathLike, content: Union[str, bytes]) -> None:
   """Writes `content` (text, or bytes) to `path`, creating missing folders, through a temporary
   file and a rename: a reader (a trainer's evaluator, an app, TF Serving) never picks up half a
   file."""
-  directory = os.path.dirname(path)
-  if directory:
-    tf.io.gfile.makedirs(directory)
+  path = os.fspath(path)
   tmp = staging_path(path)
-  with tf.io.gfile.GFile(tmp, 'wb' if isinstance(content, bytes) else 'w') as f:
+  mode = 'wb' if isinstance(content, bytes) else 'w'
+  directory = os.path.dirname(path)
+  if '://' not in path:
+    if directory:
+      os.makedirs(directory, exist_ok=True)
+    with open(tmp, mode) as f:
+      f.write(content)
+    os.replace(tmp, path)
+    return
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.io.gfile.makedirs(directory)
+  with tf.io.gfile.GFile(tmp, mode) as f:
     f.write(content)
   tf.io.gfile.rename(tmp, path, overwrite=True)
 
@@ -34,6 +44,7 @@ def atomic_directory(path: str) -> Iterator[str]:
   """Yields a staging folder to fill; on success it is renamed to `path` (which must be absent
   or empty), so a watcher of the parent folder never sees `path` half written. On an error the
   staging folder is removed and `path` is left as it was."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   staging = staging_path(path)
   try:
     yield staging

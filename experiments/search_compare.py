@@ -1,0 +1,103 @@
+"""PPO, regularized evolution and random search with the same trial budget on one proxy.
+
+The paper ran only RL and says evolution performs alike; this measures the three side by side.
+Each algorithm is an ordinary search (`nasfpn_tf.search`) in OUTPUT_DIR/<algorithm>, grown in
+rounds of --round_trials samples, one algorithm after the other, so that an interrupted run has
+comparable budgets and the same command resumes it from the journals. The proxy's shared cache
+(the CPU proxy's frozen backbone features) is built once, in OUTPUT_DIR/proxy.
+
+  .venv/bin/python experiments/search_compare.py --output_dir=runs/search_compare \
+      --num_trials=100 --proxy=cpu
+
+Writes OUTPUT_DIR/search_compare.png (best and moving-average reward over samples, unique
+architectures) and prints one JSON row per algorithm: algorithm, num_trials, num_unique,
+best_reward, best_key, moving_average_reward (the last --window samples), trial_hours (time
+spent training trials, cached samples excluded).
+"""
+import json
+import pathlib
+from typing import Any, Dict, List, Sequence
+
+from absl import app, flags
+from matplotlib.figure import Figure
+
+from nasfpn_tf import config
+from nasfpn_tf.search.journal import Journal
+from nasfpn_tf.search.progress import moving_average
+from nasfpn_tf.search.runner import SearchSettings, run_search
+from nasfpn_tf.search.trials import PROXIES
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('output_dir', 'runs/search_compare', 'One search dir per algorithm in it.')
+flags.DEFINE_list('algorithms', ['ppo', 'evolution', 'random'], 'The controllers to compare.')
+flags.DEFINE_integer('num_trials', 100, 'Samples per algorithm, duplicates included.')
+flags.DEFINE_integer('round_trials', 10, 'Samples each algorithm adds per round.')
+flags.DEFINE_enum('proxy', 'cpu', list(PROXIES), 'The proxy every algorithm trains on.')
+flags.DEFINE_integer('seed', 0, 'Seeds every controller and proxy training.')
+flags.DEFINE_integer('window', 20, 'Samples in the moving average.')
+flags.DEFINE_float('cpus_per_trial', 2, 'CPUs per trial.')
+flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings for controllers and proxy.')
+
+
+def compare_rows(output_dir: pathlib.Path, algorithms: Sequence[str],
+                 window: int) -> List[Dict[str, Any]]:
+  """One row per algorithm, from its journal."""
+  rows = []
+  for algorithm in algorithms:
+    records = Journal(output_dir / algorithm / 'trials.jsonl').read()
+    if not records:
+      continue
+    best = max(records, key=lambda r: r['reward'])
+    rows.append({
+        'algorithm': algorithm, 'num_trials': len(records),
+        'num_unique': len({r['key'] for r in records}),
+        'best_reward': best['reward'], 'best_key': best['key'],
+        'moving_average_reward': float(moving_average(
+            [r['reward'] for r in records], window)[-1]),
+        'trial_hours': round(sum(r['seconds'] for r in records if not r['cached']) / 3600, 2)})
+  return rows
+
+
+def draw(output_dir: pathlib.Path, algorithms: Sequence[str], window: int, path: str) -> None:
+  fig = Figure(figsize=(12, 4))
+  best_ax, average_ax, unique_ax = fig.subplots(1, 3)
+  for algorithm in algorithms:
+    records = Journal(output_dir / algorithm / 'trials.jsonl').read()
+    if not records:
+      continue
+    rewards = [r['reward'] for r in records]
+    samples = range(1, len(records) + 1)
+    best_ax.plot(samples, [max(rewards[:i]) for i in samples], label=algorithm)
+    average_ax.plot(samples, moving_average(rewards, window), label=algorithm)
+    keys = [r['key'] for r in records]
+    unique_ax.plot(samples, [len(set(keys[:i])) for i in samples], label=algorithm)
+  best_ax.set(xlabel='sample', ylabel='reward', title='Best reward so far')
+  average_ax.set(xlabel='sample', ylabel='reward', title=f'Moving average ({window})')
+  unique_ax.set(xlabel='total samples', ylabel='unique samples', title='Unique architectures')
+  for ax in (best_ax, average_ax, unique_ax):
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main(argv):
+  del argv
+  config.parse_gin(gin_bindings=FLAGS.gin_bindings)
+  output_dir = pathlib.Path(FLAGS.output_dir)
+  for budget in range(FLAGS.round_trials, FLAGS.num_trials + FLAGS.round_trials,
+                      FLAGS.round_trials):
+    for algorithm in FLAGS.algorithms:
+      print(f'[search_compare] {algorithm}: up to {min(budget, FLAGS.num_trials)} samples',
+            flush=True)
+      run_search(SearchSettings(
+          search_dir=str(output_dir / algorithm), algorithm=algorithm,
+          num_trials=min(budget, FLAGS.num_trials), proxy=FLAGS.proxy, seed=FLAGS.seed,
+          gin_bindings=tuple(FLAGS.gin_bindings), cpus_per_trial=FLAGS.cpus_per_trial,
+          proxy_dir=str(output_dir / 'proxy')))
+      draw(output_dir, FLAGS.algorithms, FLAGS.window, str(output_dir / 'search_compare.png'))
+  for row in compare_rows(output_dir, FLAGS.algorithms, FLAGS.window):
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,74 @@
+"""Searches a pyramid architecture (paper §3): a controller proposes, Ray Tune trains proxies.
+
+  python -m nasfpn_tf.search --search_dir=runs/search --algorithm=ppo --num_trials=200 \
+      --proxy=cpu
+
+Kill it at any moment and run the same command again: it continues from the search dir's
+journal. It prints a line per sample and, at the end, one JSON line (num_trials, num_unique,
+best_reward, best_key, wall_seconds). DIR/best.gin trains the best architecture:
+`python -m nasfpn_tf.main --gin_file=demo.gin --gin_file=DIR/best.gin ...`.
+"""
+import json
+
+from absl import app, flags
+
+from nasfpn_tf import config
+from nasfpn_tf.search.controllers import CONTROLLERS
+from nasfpn_tf.search.runner import SearchSettings, run_search
+from nasfpn_tf.search.space import SearchSpace
+from nasfpn_tf.search.trials import PROXIES
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('search_dir', None, 'Where the search keeps its journal, state and results; '
+                    'an existing one is resumed.', required=True)
+flags.DEFINE_enum('algorithm', 'ppo', sorted(CONTROLLERS), 'The controller: the paper\'s RNN '
+                  'trained with PPO, regularized evolution, or random search.')
+flags.DEFINE_integer('num_trials', 100, 'Samples in all, duplicates included (each key is '
+                     'trained once); raise it to extend a finished search.')
+flags.DEFINE_enum('proxy', 'cpu', list(PROXIES), 'cpu: the embedded data, frozen cached backbone '
+                  'features, ~1 min a trial on 2 cores; paper: the paper\'s proxy (ResNet-10, '
+                  '512 px, 10 epochs) on --data_dir; synthetic: no training, agreement with a '
+                  'target table (tests the search machinery).')
+flags.DEFINE_string('data_dir', None, 'COCO TFRecords for --proxy=paper.')
+flags.DEFINE_string('proxy_dir', None, 'What the trials share, such as the CPU proxy\'s cached '
+                    'backbone features; default SEARCH_DIR/proxy. Point searches on the same proxy '
+                    'to one dir to build it once.')
+flags.DEFINE_enum('reward', 'ap', ['ap', 'ap_flops'], 'ap: the paper\'s; ap_flops: AP x '
+                  '(FLOPs/--target_flops)^w, to aim at a compute budget.')
+flags.DEFINE_float('target_flops', None, 'FLOPs budget of --reward=ap_flops (2 per multiply-add, '
+                   'as the paper counts), e.g. 2e9.')
+flags.DEFINE_string('init_block_specs', None, 'Start from a known table (a name in '
+                    'block_specs.SPECS, e.g. nasfpn): evolution seeds its population with it, PPO '
+                    'first fits its policy to it.')
+flags.DEFINE_integer('num_cells', 7, 'Merging cells per pyramid network.')
+flags.DEFINE_integer('min_level', 3, 'Finest pyramid level.')
+flags.DEFINE_integer('max_level', 7, 'Coarsest pyramid level.')
+flags.DEFINE_integer('seed', 0, 'Seeds the controller and every proxy training.')
+flags.DEFINE_float('cpus_per_trial', 2, 'CPUs Ray reserves per trial (and TensorFlow\'s thread '
+                   'pools in it).')
+flags.DEFINE_float('gpus_per_trial', 0, 'GPUs Ray reserves per trial.')
+flags.DEFINE_integer('max_failures', 2, 'Retries of a trial whose worker dies.')
+flags.DEFINE_string('ray_address', None, 'Join this Ray cluster (e.g. 10.0.0.1:6379 or auto); '
+                    'default: a local Ray on this machine.')
+flags.DEFINE_float('synthetic_seconds', 0.0, 'With --proxy=synthetic: seconds each trial waits, '
+                   'as if it trained (to try resuming and the cluster quickly).')
+flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings for the controller and the proxy, '
+                          'e.g. "PPOController.learning_rate = 1e-3".')
+
+
+def main(argv):
+  del argv
+  config.parse_gin(gin_bindings=FLAGS.gin_bindings)
+  settings = SearchSettings(
+      search_dir=FLAGS.search_dir, algorithm=FLAGS.algorithm, num_trials=FLAGS.num_trials,
+      proxy=FLAGS.proxy, reward=FLAGS.reward, target_flops=FLAGS.target_flops,
+      space=SearchSpace(FLAGS.num_cells, FLAGS.min_level, FLAGS.max_level), seed=FLAGS.seed,
+      init_block_specs=FLAGS.init_block_specs, gin_bindings=tuple(FLAGS.gin_bindings),
+      data_dir=FLAGS.data_dir, proxy_dir=FLAGS.proxy_dir, cpus_per_trial=FLAGS.cpus_per_trial,
+      gpus_per_trial=FLAGS.gpus_per_trial, max_failures=FLAGS.max_failures,
+      ray_address=FLAGS.ray_address, synthetic_seconds=FLAGS.synthetic_seconds)
+  print(json.dumps(run_search(settings)), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,136 @@
+"""What a search shows while it runs: a progress line per sample, and the files people look at.
+
+- a line per sample: trial, reward, best so far, unique/total samples, samples per hour, ETA;
+- `best.gin` each time the best reward improves: a `build_retinanet.block_specs` binding that
+  trains the architecture as is (`--gin_file=demo.gin --gin_file=DIR/best.gin`);
+- `architectures/`: a drawing of each new best (paper Fig. 7);
+- `search_progress.png`: the paper's Fig. 5, reward over samples and unique against total.
+"""
+import pathlib
+import time
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from nasfpn_tf.decoders import block_specs as specs_lib
+from nasfpn_tf.utils.files import atomic_write
+from nasfpn_tf.visualization.architecture import draw_spec
+
+# Samples between redraws of search_progress.png (it is also drawn at each new best and at the end).
+REDRAW_EVERY = 25
+
+
+def _duration(seconds: float) -> str:
+  minutes = int(round(seconds / 60))
+  return f'{minutes // 60}h{minutes % 60:02d}m' if minutes >= 60 else f'{minutes}m'
+
+
+def best_gin(record: Dict[str, Any], space_config: Dict[str, int]) -> str:
+  """The gin text that trains the architecture of `record` (a journal line)."""
+  rows = ',\n    '.join(repr(row) for row in specs_lib.to_config(
+      specs_lib.resolve(record['block_specs'])))
+  return (f"# Best architecture of the search so far: trial {record['trial']}, reward "
+          f"{record['reward']:.4f}.\n# key {record['key']}\n"
+          f"build_retinanet.min_level = {space_config['min_level']}\n"
+          f"build_retinanet.max_level = {space_config['max_level']}\n"
+          f"build_retinanet.block_specs = [\n    {rows},\n]\n")
+
+
+def moving_average(values: Sequence[float], window: int) -> np.ndarray:
+  """Mean of the last `window` values at each sample (fewer at the start)."""
+  values = np.asarray(values, dtype=float)
+  sums = np.cumsum(np.concatenate([[0.0], values]))
+  starts = np.maximum(np.arange(1, len(values) + 1) - window, 0)
+  return (sums[1:] - sums[starts]) / (np.arange(1, len(values) + 1) - starts)
+
+
+def draw_search_progress(records: Sequence[Dict[str, Any]], path: str, title: str) -> None:
+  """Fig. 5 of the paper: reward per sample with its moving average; unique vs total samples."""
+  rewards = [record['reward'] for record in records]
+  samples = np.arange(1, len(records) + 1)
+  seen, unique = set(), []
+  for record in records:
+    seen.add(record['key'])
+    unique.append(len(seen))
+  fig = Figure(figsize=(10, 4))
+  reward_ax, unique_ax = fig.subplots(1, 2)
+  reward_ax.scatter(samples, rewards, s=6, color='#90a4ae', label='sample')
+  window = max(1, len(records) // 20)
+  reward_ax.plot(samples, moving_average(rewards, window), color='#e53935',
+                 label=f'moving average ({window})')
+  reward_ax.plot(samples, np.maximum.accumulate(rewards), color='#1e88e5', label='best so far')
+  reward_ax.set(xlabel='sample', ylabel='reward', title='Reward')
+  reward_ax.legend(fontsize=8)
+  unique_ax.plot(samples, unique, color='#43a047', label='unique architectures')
+  unique_ax.plot(samples, samples, color='#bdbdbd', ls='--', label='all unique')
+  unique_ax.set(xlabel='total samples', ylabel='unique samples', title='Unique architectures')
+  unique_ax.legend(fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+
+
+class Progress:
+  """Follows the journal: prints a line per sample and writes best.gin and the pictures."""
+
+  def __init__(self, settings, records: List[Dict[str, Any]], log):
+    self.settings = settings
+    self.directory = pathlib.Path(settings.search_dir)
+    self.records = records  # the searcher's list, which grows as samples finish
+    self.log = log
+    self.started = time.time()
+    self.first_record = len(records)
+    self.best = max(records, key=lambda r: r['reward']) if records else None
+    if records:
+      log(f'Resuming {self.directory}: {len(records)} samples done, '
+          f'{len({r["key"] for r in records})} unique, best reward {self.best["reward"]:.4f} '
+          f'(trial {self.best["trial"]}).')
+
+  def update(self, record: Dict[str, Any]) -> None:
+    improved = self.best is None or record['reward'] > self.best['reward']
+    if improved:
+      self.best = record
+      self._write_best()
+    if improved or len(self.records) % REDRAW_EVERY == 0:
+      self.draw()
+    self.log(self._line(record))
+
+  def _line(self, record: Dict[str, Any]) -> str:
+    done = len(self.records) - self.first_record
+    hours = (time.time() - self.started) / 3600
+    rate = done / hours if hours > 0 else float('inf')
+    remaining = self.settings.num_trials - len(self.records)
+    eta = _duration(remaining / rate * 3600) if rate > 0 else '?'
+    how = 'cached' if record['cached'] else f"{record['seconds']:.0f} s"
+    return (f"trial {record['trial'] + 1}/{self.settings.num_trials} | reward "
+            f"{record['reward']:.4f} ({how}) | best {self.best['reward']:.4f} (trial "
+            f"{self.best['trial'] + 1}) | unique {len({r['key'] for r in self.records})}/"
+            f"{len(self.records)} | {rate:.0f} samples/h | ETA {eta}")
+
+  def _write_best(self) -> None:
+    space = self.settings.space
+    atomic_write(self.directory / 'best.gin', best_gin(self.best, space.config()))
+    drawing = (self.directory / 'architectures' /
+               f"trial{self.best['trial'] + 1:05d}_reward{self.best['reward']:.4f}.png")
+    drawing.parent.mkdir(parents=True, exist_ok=True)
+    draw_spec(specs_lib.resolve(self.best['block_specs']), space.min_level, space.max_level,
+              str(drawing), title=f"best after {self.best['trial'] + 1} samples: reward "
+              f"{self.best['reward']:.4f}")
+
+  def draw(self) -> None:
+    if self.records:
+      draw_search_progress(
+          self.records, str(self.directory / 'search_progress.png'),
+          f'{self.settings.algorithm} search, {self.settings.proxy} proxy, '
+          f'{len(self.records)} samples')
+
+  def summary(self, wall_seconds: float) -> Dict[str, Any]:
+    self.draw()
+    return {
+        'num_trials': len(self.records),
+        'num_unique': len({r['key'] for r in self.records}),
+        'best_reward': self.best['reward'] if self.best else None,
+        'best_key': self.best['key'] if self.best else None,
+        'wall_seconds': round(wall_seconds, 1)}

@@ -1,0 +1,314 @@
+"""The search loop: a controller behind a Ray Tune `Searcher`, its samples in a journal.
+
+The search dir is the whole state of a search:
+- `search.json`: what the search is (space, algorithm, proxy, reward, seed); a rerun with other
+  settings is refused, naming the one that differs.
+- `trials.jsonl` (`Journal`): one line per finished sample, the source of truth. The controller's
+  state (`controller.pkl`) is saved after each line with the number of lines it has seen; on a
+  restart the lines it missed are fed back to it again, so kill -9 anywhere loses nothing.
+- `results/` (`ResultStore`): the result of each trained key, written by the worker.
+- `best.gin`, `search_progress.png`, `architectures/`: what people look at.
+
+Duplicates: the paper counts every sample, so each one is a journal line and a feedback to the
+controller, but a key is trained once. A known key is answered from `results/` without a trial; a
+key in training is answered when its trial finishes.
+"""
+import collections
+import dataclasses
+import json
+import os
+import pathlib
+import pickle
+import socket
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from nasfpn_tf.decoders import block_specs as specs_lib
+from nasfpn_tf.search import controllers as controllers_lib
+from nasfpn_tf.search import progress as progress_lib
+from nasfpn_tf.search import rewards as rewards_lib
+from nasfpn_tf.search.journal import Journal, ResultStore
+from nasfpn_tf.search.space import SearchSpace
+from nasfpn_tf.search.trials import PROXIES, train_architecture
+from nasfpn_tf.utils.files import atomic_write
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+  """What a search is. The fields in `IDENTITY` must match when a search dir is resumed."""
+  search_dir: str
+  algorithm: str = 'ppo'
+  num_trials: int = 100
+  proxy: str = 'cpu'
+  reward: str = 'ap'
+  target_flops: Optional[float] = None
+  space: SearchSpace = SearchSpace()
+  seed: int = 0
+  init_block_specs: Optional[str] = None
+  gin_bindings: Sequence[str] = ()
+  data_dir: Optional[str] = None
+  proxy_dir: Optional[str] = None  # what trials share (the CPU proxy's cache); default DIR/proxy
+  cpus_per_trial: float = 2
+  gpus_per_trial: float = 0
+  max_failures: int = 2
+  ray_address: Optional[str] = None
+  synthetic_seconds: float = 0.0
+
+  IDENTITY = ('algorithm', 'proxy', 'reward', 'target_flops', 'space', 'seed',
+              'init_block_specs', 'gin_bindings')
+
+  def identity(self) -> Dict[str, Any]:
+    identity = {name: getattr(self, name) for name in self.IDENTITY}
+    identity['space'] = self.space.config()
+    identity['gin_bindings'] = list(self.gin_bindings)
+    return identity
+
+
+def check_search_dir(settings: SearchSettings, record: bool = True) -> None:
+  """Refuses a search dir that holds another search; with `record`, writes `search.json` in a
+  new one."""
+  path = pathlib.Path(settings.search_dir) / 'search.json'
+  identity = settings.identity()
+  if not path.exists():
+    if record:
+      atomic_write(path, json.dumps(identity, indent=2, sort_keys=True))
+    return
+  recorded = json.loads(path.read_text())
+  differences = {name: (recorded.get(name), value) for name, value in identity.items()
+                 if recorded.get(name) != value}
+  if differences:
+    listed = '; '.join(f'{name}: recorded {old!r}, asked {new!r}'
+                       for name, (old, new) in sorted(differences.items()))
+    raise ValueError(f'{settings.search_dir} holds another search ({path}): {listed}. Use a new '
+                     '--search_dir, or the settings it was started with.')
+
+
+class ControllerSearcher:
+  """Proposes samples, answers duplicates, journals results and keeps the controller's state.
+
+  Plain Python; `TuneSearcher` adapts it to Ray Tune, and tests drive it directly.
+  """
+
+  def __init__(self, settings: SearchSettings, log=print):
+    self.settings = settings
+    self.directory = pathlib.Path(settings.search_dir)
+    self.journal = Journal(self.directory / 'trials.jsonl')
+    self.results = ResultStore(self.directory / 'results')
+    self.log = log
+    self.controller = controllers_lib.make_controller(
+        settings.algorithm, settings.space, seed=settings.seed,
+        init_block_specs=settings.init_block_specs)
+    self.records = self.journal.recover()
+    self._restore_controller()
+    self.progress = progress_lib.Progress(settings, self.records, log)
+    self.in_flight = {}  # trial id -> Proposal
+    self.waiting = collections.defaultdict(list)  # key in training -> its duplicate Proposals
+    self.failed: List[str] = []
+
+  # State.
+
+  def _state_path(self) -> pathlib.Path:
+    return self.directory / 'controller.pkl'
+
+  def _restore_controller(self) -> None:
+    """Loads the saved state, then feeds back the journal lines it had not seen."""
+    seen = 0
+    if self._state_path().exists():
+      saved = pickle.loads(self._state_path().read_bytes())
+      self.controller.load_state(saved['state'])
+      seen = saved['num_records']
+    for record in self.records[seen:]:
+      self.controller.feedback(_proposal(record), record['reward'])
+    if seen < len(self.records):
+      self._save_controller()
+
+  def _save_controller(self) -> None:
+    state = {'state': self.controller.state(), 'num_records': len(self.records)}
+    atomic_write(self._state_path(), pickle.dumps(state))
+
+  # The loop.
+
+  @property
+  def num_issued(self) -> int:
+    """Samples finished or under way: the budget counts both."""
+    return (len(self.records) + len(self.in_flight)
+            + sum(len(waiting) for waiting in self.waiting.values()))
+
+  @property
+  def finished(self) -> bool:
+    return bool(self.failed) or self.num_issued >= self.settings.num_trials
+
+  def suggest(self, trial_id: str) -> Optional[Dict[str, Any]]:
+    """A trial config for a key to train, or None when the budget is spent or a trial failed.
+
+    Duplicates of trained keys are recorded on the spot, duplicates of keys in training wait for
+    their trial; either way they count as samples, and the controller proposes again.
+    """
+    while not self.finished:
+      proposal = self.controller.propose()
+      known = self.results.get(proposal.key)
+      if known is not None:
+        self._record(proposal, known, seconds=0.0, cached=True)
+      elif self._in_training(proposal.key):
+        self.waiting[proposal.key].append(proposal)
+      else:
+        self.in_flight[trial_id] = proposal
+        return self._trial_config(proposal)
+    return None
+
+  def _in_training(self, key: str) -> bool:
+    return any(proposal.key == key for proposal in self.in_flight.values())
+
+  def complete(self, trial_id: str, metrics: Optional[Dict[str, Any]], error: bool) -> None:
+    """Records a finished trial and the duplicates that waited for it."""
+    proposal = self.in_flight.pop(trial_id)
+    if error or not metrics or 'result_json' not in metrics:
+      self.failed.append(trial_id)
+      self.log(f'trial {trial_id} ({proposal.key}) failed after {self.settings.max_failures} '
+               'retries; the search stops (its log is under ray_results/ in the search dir).')
+      return
+    result = json.loads(metrics['result_json'])
+    self._record(proposal, result, seconds=metrics['seconds'], cached=metrics['reused'],
+                 node_id=metrics.get('node_id'))
+    for duplicate in self.waiting.pop(proposal.key, []):
+      self._record(duplicate, result, seconds=0.0, cached=True)
+
+  def _record(self, proposal, result: Dict[str, Any], seconds: float, cached: bool,
+              node_id: Optional[str] = None) -> None:
+    reward = rewards_lib.reward(result, kind=self.settings.reward,
+                                target_flops=self.settings.target_flops)
+    record = {
+        'trial': len(self.records), 'key': proposal.key,
+        'block_specs': specs_lib.to_config(proposal.block_specs), 'reward': reward,
+        'seconds': seconds, 'cached': cached, 'result': result, 'node_id': node_id,
+        'actions': list(proposal.actions), 'log_probs': list(proposal.log_probs),
+        'proposal_index': proposal.index}
+    self.journal.append(record)
+    self.records.append(record)
+    self.controller.feedback(proposal, reward)
+    self._save_controller()
+    self.progress.update(record)
+
+  def _trial_config(self, proposal) -> Dict[str, Any]:
+    s = self.settings
+    return {
+        'key': proposal.key, 'block_specs': specs_lib.to_config(proposal.block_specs),
+        'space': s.space.config(), 'proxy': s.proxy, 'seed': s.seed,
+        'gin_bindings': list(s.gin_bindings), 'data_dir': s.data_dir,
+        'cpus_per_trial': s.cpus_per_trial, 'synthetic_seconds': s.synthetic_seconds,
+        'results_dir': str((self.directory / 'results').resolve()),
+        'work_dir': proxy_dir(s)}
+
+
+def proxy_dir(settings: SearchSettings) -> str:
+  """Where the trials' shared proxy files live (absolute: workers run elsewhere)."""
+  return str(pathlib.Path(settings.proxy_dir or pathlib.Path(settings.search_dir, 'proxy'))
+             .resolve())
+
+
+def _proposal(record: Dict[str, Any]) -> controllers_lib.Proposal:
+  """The proposal a journal line records, to feed back again after a restart."""
+  return controllers_lib.Proposal(
+      block_specs=specs_lib.resolve(record['block_specs']), key=record['key'],
+      actions=tuple(record['actions']), log_probs=tuple(record['log_probs']),
+      index=record['proposal_index'])
+
+
+def _tune_searcher(searcher: ControllerSearcher):
+  """`searcher` behind Ray Tune's Searcher API."""
+  from ray.tune.search import Searcher  # pylint: disable=g-import-not-at-top
+
+  class TuneSearcher(Searcher):
+
+    def __init__(self):
+      super().__init__()  # no metric: rewards are computed and kept by `searcher`
+
+    def suggest(self, trial_id):
+      config = searcher.suggest(trial_id)
+      return Searcher.FINISHED if config is None else config
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+      searcher.complete(trial_id, result, error)
+
+    def save(self, checkpoint_path):
+      """Nothing for Tune to keep: the state lives in the search dir."""
+
+    def restore(self, checkpoint_path):
+      """A resumed search restores from the search dir, not from Tune."""
+
+  return TuneSearcher()
+
+
+def run_search(settings: SearchSettings, log=print) -> Dict[str, Any]:
+  """Runs (or resumes) the search in `settings.search_dir`; returns the final summary."""
+  if settings.proxy not in PROXIES:
+    raise ValueError(f'--proxy={settings.proxy!r} is not one of {list(PROXIES)}.')
+  if settings.algorithm not in controllers_lib.CONTROLLERS:
+    raise ValueError(f'--algorithm={settings.algorithm!r} is not one of '
+                     f'{sorted(controllers_lib.CONTROLLERS)}.')
+  if settings.init_block_specs is not None:
+    try:
+      settings.space.encode(settings.init_block_specs)
+    except ValueError as e:
+      raise ValueError(f'--init_block_specs={settings.init_block_specs!r} is not in '
+                       f'{settings.space!r}: {e}') from e
+  rewards_lib.check(settings.reward, settings.target_flops)
+  check_search_dir(settings, record=False)
+  started = time.time()
+  if settings.proxy != 'synthetic':
+    # What the trials share (the CPU proxy's cache), built here once rather than by the first
+    # trials at the same time; it also parses the proxy's gin, so bindings that do not build
+    # fail before the search dir records them.
+    from nasfpn_tf.search import proxy  # pylint: disable=g-import-not-at-top
+    proxy.prepare(settings.proxy, proxy_dir(settings), settings.gin_bindings)
+  check_search_dir(settings)
+  searcher = ControllerSearcher(settings, log)
+  if not searcher.finished:
+    _run_trials_on_ray(settings, searcher)
+  if searcher.failed:
+    raise RuntimeError(f'{len(searcher.failed)} trial(s) failed: {searcher.failed}; the search '
+                       f'dir {settings.search_dir} keeps every finished one, rerun to go on.')
+  return searcher.progress.summary(wall_seconds=time.time() - started)
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+  """Raises ValueError naming `address` (host:port) when nothing listens there: ray.init would
+  wait minutes before it gives up."""
+  host, _, port = address.rpartition(':')
+  if not host or not port.isdigit():
+    raise ValueError(f'--ray_address={address!r} is not host:port (or auto).')
+  try:
+    socket.create_connection((host, int(port)), timeout=timeout).close()
+  except OSError as e:
+    raise ValueError(f'--ray_address={address!r}: no Ray cluster answers there ({e}).') from e
+
+
+def _run_trials_on_ray(settings: SearchSettings, searcher: ControllerSearcher) -> None:
+  # Tune's own tables would bury the search's progress lines.
+  os.environ.setdefault('RAY_AIR_NEW_OUTPUT', '0')
+  import ray  # pylint: disable=g-import-not-at-top
+  from ray import tune  # pylint: disable=g-import-not-at-top
+  if settings.ray_address not in (None, 'auto'):
+    check_reachable(settings.ray_address)
+  try:
+    # 'local' starts a Ray of our own: address=None would join whatever cluster this machine
+    # last started, even a dead one.
+    ray.init(address=settings.ray_address or 'local', include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+  except Exception as e:  # Ray raises several types (connection, authentication).
+    raise ValueError(f'--ray_address={settings.ray_address!r}: could not join the Ray cluster '
+                     f'there: {e}') from e
+  try:
+    runs = pathlib.Path(settings.search_dir, 'ray_results').resolve()
+    trainable = tune.with_resources(
+        train_architecture, {'cpu': settings.cpus_per_trial, 'gpu': settings.gpus_per_trial})
+    tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=_tune_searcher(searcher), num_samples=-1,
+                                    trial_dirname_creator=lambda trial: trial.trial_id),
+        run_config=tune.RunConfig(
+            storage_path=str(runs), name=f'run{len(list(runs.glob("run*"))) if runs.exists() else 0}',
+            verbose=0, failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
+    ).fit()
+  finally:
+    ray.shutdown()

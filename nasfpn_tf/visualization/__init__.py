@@ -1,0 +1,1 @@
+"""Pictures of what people look at: architectures, search progress."""

@@ -1,0 +1,30 @@
+"""experiments/search_compare.py: its rows and plot, read from searches' journals."""
+import numpy as np
+
+from nasfpn_tf.search import runner
+from nasfpn_tf.search.journal import Journal
+from nasfpn_tf.search.space import SearchSpace
+from training_helpers import drive_in_process, load_experiment
+
+search_compare = load_experiment('search_compare')
+SPACE = SearchSpace(num_cells=2, min_level=3, max_level=4)
+
+
+def test_rows_and_plot_from_the_journals(tmp_path):
+  for algorithm, num_trials in (('random', 12), ('evolution', 9)):
+    settings = runner.SearchSettings(search_dir=str(tmp_path / algorithm), algorithm=algorithm,
+                                     num_trials=num_trials, proxy='synthetic', space=SPACE)
+    runner.check_search_dir(settings)
+    drive_in_process(runner.ControllerSearcher(settings, log=lambda line: None))
+  rows = search_compare.compare_rows(tmp_path, ['random', 'evolution', 'ppo'], window=4)
+  assert [row['algorithm'] for row in rows] == ['random', 'evolution']  # ppo never ran
+  for row, num_trials in zip(rows, (12, 9)):
+    records = Journal(tmp_path / row['algorithm'] / 'trials.jsonl').read()
+    rewards = [r['reward'] for r in records]
+    assert row['num_trials'] == num_trials
+    assert row['best_reward'] == max(rewards)
+    assert np.isclose(row['moving_average_reward'], np.mean(rewards[-4:]))
+    assert row['num_unique'] == len({r['key'] for r in records})
+  path = tmp_path / 'compare.png'
+  search_compare.draw(tmp_path, ['random', 'evolution', 'ppo'], 4, str(path))
+  assert path.read_bytes()[:4] == b'\x89PNG'

@@ -1,0 +1,170 @@
+"""The search loop without Ray: journal, result store, duplicates, budget, resuming, outputs."""
+import json
+import pickle
+import socket
+
+import gin
+import numpy as np
+import pytest
+
+from nasfpn_tf import config
+from nasfpn_tf.decoders import block_specs as specs_lib
+from nasfpn_tf.search import controllers, progress, runner
+from nasfpn_tf.search.journal import Journal, ResultStore
+from nasfpn_tf.search.space import SearchSpace
+from nasfpn_tf.search.trials import synthetic_result
+from training_helpers import drive_in_process
+
+# 2 output cells over P3-P4: few enough keys (28) that random search repeats them.
+SMALL = SearchSpace(num_cells=2, min_level=3, max_level=4)
+
+
+def test_journal_cuts_a_torn_last_line_and_appends_after_it(tmp_path):
+  journal = Journal(tmp_path / 'trials.jsonl')
+  journal.append({'trial': 0})
+  journal.append({'trial': 1})
+  with open(journal.path, 'ab') as f:
+    f.write(b'{"trial": 2, "rew')  # a kill in the middle of an append
+  assert journal.read() == [{'trial': 0}, {'trial': 1}]
+  assert journal.path.read_bytes().endswith(b'"rew')  # reading leaves the file alone
+  assert journal.recover() == [{'trial': 0}, {'trial': 1}]
+  journal.append({'trial': 2})
+  assert journal.read() == [{'trial': 0}, {'trial': 1}, {'trial': 2}]
+
+
+def test_journal_refuses_a_broken_line_that_is_not_the_last(tmp_path):
+  path = tmp_path / 'trials.jsonl'
+  path.write_text('{"trial": 0}\nnot json\n{"trial": 2}\n')
+  with pytest.raises(ValueError, match='line 2 is not JSON'):
+    Journal(path).read()
+
+
+def test_result_store_round_trip(tmp_path):
+  store = ResultStore(tmp_path / 'results')
+  assert store.get('4:sum:0,1') is None
+  store.put('4:sum:0,1', {'ap': 0.25})
+  assert store.get('4:sum:0,1') == {'ap': 0.25}
+  assert store.get('4:sum:0,2') is None
+
+
+def _settings(tmp_path, **overrides):
+  values = dict(search_dir=str(tmp_path / 'search'), algorithm='random', num_trials=40,
+                proxy='synthetic', space=SMALL, seed=3)
+  values.update(overrides)
+  return runner.SearchSettings(**values)
+
+
+def test_every_sample_is_journaled_once_and_each_key_trained_once(tmp_path):
+  settings = _settings(tmp_path)
+  runner.check_search_dir(settings)
+  searcher = runner.ControllerSearcher(settings, log=lambda line: None)
+  drive_in_process(searcher)
+  records = Journal(tmp_path / 'search' / 'trials.jsonl').read()
+  assert [r['trial'] for r in records] == list(range(40))
+  trained = [r['key'] for r in records if not r['cached']]
+  assert len(trained) == len(set(trained)) == len({r['key'] for r in records})
+  assert len(trained) < 40  # the small space repeats keys, and they were answered from the store
+  for record in records:
+    assert record['reward'] == synthetic_result(SMALL, record['block_specs'])['ap']
+    assert record['key'] == SMALL.key(record['block_specs'])
+
+
+@pytest.mark.parametrize('algorithm', ['random', 'ppo'])
+def test_a_restart_continues_without_losing_or_repeating_a_sample(tmp_path, algorithm):
+  settings = _settings(tmp_path, algorithm=algorithm)
+  runner.check_search_dir(settings)
+  state_path = tmp_path / 'search' / 'controller.pkl'
+  saved_states = []  # the controller's state file after each journal line
+  first = runner.ControllerSearcher(
+      settings, log=lambda line: saved_states.append(state_path.read_bytes()))
+  drive_in_process(first, stop_after=15)  # killed with trials in flight
+  assert len(first.records) >= 15
+  done = list(first.records)
+  # Killed between a journal line and the state it leads to: the state is one line behind.
+  state_path.write_bytes(saved_states[-2])
+  assert pickle.loads(state_path.read_bytes())['num_records'] == len(done) - 1
+
+  second = runner.ControllerSearcher(settings, log=lambda line: None)
+  assert second.records == done
+  assert pickle.loads(state_path.read_bytes())['num_records'] == len(done)
+  drive_in_process(second)
+  records = Journal(tmp_path / 'search' / 'trials.jsonl').read()
+  assert [r['trial'] for r in records] == list(range(40))
+  assert records[:len(done)] == done
+  if algorithm == 'ppo':
+    # The same policy as a controller that saw every reward without a restart.
+    reference = controllers.make_controller('ppo', SMALL, seed=3)
+    for record in records:
+      reference.feedback(runner._proposal(record), record['reward'])  # pylint: disable=protected-access
+    for ours, theirs in zip(second.controller.state()['weights'], reference.state()['weights']):
+      np.testing.assert_array_equal(ours, theirs)
+
+
+def test_a_search_dir_of_another_search_is_refused(tmp_path):
+  runner.check_search_dir(_settings(tmp_path))
+  runner.check_search_dir(_settings(tmp_path, num_trials=80))  # extending is the same search
+  with pytest.raises(ValueError, match=r"search.*algorithm: recorded 'random', asked 'ppo'"):
+    runner.check_search_dir(_settings(tmp_path, algorithm='ppo'))
+  with pytest.raises(ValueError, match='space: recorded'):
+    runner.check_search_dir(_settings(tmp_path, space=SearchSpace()))
+
+
+def test_best_gin_binds_the_best_table(tmp_path):
+  record = {'trial': 4, 'reward': 0.5, 'key': SearchSpace().key(specs_lib.NASFPN),
+            'block_specs': specs_lib.to_config(specs_lib.NASFPN)}
+  path = tmp_path / 'best.gin'
+  path.write_text(progress.best_gin(record, SearchSpace().config()))
+  try:
+    config.parse_gin([str(path)])
+    assert gin.query_parameter('build_retinanet.block_specs') == specs_lib.to_config(
+        specs_lib.NASFPN)
+    assert gin.query_parameter('build_retinanet.min_level') == 3
+  finally:
+    gin.clear_config()
+
+
+def test_moving_average_by_hand():
+  assert progress.moving_average([1, 2, 3, 4], 2).tolist() == [1, 1.5, 2.5, 3.5]
+
+
+def test_outputs_are_written(tmp_path):
+  settings = _settings(tmp_path, num_trials=10)
+  runner.check_search_dir(settings)
+  searcher = runner.ControllerSearcher(settings, log=lambda line: None)
+  drive_in_process(searcher)
+  summary = searcher.progress.summary(wall_seconds=1.0)
+  records = searcher.records
+  best = max(records, key=lambda r: r['reward'])
+  assert summary['best_reward'] == best['reward'] and summary['num_trials'] == 10
+  assert summary['num_unique'] == len({r['key'] for r in records})
+  directory = tmp_path / 'search'
+  assert (directory / 'search_progress.png').read_bytes()[:4] == b'\x89PNG'
+  assert f"reward {best['reward']:.4f}" in (directory / 'best.gin').read_text()
+  improvements, best_so_far = 0, -1.0
+  for record in records:
+    if record['reward'] > best_so_far:
+      improvements, best_so_far = improvements + 1, record['reward']
+  assert len(list((directory / 'architectures').glob('*.png'))) == improvements
+  assert json.loads((directory / 'search.json').read_text())['space'] == SMALL.config()
+
+
+def test_an_unreachable_ray_address_is_named_at_once():
+  with socket.socket() as s:  # a port nothing listens on once this closes
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  with pytest.raises(ValueError, match=f"--ray_address='127.0.0.1:{port}': no Ray cluster"):
+    runner.check_reachable(f'127.0.0.1:{port}', timeout=2)
+  with pytest.raises(ValueError, match='is not host:port'):
+    runner.check_reachable('head-node')
+
+
+def test_unknown_settings_are_named(tmp_path):
+  with pytest.raises(ValueError, match="--proxy='gpu'"):
+    runner.run_search(_settings(tmp_path, proxy='gpu'))
+  with pytest.raises(ValueError, match='--target_flops'):
+    runner.run_search(_settings(tmp_path, reward='ap_flops'))
+  with pytest.raises(ValueError, match="--algorithm='annealing'"):
+    runner.run_search(_settings(tmp_path, algorithm='annealing'))
+  with pytest.raises(ValueError, match="--init_block_specs='nasfpn' is not in SearchSpace"):
+    runner.run_search(_settings(tmp_path, init_block_specs='nasfpn'))  # a 7-cell P3-P7 table
+  assert not (tmp_path / 'search').exists()  # nothing recorded that a fixed command would trip on
