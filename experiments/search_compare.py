@@ -28,15 +28,20 @@ from nasfpn_tf.search.runner import SearchSettings, run_search
 from nasfpn_tf.search.trials import PROXIES
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('output_dir', 'runs/search_compare', 'One search dir per algorithm in it.')
-flags.DEFINE_list('algorithms', ['ppo', 'evolution', 'random'], 'The controllers to compare.')
-flags.DEFINE_integer('num_trials', 100, 'Samples per algorithm, duplicates included.')
-flags.DEFINE_integer('round_trials', 10, 'Samples each algorithm adds per round.')
-flags.DEFINE_enum('proxy', 'cpu', list(PROXIES), 'The proxy every algorithm trains on.')
-flags.DEFINE_integer('seed', 0, 'Seeds every controller and proxy training.')
-flags.DEFINE_integer('window', 20, 'Samples in the moving average.')
-flags.DEFINE_float('cpus_per_trial', 2, 'CPUs per trial.')
-flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings for controllers and proxy.')
+
+
+def define_flags():
+  """The script's flags, defined only when it runs: tests import its functions beside other
+  experiments that define flags of the same names."""
+  flags.DEFINE_string('output_dir', 'runs/search_compare', 'One search dir per algorithm in it.')
+  flags.DEFINE_list('algorithms', ['ppo', 'evolution', 'random'], 'The controllers to compare.')
+  flags.DEFINE_integer('num_trials', 100, 'Samples per algorithm, duplicates included.')
+  flags.DEFINE_integer('round_trials', 10, 'Samples each algorithm adds per round.')
+  flags.DEFINE_enum('proxy', 'cpu', list(PROXIES), 'The proxy every algorithm trains on.')
+  flags.DEFINE_integer('seed', 0, 'Seeds every controller and proxy training.')
+  flags.DEFINE_integer('window', 20, 'Samples in the moving average.')
+  flags.DEFINE_float('cpus_per_trial', 2, 'CPUs per trial.')
+  flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings for controllers and proxy.')
 
 
 def compare_rows(output_dir: pathlib.Path, algorithms: Sequence[str],
@@ -100,4 +105,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

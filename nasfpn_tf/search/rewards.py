@@ -18,6 +18,17 @@ def _field(result: Union[Mapping[str, Any], Any], name: str) -> float:
   return float(result[name] if isinstance(result, Mapping) else getattr(result, name))
 
 
+def check(kind: str, target_flops: Optional[float] = None) -> None:
+  """Raises ValueError naming the flag at fault when a reward of `kind` cannot be computed."""
+  if kind not in KINDS:
+    raise ValueError(f'unknown reward {kind!r} (--reward); known: {list(KINDS)}.')
+  if kind == 'ap_flops' and target_flops is None:
+    raise ValueError("reward 'ap_flops' needs a FLOPs budget: pass --target_flops=... (e.g. "
+                     '3.5e9), the FLOPs the architecture should cost.')
+  if kind == 'ap_flops' and target_flops <= 0:
+    raise ValueError(f'--target_flops must be > 0, got {target_flops}.')
+
+
 @gin.configurable(denylist=['result', 'kind', 'target_flops'])
 def reward(result, kind: str = 'ap', target_flops: Optional[float] = None,
            flops_weight: float = -0.07) -> float:
@@ -26,16 +37,10 @@ def reward(result, kind: str = 'ap', target_flops: Optional[float] = None,
   kind: one of KINDS. target_flops: the budget of `ap_flops` (--target_flops). flops_weight: w
   of `ap_flops` (gin `reward.flops_weight`; MnasNet's soft constraint uses -0.07).
   """
-  if kind not in KINDS:
-    raise ValueError(f'unknown reward {kind!r} (--reward); known: {list(KINDS)}.')
+  check(kind, target_flops)
   ap = _field(result, 'ap')
   if kind == 'ap':
     return ap
-  if target_flops is None:
-    raise ValueError("reward 'ap_flops' needs a FLOPs budget: pass --target_flops=... (e.g. "
-                     '3.5e9), the FLOPs the architecture should cost.')
-  if target_flops <= 0:
-    raise ValueError(f'--target_flops must be > 0, got {target_flops}.')
   flops = _field(result, 'flops')
   if flops <= 0:
     raise ValueError(f'reward ap_flops: the trial has no FLOP count (flops={flops}).')
