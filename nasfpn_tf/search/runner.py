@@ -220,15 +220,25 @@ def _tune_searcher(searcher: ControllerSearcher):
 
   class TuneSearcher(Searcher):
 
-    def __init__(self):
-      super().__init__()  # no metric: rewards are computed and kept by `searcher`
+    # No closure over `searcher`: Tune pickles this class by value (see __getstate__).
+    def __init__(self, controller_searcher: ControllerSearcher):
+      super().__init__()  # no metric: rewards are computed and kept by the ControllerSearcher
+      # Not `.searcher`: Tune takes a searcher with that attribute for a wrapper of another.
+      self._search = controller_searcher
 
     def suggest(self, trial_id):
-      config = searcher.suggest(trial_id)
+      config = self._search.suggest(trial_id)
       return Searcher.FINISHED if config is None else config
 
     def on_trial_complete(self, trial_id, result=None, error=False):
-      searcher.complete(trial_id, result, error)
+      self._search.complete(trial_id, result, error)
+
+    def __getstate__(self):
+      """Tune pickles its searcher for `Tuner.restore`, which a search does not use (its state is
+      the search dir), and a PPO controller holds TensorFlow objects that do not pickle."""
+      state = dict(self.__dict__)
+      state.pop('_search', None)
+      return state
 
     def save(self, checkpoint_path):
       """Nothing for Tune to keep: the state lives in the search dir."""
@@ -236,7 +246,7 @@ def _tune_searcher(searcher: ControllerSearcher):
     def restore(self, checkpoint_path):
       """A resumed search restores from the search dir, not from Tune."""
 
-  return TuneSearcher()
+  return TuneSearcher(searcher)
 
 
 def run_search(settings: SearchSettings, log=print) -> Dict[str, Any]:
