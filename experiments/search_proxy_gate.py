@@ -40,21 +40,36 @@ from nasfpn_tf.search import proxy
 from nasfpn_tf.search import rewards
 from nasfpn_tf.utils import files
 
-_OUTPUT_DIR = flags.DEFINE_string('output_dir', 'runs/search_proxy_gate',
-                                  'trials.jsonl, gate_config.json and gate.png go here.')
-_WORK_DIR = flags.DEFINE_string('work_dir', None, "The proxy's cache folder (default: "
-                                '<output_dir>/work); share it between gates of equal data.')
-_NUM_RANDOM = flags.DEFINE_integer('num_random', 18, 'Random architectures besides FPN and '
-                                   'NAS-FPN.', lower_bound=0)
-_SAMPLE_SEED = flags.DEFINE_integer('sample_seed', 0, 'Seed of the random architectures.')
-_SEEDS = flags.DEFINE_multi_integer('seed', [1, 2], 'The two trial seeds of the short schedule.')
-_LONG_SEED = flags.DEFINE_integer('long_seed', 3, 'The trial seed of the long schedule.')
-_LONG_FACTOR = flags.DEFINE_integer('long_factor', 3, 'The long schedule has this many times '
-                                    'CpuProxy.train_steps.', lower_bound=1)
-_GIN_BINDINGS = flags.DEFINE_multi_string('gin_bindings', [], 'Bindings on top of the proxy gin '
-                                          "file, e.g. 'CpuProxy.train_steps = 200'.")
-_TF_THREADS = flags.DEFINE_integer('tf_threads', None, "TensorFlow's thread pools (default: "
-                                    "TensorFlow's own).")
+_OUTPUT_DIR = None
+_WORK_DIR = None
+_NUM_RANDOM = None
+_SAMPLE_SEED = None
+_SEEDS = None
+_LONG_SEED = None
+_LONG_FACTOR = None
+_GIN_BINDINGS = None
+_TF_THREADS = None
+
+
+def define_flags():
+  """The script's flags, defined only when it runs: tests load it beside modules that define
+  flags of the same names (output_dir)."""
+  global _OUTPUT_DIR, _WORK_DIR, _NUM_RANDOM, _SAMPLE_SEED, _SEEDS, _LONG_SEED, _LONG_FACTOR, _GIN_BINDINGS, _TF_THREADS
+  _OUTPUT_DIR = flags.DEFINE_string('output_dir', 'runs/search_proxy_gate',
+                                    'trials.jsonl, gate_config.json and gate.png go here.')
+  _WORK_DIR = flags.DEFINE_string('work_dir', None, "The proxy's cache folder (default: "
+                                  '<output_dir>/work); share it between gates of equal data.')
+  _NUM_RANDOM = flags.DEFINE_integer('num_random', 18, 'Random architectures besides FPN and '
+                                     'NAS-FPN.', lower_bound=0)
+  _SAMPLE_SEED = flags.DEFINE_integer('sample_seed', 0, 'Seed of the random architectures.')
+  _SEEDS = flags.DEFINE_multi_integer('seed', [1, 2], 'The two trial seeds of the short schedule.')
+  _LONG_SEED = flags.DEFINE_integer('long_seed', 3, 'The trial seed of the long schedule.')
+  _LONG_FACTOR = flags.DEFINE_integer('long_factor', 3, 'The long schedule has this many times '
+                                      'CpuProxy.train_steps.', lower_bound=1)
+  _GIN_BINDINGS = flags.DEFINE_multi_string('gin_bindings', [], 'Bindings on top of the proxy gin '
+                                            "file, e.g. 'CpuProxy.train_steps = 200'.")
+  _TF_THREADS = flags.DEFINE_integer('tf_threads', None, "TensorFlow's thread pools (default: "
+                                      "TensorFlow's own).")
 
 TRIALS_FILE = 'trials.jsonl'
 CONFIG_FILE = 'gate_config.json'
@@ -291,4 +306,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
