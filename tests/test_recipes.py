@@ -2,7 +2,6 @@
 the batch-size scaling, and a two-step run through the paper's recipe on a tiny model."""
 import json
 import math
-import os
 
 from absl import flags
 import gin

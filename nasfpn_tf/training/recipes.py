@@ -3,8 +3,8 @@ and `resolved_run`: what a parsed config would train, for `--mode=show_config`.
 
 The paper (§4.1) trains with batch 64 at lr 0.08 for 50 epochs of COCO train2017. A recipe binds
 the batch once (GLOBAL_BATCH_SIZE); `steps_per_epoch` turns epochs into steps for that batch, and
-`batch_scaled` scales the paper's learning rates linearly with it (the linear scaling rule of
-Goyal et al. 2017, which TF Model Garden's recipes follow): 0.08 at 64 images is 0.02 at 16.
+`batch_scaled` scales the paper's learning rates linearly with it (the linear scaling rule,
+Goyal et al. 2017): 0.08 at 64 images is 0.02 at 16.
 """
 import inspect
 import math
@@ -13,6 +13,7 @@ from typing import Any, Dict
 import gin
 
 from nasfpn_tf.models import factory
+from nasfpn_tf.training import schedules
 from nasfpn_tf.training.trainer import RetinaNetTrainer
 
 COCO_TRAIN2017_IMAGES = 118287
@@ -31,9 +32,10 @@ def steps_per_epoch(global_batch_size: int = PAPER_BATCH_SIZE,
 
 
 @gin.configurable
-def steps_for_epochs(epochs: float, steps_per_epoch: int) -> int:  # pylint: disable=redefined-outer-name
+def steps_for_epochs(epochs: float,
+                     steps_per_epoch: int) -> int:  # pylint: disable=redefined-outer-name
   """`epochs` passes of `steps_per_epoch` steps, e.g. the train_steps of a recipe."""
-  return int(round(float(epochs) * steps_per_epoch))
+  return schedules.epochs_to_steps(epochs, steps_per_epoch, 'steps_for_epochs')
 
 
 @gin.configurable
