@@ -4,6 +4,7 @@ file or binding at fault.
 Gin files hold no `import` lines and no module imports another just to register names:
 `register_configurables` makes every name known before a parse.
 """
+import logging
 import pathlib
 from typing import Sequence
 
@@ -26,8 +27,21 @@ def register_configurables() -> None:
   from nasfpn_tf.search import cpu_proxy  # noqa: F401  CpuProxy
   from nasfpn_tf.search import feature_cache  # noqa: F401  CpuProxyCache
   from nasfpn_tf.search import rewards  # noqa: F401  reward
+  from nasfpn_tf.training import recipes  # noqa: F401  steps_per_epoch, batch_scaled
   from nasfpn_tf.training import schedules  # noqa: F401  StepDecay/CosineDecayWithWarmup
   from nasfpn_tf.training import trainer  # noqa: F401  RetinaNetTrainer
+
+
+class _IncludeProbeFilter(logging.Filter):
+  """Drops gin's 'Path not found' error for an `include` it goes on to find on a search path
+  (it probes the name as a Python package first); a file found nowhere still fails, naming it."""
+
+  def filter(self, record):
+    return not (record.pathname.endswith('resource_reader.py') and
+                record.getMessage().startswith('Path not found:'))
+
+
+_INCLUDE_PROBE_FILTER = _IncludeProbeFilter()
 
 
 def parse_gin(gin_files: Sequence[str] = (), gin_bindings: Sequence[str] = ()) -> None:
@@ -38,6 +52,7 @@ def parse_gin(gin_files: Sequence[str] = (), gin_bindings: Sequence[str] = ()) -
   by path relative to themselves or to gin_configs/.
   """
   register_configurables()
+  logging.getLogger().addFilter(_INCLUDE_PROBE_FILTER)  # Once: a filter is added only once.
   gin.clear_config()
   gin.add_config_file_search_path(str(GIN_CONFIGS_DIR))
   for name in gin_files:

@@ -1,10 +1,12 @@
 r"""Trains, evaluates and exports NAS-FPN RetinaNet models from gin configs.
 
-  python -m nasfpn_tf.main --mode=train_and_eval --model_dir=runs/demo \
-      --gin_file=demo.gin --gin_file=schedule_step_50ep.gin \
+  python -m nasfpn_tf.main --mode=train_and_eval --model_dir=runs/r50 \
+      --gin_file=nasfpn_r50_7x256_640.gin --gin_file=recipe_coco_50ep.gin \
       --gin_bindings="build_train_dataset.file_pattern = '/data/train-*.tfrecord'" \
-      --gin_bindings="build_eval_dataset.file_pattern = '/data/val-*.tfrecord'" \
-      --gin_bindings="RetinaNetTrainer.learning_rate = @StepDecayWithWarmup()"
+      --gin_bindings="build_eval_dataset.file_pattern = '/data/val-*.tfrecord'"
+
+--mode=show_config prints the run those files resolve to (steps, batch, weight decay, the
+learning rate at its milestones, input size, parameters) as one JSON line, training nothing.
 
 Writes into --model_dir: model_config.json (the model's config, what its checkpoints fit),
 operative_config.gin (every setting the run used), checkpoints (ckpt-<step>; a restart resumes
@@ -34,6 +36,7 @@ import tensorflow as tf
 from nasfpn_tf import config
 from nasfpn_tf.export import saved_model
 from nasfpn_tf.training import distribute
+from nasfpn_tf.training import recipes
 from nasfpn_tf.training import trainer as trainer_lib
 
 _GIN_FILE = flags.DEFINE_multi_string(
@@ -47,18 +50,22 @@ _GIN_BINDINGS = flags.DEFINE_multi_string(
     "'build_retinanet.max_detections = 300' (a change to the network fails against the "
     'checkpoint).')
 EXPORT_MODES = ('export_saved_model', 'export_tflite')
+SHOW_CONFIG = 'show_config'
 _MODE = flags.DEFINE_enum(
-    'mode', 'train', list(trainer_lib.MODES) + list(EXPORT_MODES),
+    'mode', 'train', list(trainer_lib.MODES) + list(EXPORT_MODES) + [SHOW_CONFIG],
     'train: train to RetinaNetTrainer.train_steps (resuming from the last checkpoint in '
     '--model_dir); eval: COCO-evaluate the last checkpoint; train_and_eval: train, evaluating '
     'every RetinaNetTrainer.eval_every_steps and at the end. export_saved_model: the last '
     'checkpoint, built from the model dir\'s model_config.json, as a SavedModel for TF '
     'Serving in --export_dir (signatures: nasfpn_tf/export/saved_model.py); export_tflite: as a '
-    'TFLite file at --tflite_path.')
+    'TFLite file at --tflite_path. show_config: print the run the gin files resolve to (train '
+    'steps, batch, weight decay, momentum, precision, the learning rate at step 0, the end of '
+    'warm-up and each decay, image size, parameter count) as one JSON line; it reads no data, '
+    'trains nothing and needs no --model_dir.')
 _MODEL_DIR = flags.DEFINE_string(
     'model_dir', None, 'Folder for checkpoints, summaries, model_config.json, '
-    'operative_config.gin and eval_metrics.json; created if missing. The exports read it.',
-    required=True)
+    'operative_config.gin and eval_metrics.json; created if missing. The exports read it. '
+    'Required except for --mode=show_config.')
 _EXPORT_DIR = flags.DEFINE_string(
     'export_dir', None, 'For --mode=export_saved_model: the SavedModel folder to write, new or '
     'empty (TF Serving loads <base>/<version>, e.g. exports/nasfpn/1).')
@@ -111,6 +118,12 @@ def main(argv):
   # tf.distribute logs every collective at INFO; the progress lines are printed.
   tf.get_logger().setLevel('WARNING')
   try:
+    if _MODE.value == SHOW_CONFIG:
+      config.parse_gin(_GIN_FILE.value, _GIN_BINDINGS.value)
+      print(json.dumps(recipes.resolved_run()), flush=True)
+      return
+    if not _MODEL_DIR.value:
+      raise ValueError(f'--mode={_MODE.value} needs --model_dir.')
     if _MODE.value in EXPORT_MODES:
       _export()
       return

@@ -1,6 +1,5 @@
-"""Learning-rate schedules against hand-computed values, and the gin fragments of the recipes."""
+"""Learning-rate schedules against hand-computed values, and the schedules of the recipes."""
 import math
-import pathlib
 
 import gin
 import numpy as np
@@ -8,10 +7,8 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
+from nasfpn_tf import config
 from nasfpn_tf.training import CosineDecayWithWarmup, StepDecayWithWarmup, epochs_to_steps
-
-GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / 'gin_configs'
-
 
 def lr(schedule, step):
   return float(schedule(tf.constant(step, tf.int64)))
@@ -155,55 +152,37 @@ def test_in_tf_function_and_optimizer():
   assert restored._learning_rate.get_config() == s.get_config()
 
 
-# ------------------------------------------------------------------ gin fragments
+# ------------------------------------------------------------------ the recipes' schedules
+# (what the recipes resolve to as a whole: tests/test_recipes.py)
 
-def parse(*names, bindings=None):
-  gin.parse_config_files_and_bindings([str(GIN_DIR / name) for name in names], bindings)
+def recipe_schedule(*names, bindings=()):
+  config.parse_gin(names, bindings)
+  return gin.get_bindings('RetinaNetTrainer')['learning_rate']
 
 
-def test_gin_step_50ep_is_the_paper_recipe(clean_gin):
-  parse('schedule_step_50ep.gin')
-  spe = gin.query_parameter('%STEPS_PER_EPOCH')
-  s = StepDecayWithWarmup()
+def test_the_50ep_recipe_schedule_between_its_milestones(clean_gin):
+  s = recipe_schedule('recipe_coco_50ep.gin')
+  spe = 1849
   assert s.boundaries == [30 * spe, 40 * spe]
-  assert lr(s, 0) == pytest.approx(0.0067, rel=1e-5)
-  assert lr(s, 500) == pytest.approx(0.08, rel=1e-5)
+  assert lr(s, 250) == pytest.approx(warmup_value(250), rel=1e-5)
   assert lr(s, 10 * spe) == pytest.approx(0.08, rel=1e-5)
+  assert lr(s, 30 * spe - 1) == pytest.approx(0.08, rel=1e-5)
   assert lr(s, 35 * spe) == pytest.approx(0.008, rel=1e-5)     # epoch 35
   assert lr(s, 45 * spe) == pytest.approx(0.0008, rel=1e-5)    # epoch 45
-  assert lr(s, 30 * spe - 1) == pytest.approx(0.08, rel=1e-5)
 
 
-def test_gin_step_150ep_dropblock_recipe(clean_gin):
-  parse('schedule_step_150ep_dropblock.gin')
-  s = StepDecayWithWarmup(steps_per_epoch=10)  # an explicit argument beats the gin binding
-  assert s.boundaries == [1200, 1400]
-  assert lr(s, 1199) == pytest.approx(0.08, rel=1e-5)
-  assert lr(s, 1300) == pytest.approx(0.008, rel=1e-5)        # epoch 130
-  assert lr(s, 1450) == pytest.approx(0.0008, rel=1e-5)       # epoch 145
-
-
-def test_gin_cosine(clean_gin):
-  parse('schedule_cosine.gin', bindings=['STEPS_PER_EPOCH = 100'])
-  assert gin.query_parameter('%TRAIN_EPOCHS') == 50
-  s = CosineDecayWithWarmup()
-  assert s.total == 5000
+def test_the_cosine_recipe_schedule(clean_gin):
+  s = recipe_schedule('recipe_coco_cosine.gin', bindings=['NUM_TRAIN_IMAGES = 6400'])
+  assert s.total == 5000  # 50 epochs of 100 steps
   assert lr(s, 250) == pytest.approx(0.04335, rel=1e-5)
   assert lr(s, 2750) == pytest.approx(0.04, rel=1e-5)
   assert lr(s, 5000) == pytest.approx(0.0, abs=1e-9)
 
 
-def test_gin_binding_override(clean_gin):
-  parse('schedule_step_50ep.gin', bindings=['STEPS_PER_EPOCH = 2'])
-  s = StepDecayWithWarmup(warmup_steps=0)
-  assert s.boundaries == [60, 80]
-  assert lr(s, 70) == pytest.approx(0.008, rel=1e-5)
-
-
 def test_gin_dropblock_binds_the_model_builder(clean_gin):
   from nasfpn_tf.layers import DropBlock
   from nasfpn_tf.models import build_retinanet
-  parse('dropblock.gin', 'schedule_step_150ep_dropblock.gin')
+  config.parse_gin(['recipe_coco_150ep_dropblock.gin'])
   assert gin.query_parameter('build_retinanet.dropblock_keep_prob') == 0.9
   assert gin.query_parameter('build_retinanet.dropblock_size') == 3
   model = build_retinanet(image_size=(128, 128), num_classes=3, backbone='resnet10',

@@ -222,6 +222,8 @@ def test_bfloat16_dropblock_ramp_steps_per_execution_and_clipping(synthetic_reco
     ('RetinaNetTrainer.learning_rate = None', 'binding RetinaNetTrainer.learning_rate is required'),
     ("RetinaNetTrainer.mixed_precision = 'float8'", "RetinaNetTrainer.mixed_precision='float8'"),
     ('RetinaNetTrainer.log_every_steps = 0', 'RetinaNetTrainer.log_every_steps must be >= 1'),
+    ("RetinaNetTrainer.init_checkpoint_modules = 'decoder'",
+     "RetinaNetTrainer.init_checkpoint_modules must be one of ['backbone', 'all']"),
 ])
 def test_bad_trainer_bindings_name_the_binding(synthetic_records, tmp_path, binding, message):
   with pytest.raises(ValueError, match=re.escape(message)):

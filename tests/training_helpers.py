@@ -145,3 +145,20 @@ def drive_in_process(searcher, num_parallel=3, stop_after=None):
     searcher.complete(trial_id, {'result_json': json.dumps(result), 'reused': False,
                                  'seconds': 0.1}, False)
     completions += 1
+
+
+def write_tfm_backbone_checkpoint(name, prefix, image_size=128):
+  """A TF Model Garden backbone ('resnet10', 'resnet18', 'mobilenetv2') written as TFM's ImageNet
+  backbone checkpoints are, `tf.train.Checkpoint(backbone=...)`; returns (backbone, path)."""
+  # pylint: disable=g-import-not-at-top
+  import tf_keras
+  from official.vision.modeling.backbones import mobilenet, resnet
+  specs = tf_keras.layers.InputSpec(shape=[None, image_size, image_size, 3])
+  if name.startswith('resnet'):
+    backbone = resnet.ResNet(model_id=int(name[len('resnet'):]), input_specs=specs)
+  else:
+    backbone = mobilenet.MobileNet(model_id='MobileNetV2', input_specs=specs)
+  # Batch-norm statistics away from their 0 / 1 start, so that loading them shows.
+  for variable in backbone.non_trainable_variables:
+    variable.assign(tf.random.uniform(variable.shape, 0.5, 1.5))
+  return backbone, tf.train.Checkpoint(backbone=backbone).write(str(prefix))

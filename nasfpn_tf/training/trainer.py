@@ -31,6 +31,7 @@ from nasfpn_tf.layers.dropblock import set_dropblock_step
 from nasfpn_tf.models.factory import build_retinanet
 from nasfpn_tf.models.losses import RetinaNetLoss
 from nasfpn_tf.training import distribute
+from nasfpn_tf.training import init_checkpoint as init_checkpoint_lib
 from nasfpn_tf.training import precision
 from nasfpn_tf.utils import files
 
@@ -79,7 +80,7 @@ class RetinaNetTrainer:
   """Trains and/or evaluates the gin-built RetinaNet in `model_dir`; see `run`.
 
   Gin bindings (`RetinaNetTrainer.<name>`):
-    learning_rate: a schedule, e.g. `@StepDecayWithWarmup()` (gin_configs/schedule_*.gin), or a
+    learning_rate: a schedule, e.g. `@StepDecayWithWarmup()` (gin_configs/recipe_*.gin), or a
       constant. Required: no default fits every batch size.
     train_steps, global_batch_size: the run length and the batch over all replicas.
     momentum: SGD momentum. Weight decay is the model's (`build_retinanet.l2_weight_decay`).
@@ -95,6 +96,10 @@ class RetinaNetTrainer:
     eval_every_steps: evaluate during train_and_eval every N steps (None: at the end only).
     eval_batch_size, eval_steps: eval batches of this size, this many (None: the whole set).
     eval_annotation_file: COCO json of the eval images; None: ground truth from the eval records.
+    init_checkpoint, init_checkpoint_modules: a checkpoint (prefix or folder) to start from,
+      'backbone' (TF Model Garden's ImageNet backbones, or a nasfpn_tf model dir's backbone) or
+      'all' (a nasfpn_tf model dir); read once, when the model dir has no checkpoint of its own
+      (`training.init_checkpoint`).
   Datasets: `build_train_dataset.*` and `build_eval_dataset.*` (file_pattern at least).
 
   `train_dataset_fn(input_context) -> dataset` replaces the gin train pipeline (tests feeding
@@ -121,6 +126,8 @@ class RetinaNetTrainer:
                eval_batch_size: int = 8,
                eval_steps: Optional[int] = None,
                eval_annotation_file: Optional[str] = None,
+               init_checkpoint: Optional[str] = None,
+               init_checkpoint_modules: str = 'backbone',
                train_dataset_fn: Optional[Callable[[tf.distribute.InputContext],
                                                    tf.data.Dataset]] = None):
     _check_settings(mode, strategy, train_steps=train_steps,
@@ -128,6 +135,7 @@ class RetinaNetTrainer:
                     checkpoint_every_steps=checkpoint_every_steps,
                     log_every_steps=log_every_steps, eval_batch_size=eval_batch_size,
                     eval_steps=eval_steps or 1, eval_every_steps=eval_every_steps or 1)
+    init_checkpoint_lib.check_modules(init_checkpoint_modules)
     training = mode != 'eval'
     if training and learning_rate is None:
       raise _missing_binding('RetinaNetTrainer.learning_rate', '@StepDecayWithWarmup()')
@@ -142,6 +150,7 @@ class RetinaNetTrainer:
     self.eval_every_steps = eval_every_steps
     self.eval_steps = eval_steps
     self.eval_annotation_file = eval_annotation_file
+    self._init_checkpoint = (init_checkpoint, init_checkpoint_modules)
     self.is_chief = distribute.is_chief(strategy)
     self._learning_rate = learning_rate
     self.mixed_precision, precision_note = precision.training_precision(
@@ -205,6 +214,10 @@ class RetinaNetTrainer:
       self._say(f'Restored {restored} at step {self.step}.')
     elif self.mode == 'eval':
       raise ValueError(f'--mode=eval: no checkpoint in --model_dir={self.model_dir}.')
+    elif self._init_checkpoint[0]:  # A resumed run keeps its own weights.
+      path, modules = self._init_checkpoint
+      path = init_checkpoint_lib.initialize(self.model, path, modules)
+      self._say(f'Initialized the {"model" if modules == "all" else "backbone"} from {path}.')
 
   def _record_config(self) -> None:
     """model_config.json and operative_config.gin beside the checkpoints. Written after the
