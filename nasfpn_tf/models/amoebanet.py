@@ -6,12 +6,12 @@ the cell tables of model_specs.py, the cell builder of network_utils.py, the Ima
 cell schedule of model_builder.py), in tf_keras. A cell reads two hidden states, the output of the
 previous cell (state 0, after a ReLU-1x1 conv-BN) and of the one before it (state 1, brought to
 the same shape); each of its 5 steps applies one op to each of two earlier states and adds the
-results; the cell's output concatenates the states no step read. The stem is a 3x3/2 conv and two
-reduction cells at 1/4 and 1/2 of the filters (stride 8); then `num_cells` normal cells in three
-stacks at strides 8, 16, 32, a reduction cell opening the second and third. C3, C4, C5 are the
-last normal cell of each stack: 4 * F, 8 * F and 16 * F channels for F = `reduction_size`.
-Drop-path is left out: the authors' ImageNet flags default to keep_prob 1.0, and it changes
-neither params nor inference FLOPs.
+results; the cell's output concatenates the states no step read. The stem is a 3x3/2 conv
+(unpadded, as the authors') and two reduction cells at 1/4 and 1/2 of the filters (stride 8);
+then `num_cells` normal cells in three stacks at strides 8, 16, 32, a reduction cell opening the
+second and third. C3, C4, C5 are the last normal cell of each stack: 4 * F, 8 * F and 16 * F
+channels for F = `reduction_size`. Drop-path is left out: the authors' ImageNet flags default to
+keep_prob 1.0, and it changes neither params nor inference FLOPs.
 """
 from typing import NamedTuple, Sequence, Tuple
 
