@@ -28,6 +28,9 @@ def test_every_table1_file_is_there():
   assert set(CHEAP) | {
       'nasfpn_r50_7x256_640.gin', 'nasfpn_r50_7x256_1024.gin', 'nasfpn_r50_7x256_1280.gin',
       'nasfpn_r50_7x384_1280_dropblock.gin', 'fpn_r50_256_640.gin', 'nasfpn_mnv2_640.gin',
+      'fpn_r101_256_640.gin', 'fpn_r50_256_1024.gin', 'fpn_r101_256_1024.gin',
+      'fpn_amoebanet_256_1280.gin', 'nasfpn_amoebanet_7x384_1280.gin',
+      'nasfpn_amoebanet_7x384_1280_dropblock.gin',
       'search_proxy_r10_3x256_512.gin'} <= set(MODEL_FILES)
 
 

@@ -192,7 +192,16 @@ def test_loads_without_tensorflow():
   assert result.stdout.strip() == '[]', result.stderr
 
 
-def test_our_nasfpn_lite_is_outside_its_search_space():
-  # The paper's search never builds an intermediate P3 cell; our hand-made table has one.
-  with pytest.raises(ValueError, match='cell 2: level 3 is not allowed: an intermediate cell'):
-    SearchSpace(num_cells=15, min_level=3, max_level=6).encode('nasfpn_lite')
+# Every registered table, with the levels it is built on (FPN on both of its uses).
+REGISTERED_LEVELS = {'nasfpn': [(3, 7)], 'nasfpn_lite': [(3, 6)], 'fpn': [(3, 7), (3, 6)]}
+
+
+@pytest.mark.parametrize('name,min_level,max_level', [
+    (name, *levels) for name, uses in REGISTERED_LEVELS.items() for levels in uses])
+def test_every_registered_table_obeys_the_search_space_rules(name, min_level, max_level):
+  """§3.1: no intermediate cell outputs the finest level, the last L cells are the outputs, one
+  per level; `SearchSpace.encode` checks each rule and names the cell that breaks one."""
+  assert sorted(REGISTERED_LEVELS) == sorted(specs_lib.SPECS)
+  specs = specs_lib.resolve(name, min_level, max_level)
+  space = SearchSpace(num_cells=len(specs), min_level=min_level, max_level=max_level)
+  assert space.decode(space.encode(specs)) == specs

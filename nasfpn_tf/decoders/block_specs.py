@@ -50,28 +50,29 @@ def fpn(min_level: int = 3, max_level: int = 7) -> Tuple[BlockSpec, ...]:
 
 
 # NAS-FPNLite, levels 3..6: ours. The paper's 15-cell table was never published. This one is
-# hand-built in the search space from the traits the paper reports of the searched cells (Fig. 7):
-# a top-down pass where coarse features gate finer ones by global pooling (cells 0-2), a
-# bottom-up pass (3-6), a second top-down pass that also reuses the P5 input (7-10), then one
-# output cell per level built on the newest features (11-14). It has the paper's 15 cells, and
-# its level mix (2 cells at P3, 4 at P4, 5 at P5, 4 at P6) puts MobileNetV2 3@48 and 7@64 within
-# a few percent of Table 1's FLOPs and params (see experiments/model_table.py).
+# hand-built in its search space (§3.1: no intermediate cell outputs P3, the last 4 cells are the
+# outputs) from the traits the paper reports of the searched cells (Fig. 7): a top-down pass where
+# coarse features gate finer ones by global pooling (cells 0-1), a bottom-up pass that brings the
+# P3 input up (2-5), a second top-down pass (6-10), then one output cell per level built on the
+# newest features, P3 first from the P3 input (11-14). Every candidate is read, so nothing dangles.
+# It has the paper's 15 cells, and its level mix (1 cell at P3, 8 at P4, 3 at P5, 3 at P6) puts
+# MobileNetV2 3@48 and 7@64 within 5% of Table 1's FLOPs and params (experiments/model_table.py).
 NASFPN_LITE = (
     BlockSpec(5, 'global_pooling', (2, 3), False),   # 4: P5 gated by P6
     BlockSpec(4, 'global_pooling', (1, 4), False),   # 5: P4 gated by cell 0
-    BlockSpec(3, 'sum', (0, 5), False),              # 6: P3 + cell 1
-    BlockSpec(4, 'sum', (5, 6), False),              # 7: bottom-up
+    BlockSpec(4, 'sum', (0, 5), False),              # 6: bottom-up: the P3 input pooled to P4
+    BlockSpec(4, 'sum', (5, 6), False),              # 7
     BlockSpec(5, 'sum', (4, 7), False),              # 8
     BlockSpec(6, 'global_pooling', (3, 8), False),   # 9
-    BlockSpec(6, 'sum', (8, 9), False),              # 10
-    BlockSpec(5, 'global_pooling', (8, 10), False),  # 11: top-down again
-    BlockSpec(5, 'sum', (2, 11), False),             # 12: reuses the P5 input
-    BlockSpec(6, 'global_pooling', (10, 12), False), # 13
-    BlockSpec(4, 'global_pooling', (7, 12), False),  # 14
-    BlockSpec(3, 'sum', (6, 14), True),              # 15: P3 out
+    BlockSpec(4, 'global_pooling', (8, 7), False),   # 10: top-down again
+    BlockSpec(4, 'sum', (6, 10), False),             # 11
+    BlockSpec(6, 'sum', (9, 10), False),             # 12
+    BlockSpec(4, 'global_pooling', (12, 11), False), # 13
+    BlockSpec(4, 'sum', (11, 13), False),            # 14
+    BlockSpec(3, 'sum', (0, 14), True),              # 15: P3 out
     BlockSpec(4, 'sum', (14, 15), True),             # 16: P4 out
-    BlockSpec(5, 'global_pooling', (15, 16), True),  # 17: P5 out
-    BlockSpec(6, 'global_pooling', (13, 17), True),  # 18: P6 out
+    BlockSpec(5, 'global_pooling', (8, 16), True),   # 17: P5 out
+    BlockSpec(6, 'global_pooling', (12, 17), True),  # 18: P6 out
 )
 
 # Names usable in gin and configs: fixed tables (levels as written) or, for the regular FPN,

@@ -11,7 +11,7 @@ import tensorflow as tf
 import tf_keras
 from official.vision.modeling.backbones import mobilenet, resnet
 
-from nasfpn_tf.models import geometry
+from nasfpn_tf.models import amoebanet, geometry
 
 PYRAMID_INPUT_LEVELS = ('3', '4', '5')
 
@@ -19,7 +19,11 @@ _RESNETS = {'resnet10': 10, 'resnet18': 18, 'resnet34': 34, 'resnet50': 50, 'res
             'resnet152': 152}
 _MOBILENETS = {'mobilenetv2': 'MobileNetV2', 'mobilenetv3large': 'MobileNetV3Large',
                'mobilenetv3small': 'MobileNetV3Small'}
-BACKBONES = tuple(_RESNETS) + tuple(_MOBILENETS)
+# Our own tf_keras AmoebaNet-D (nasfpn_tf.models.amoebanet), by name -> its size. The NAS-FPN
+# paper does not give it; 5 normal cells per stack at F = 256 (the authors' ImageNet flags have 4)
+# puts both of Table 1's AmoebaNet rows within 1% of their FLOPs (see experiments/model_table.py).
+_AMOEBANETS = {'amoebanet_d': dict(num_cells=15, reduction_size=256)}
+BACKBONES = tuple(_RESNETS) + tuple(_MOBILENETS) + tuple(_AMOEBANETS)
 
 
 @tf_keras.utils.register_keras_serializable(package='nasfpn_tf')
@@ -47,13 +51,14 @@ class ImageNormalization(tf_keras.layers.Layer):
 def build_backbone(name: str, input_shape: Sequence[int], use_sync_bn: bool = False,
                    norm_momentum: float = 0.99, norm_epsilon: float = 1e-3,
                    kernel_regularizer=None) -> tf_keras.Model:
-  """A TFM backbone by `name` (see `BACKBONES`), returning {'3': C3, '4': C4, '5': C5}.
+  """A backbone by `name` (see `BACKBONES`), returning {'3': C3, '4': C4, '5': C5}.
 
   `input_shape` is [height, width, 3] or [batch, height, width, 3]. TFM builds layers the
   pyramid never reads (MobileNetV2's final 1x1 conv to 1280 channels, 410k params); re-wrapping
   the functional graph on levels 3..5 drops them from params, FLOPs and run time. The layers
   are TFM's own, so `training` reaches their batch norms and TFM checkpoints still match by
-  layer. The model gets an `output_specs` {level: TensorShape} like TFM backbones.
+  layer. The model gets an `output_specs` {level: TensorShape} like TFM backbones. AmoebaNet-D
+  is ours (`amoebanet.build_amoebanet_d`), built on C3-C5 only.
   """
   shape = list(input_shape)
   if len(shape) == 3:
@@ -62,6 +67,8 @@ def build_backbone(name: str, input_shape: Sequence[int], use_sync_bn: bool = Fa
   norm = dict(use_sync_bn=use_sync_bn, norm_momentum=norm_momentum, norm_epsilon=norm_epsilon,
               kernel_regularizer=kernel_regularizer)
   key = name.lower()
+  if key in _AMOEBANETS:
+    return amoebanet.build_amoebanet_d(shape, name=key, **_AMOEBANETS[key], **norm)
   if key in _RESNETS:
     full = resnet.ResNet(model_id=_RESNETS[key], input_specs=input_specs, **norm)
   elif key in _MOBILENETS:
