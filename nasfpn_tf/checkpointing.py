@@ -124,6 +124,14 @@ def model_config_differences(model_dir: str, model_config: Mapping[str, Any]) ->
   return None
 
 
+def _heads_layout(model_config: Mapping[str, Any]):
+  """(anytime, one head shared by the exits) of a model config. A plain model's variables are
+  those of an anytime model with a shared head, and an anytime model with a head per exit holds
+  those too: restores cannot tell these apart, the recorded config can."""
+  anytime = bool(model_config.get('anytime', False))
+  return anytime, anytime and bool(model_config.get('anytime_shared_head', True))
+
+
 class Checkpointer:
   """Saves and restores a model and its optimizer under `model_dir`, numbered by the step.
 
@@ -158,6 +166,12 @@ class Checkpointer:
     path = self.latest
     if path is None:
       return None
+    recorded = read_model_config(self.model_dir)
+    if (recorded is not None and
+        _heads_layout(recorded) != _heads_layout(self._model.get_config())):
+      raise CheckpointMismatchError(self._mismatch_message(path, ValueError(
+          'the checkpoint holds the heads of another anytime setting (its variables may fit, '
+          'their meaning does not).')))
     statuses = []
     try:
       if model_only:
