@@ -1,4 +1,5 @@
 """RetinaNet with a NAS-FPN (or FPN) pyramid: backbone -> pyramid -> head, + anchors and NMS."""
+import numbers
 from typing import Dict, List, Optional, Sequence
 
 import tensorflow as tf
@@ -157,7 +158,7 @@ class RetinaNet(tf_keras.Model):
   def exit_model(self, num_repeats: int) -> tf_keras.Model:
     """Exit `num_repeats` as a model of its own sharing these layers and weights: images ->
     backbone -> the first `num_repeats` pyramids -> that exit's head -> raw outputs."""
-    if (isinstance(num_repeats, bool) or not isinstance(num_repeats, int) or
+    if (isinstance(num_repeats, bool) or not isinstance(num_repeats, numbers.Integral) or
         not 1 <= num_repeats <= self.num_repeats):
       raise ValueError(f'num_repeats={num_repeats!r} is not an exit of this model: give 1..'
                        f'{self.num_repeats} (build_retinanet.num_repeats = {self.num_repeats}).')

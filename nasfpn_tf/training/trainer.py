@@ -284,8 +284,9 @@ class RetinaNetTrainer:
 
   def run_steps(self, iterator, num_steps: int) -> Dict[str, tf.Tensor]:
     """`num_steps` optimizer steps on batches of `iterator` (`train_iterator()`) in one compiled
-    call; the global-batch losses (LOSS_KEYS, then each exit's) averaged over them. What `train` runs between its
-    logs and saves, and the step the benchmark times; it neither logs, checks nor saves."""
+    call; the global-batch losses (LOSS_KEYS, then an anytime model's exits') averaged over
+    them. What `train` runs between its logs and saves, and the step the benchmark times; it
+    neither logs, checks nor saves."""
     return self._run_steps(iterator, tf.constant(num_steps))
 
   def _run_steps_fn(self, iterator, num_steps):
