@@ -1,12 +1,17 @@
 """Anytime RetinaNet (build_retinanet.anytime): exits equal the plain model and the early-exit
 models, early exits cost less, deep supervision sums the exits' losses, configs and .keras files
 keep it, bad exits and bindings are named."""
+import inspect
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras
 
+from nasfpn_tf import checkpointing
 from nasfpn_tf.models import RetinaNet
+from nasfpn_tf.models import retinanet
 from nasfpn_tf.models.losses import AnytimeLoss, RetinaNetLoss, exit_loss_keys
 from nasfpn_tf.utils import model_stats
 
@@ -37,7 +42,7 @@ def test_last_exit_equals_the_plain_model_with_the_same_weights(images):
   # anytime=False builds what it built before: the same layers, no extra head or output.
   assert [layer.name for layer in plain.layers] == [
       'images', 'normalize', plain.backbone.name, 'decoder', 'head', 'detection_generator']
-  assert plain.get_config()['anytime'] is False
+  assert not set(plain.get_config()) & {'anytime', 'anytime_shared_head', 'anytime_loss_weights'}
   anytime = RetinaNet(**TINY, anytime=True)
   # A shared head: the same variables, in the same order, as the plain model.
   assert [w.shape for w in anytime.weights] == [w.shape for w in plain.weights]
@@ -112,6 +117,13 @@ def test_anytime_loss_is_the_weighted_sum_of_the_exit_losses(separate_heads, ima
   assert float(losses['exit1_loss']) != pytest.approx(float(losses['exit2_loss']))
 
 
+def test_plain_configs_leave_out_the_anytime_arguments_at_their_defaults():
+  """What checkpointing assumes of a config without them."""
+  defaults = {name: inspect.signature(RetinaNet.__init__).parameters[name].default
+              for name in retinanet.ANYTIME_ARGUMENTS}
+  assert defaults == checkpointing.OMITTED_DEFAULTS
+
+
 def test_equal_weights_by_default():
   model = RetinaNet(**dict(TINY, num_repeats=1), anytime=True)
   assert model.exit_loss_weights == [1.0]
@@ -127,6 +139,7 @@ def test_config_and_keras_round_trips_keep_anytime(separate_heads, images, tmp_p
   separate_heads.save(path)
   reloaded = tf_keras.models.load_model(path)
   assert reloaded.get_config() == config
+  assert RetinaNet.from_config(json.loads(json.dumps(config))).get_config() == config
   assert reloaded.count_params() == separate_heads.count_params()
   tf.nest.map_structure(np.testing.assert_array_equal, separate_heads(images, training=False),
                         reloaded(images, training=False))

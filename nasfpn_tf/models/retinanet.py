@@ -193,11 +193,19 @@ class RetinaNet(tf_keras.Model):
                                     self.anchor_boxes)
 
   def get_config(self):
-    return dict(self._config, name=self.name)
+    config = dict(self._config, name=self.name)
+    if not self.anytime:  # A plain model's config is what it was before anytime models.
+      for name in ANYTIME_ARGUMENTS:
+        del config[name]
+    return config
 
   @classmethod
   def from_config(cls, config, custom_objects=None):
     return cls(**config)
+
+
+# The arguments of anytime detection, in the config of anytime models only.
+ANYTIME_ARGUMENTS = ('anytime', 'anytime_shared_head', 'anytime_loss_weights')
 
 
 class _ExitModels:
