@@ -28,6 +28,11 @@ OPERATIVE_CONFIG = 'operative_config.gin'
 MODEL_CONFIGURABLE = 'build_retinanet'
 
 
+# Arguments a model config leaves out at these defaults (RetinaNet.get_config omits the anytime
+# ones of a plain model, so records of before them stay equal).
+OMITTED_DEFAULTS = {'anytime': False, 'anytime_shared_head': True, 'anytime_loss_weights': None}
+
+
 class CheckpointMismatchError(ValueError):
   """A model_dir checkpoint that does not fit the model being built (another config)."""
 
@@ -64,6 +69,7 @@ def _plain(value):
 def _recorded_differences(path: str, recorded: Mapping[str, Any],
                           model_config: Mapping[str, Any]) -> str:
   """A line per argument whose value in `recorded` (read from `path`) differs from now."""
+  recorded, model_config = ({**OMITTED_DEFAULTS, **config} for config in (recorded, model_config))
   changed = []
   for name in sorted(set(recorded) | set(model_config)):
     old, new = _plain(recorded.get(name)), _plain(model_config.get(name))
@@ -124,6 +130,14 @@ def model_config_differences(model_dir: str, model_config: Mapping[str, Any]) ->
   return None
 
 
+def _heads_layout(model_config: Mapping[str, Any]):
+  """(anytime, one head shared by the exits) of a model config. A plain model's variables are
+  those of an anytime model with a shared head, and an anytime model with a head per exit holds
+  those too: restores cannot tell these apart, the recorded config can."""
+  config = {**OMITTED_DEFAULTS, **model_config}
+  return bool(config['anytime']), bool(config['anytime'] and config['anytime_shared_head'])
+
+
 class Checkpointer:
   """Saves and restores a model and its optimizer under `model_dir`, numbered by the step.
 
@@ -158,6 +172,12 @@ class Checkpointer:
     path = self.latest
     if path is None:
       return None
+    recorded = read_model_config(self.model_dir)
+    if (recorded is not None and
+        _heads_layout(recorded) != _heads_layout(self._model.get_config())):
+      raise CheckpointMismatchError(self._mismatch_message(path, ValueError(
+          'the checkpoint holds the heads of another anytime setting (its variables may fit, '
+          'their meaning does not).')))
     statuses = []
     try:
       if model_only:

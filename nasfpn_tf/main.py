@@ -92,6 +92,11 @@ _TFLITE_FAST_NMS = flags.DEFINE_bool(
     'tflite_fast_nms', False, 'For --mode=export_tflite: the post-processing op\'s fast NMS (one '
     'class per anchor, class-agnostic suppression) instead of the regular per-class NMS that '
     'matches the SavedModel; faster on phones, slightly different detections.')
+_TFLITE_EXIT = flags.DEFINE_integer(
+    'tflite_exit', None, 'For --mode=export_tflite of an anytime model '
+    '(build_retinanet.anytime = True): the exit k the file stops at, computing only the first k '
+    'pyramids and that exit\'s head (default: the last exit). The SavedModel has every exit as '
+    'signatures serving_exit_<k>.')
 _EXPORT_LABEL_MAP = flags.DEFINE_string(
     'export_label_map', None, 'For the exports: a JSON {"category id": "name"} to ship with '
     'the model; default: the {prefix}-label_map.json beside the TFRecords of the operative '
@@ -151,6 +156,9 @@ def _export() -> None:
     raise ValueError(f'--mode={mode} builds the model from {_MODEL_DIR.value}/'
                      'model_config.json, the config of its checkpoints; drop --gin_file.')
   if mode == 'export_saved_model':
+    if _TFLITE_EXIT.value is not None:
+      raise ValueError('--tflite_exit is for --mode=export_tflite; the SavedModel holds every '
+                       'exit (signatures serving_exit_<k>).')
     if not _EXPORT_DIR.value:
       raise ValueError('--mode=export_saved_model needs --export_dir.')
     summary = saved_model.export_saved_model(_MODEL_DIR.value, _EXPORT_DIR.value,
@@ -165,7 +173,8 @@ def _export() -> None:
         representative_file_pattern=_REPRESENTATIVE_FILE_PATTERN.value,
         num_representative_images=_NUM_REPRESENTATIVE_IMAGES.value,
         int8_io=_TFLITE_UINT8_INPUT.value, use_regular_nms=not _TFLITE_FAST_NMS.value,
-        gin_bindings=_GIN_BINDINGS.value, label_map_path=_EXPORT_LABEL_MAP.value)
+        gin_bindings=_GIN_BINDINGS.value, label_map_path=_EXPORT_LABEL_MAP.value,
+        num_repeats=_TFLITE_EXIT.value)
   print(json.dumps(summary, default=str), flush=True)
 
 

@@ -9,12 +9,13 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from bench import demo_runs
 from bench.models import (CONFIGS, NUM_CLASSES, Config, build_ours, build_tfm, tfm_detect_fn,
                           tfm_task)
 from bench.rows import Ap
 from bench.timing import say
 from nasfpn_tf.compat.tfm import geometry_from_tfm, retinanet_from_tfm
-from nasfpn_tf.data import create_coco_tfrecord, input_pipeline, synthetic
+from nasfpn_tf.data import input_pipeline
 from nasfpn_tf.evaluation import coco_metrics
 from nasfpn_tf.models import geometry
 from nasfpn_tf.models.postprocess import sorted_detection_rows
@@ -34,19 +35,7 @@ class ApData:
 
 def synthetic_records(work_dir: pathlib.Path, data: ApData) -> Dict[str, str]:
   """The synthetic shapes (256 px nominal, ids 1..9) as TFRecords, made once."""
-  root = work_dir / f'synthetic_{data.num_train}_{data.num_val}'
-  done = root / 'DONE'
-  if not done.exists():
-    say(f'AP: writing {data.num_train} + {data.num_val} synthetic images to {root}')
-    synthetic.generate(root / 'raw', num_train=data.num_train, num_val=data.num_val,
-                       image_size=256, seed=0)
-    for split in ('train', 'val'):
-      create_coco_tfrecord.convert(str(root / 'raw' / 'annotations' / f'instances_{split}.json'),
-                                   str(root / 'raw' / split), str(root / split),
-                                   num_shards=4 if split == 'train' else 1, num_threads=2)
-    done.write_text('ok')
-  return {'train': str(root / 'train-*.tfrecord'), 'val': str(root / 'val-*.tfrecord'),
-          'val_json': str(root / 'raw' / 'annotations' / 'instances_val.json')}
+  return demo_runs.synthetic_records(work_dir, data.num_train, data.num_val)
 
 
 def trained_ap_weights(work_dir: pathlib.Path, records: Dict[str, str], data: ApData) -> str:

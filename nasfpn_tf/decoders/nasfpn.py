@@ -26,6 +26,10 @@ class NASFPN(tf_keras.Model):
   inputs. TF Model Garden's NASFPN always merges at 256, whatever `num_filters`, with a 1x1
   conv + BN on each cell input when they differ; `compat.tfm_nasfpn.pyramid_from_tfm` sets 256 to
   reproduce it.
+
+  Anytime detection reads the pyramid of every repeat: `output_every_repeat=True` returns
+  {'1': {level: P}, ..., str(num_repeats): {level: P}} (same layers and weights), and
+  `first_repeats(k)` is a model sharing these layers that computes only the first k repeats.
   """
 
   def __init__(self,
@@ -46,6 +50,7 @@ class NASFPN(tf_keras.Model):
                dropblock_ramp_steps: int = 0,
                kernel_regularizer=None,
                bias_regularizer=None,
+               output_every_repeat: bool = False,
                **kwargs):
     specs = specs_lib.resolve(block_specs, min_level, max_level)
     wiring = specs_lib.wiring(specs, min_level, max_level)
@@ -74,10 +79,17 @@ class NASFPN(tf_keras.Model):
         feats.append(ResampleToLevel(level - 1, level, num_filters,
                                      name=f'p{level}_from_p{level - 1}',
                                      **norm, **regularizers)(feats[-1]))
+    repeat_outputs = []
     for repeat in range(num_repeats):
       feats = _build_pyramid(feats, min_level, wiring, f'repeat{repeat}', cell_kwargs)
-    outputs = {str(level): feat for level, feat in zip(range(min_level, max_level + 1), feats)}
+      repeat_outputs.append(
+          {str(level): feat for level, feat in zip(range(min_level, max_level + 1), feats)})
+    outputs = repeat_outputs[-1]
+    if output_every_repeat:
+      outputs = {str(k): pyramid for k, pyramid in enumerate(repeat_outputs, start=1)}
     super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+    # The graph's own tensors, for `first_repeats`; a plain holder, so tracking never sees them.
+    self._graph = _Graph(inputs, repeat_outputs)
 
     self._config = dict(
         input_specs={k: v.as_list() for k, v in input_specs.items()}, min_level=min_level,
@@ -86,14 +98,25 @@ class NASFPN(tf_keras.Model):
         use_separable_conv=use_separable_conv, activation=activation,
         **norm, dropblock_keep_prob=dropblock_keep_prob, dropblock_size=dropblock_size,
         dropblock_ramp_steps=dropblock_ramp_steps,
-        **common.serialize_regularizers(kernel_regularizer, bias_regularizer))
+        **common.serialize_regularizers(kernel_regularizer, bias_regularizer),
+        output_every_repeat=output_every_repeat)
     self.block_specs = specs
-    self._output_specs = {level: feat.shape for level, feat in outputs.items()}
+    self._output_specs = {level: feat.shape for level, feat in repeat_outputs[-1].items()}
 
   @property
   def output_specs(self) -> Dict[str, tf.TensorShape]:
-    """{level: TensorShape} of the outputs."""
+    """{level: TensorShape} of the outputs (of each repeat's, with output_every_repeat)."""
     return self._output_specs
+
+  def first_repeats(self, num_repeats: int) -> tf_keras.Model:
+    """A model of the same input dict and these layers (weights shared) returning the pyramid
+    {level: P} of repeat `num_repeats`: the repeats after it are not in its graph."""
+    if not 1 <= num_repeats <= len(self._graph.repeat_outputs):
+      raise ValueError(f'num_repeats={num_repeats} is outside 1..'
+                       f'{len(self._graph.repeat_outputs)}, the repeats of pyramid {self.name}.')
+    return tf_keras.Model(inputs=self._graph.inputs,
+                          outputs=self._graph.repeat_outputs[num_repeats - 1],
+                          name=f'{self.name}_first_{num_repeats}')
 
   def get_config(self):
     return dict(self._config, name=self.name)
@@ -101,6 +124,14 @@ class NASFPN(tf_keras.Model):
   @classmethod
   def from_config(cls, config, custom_objects=None):
     return cls(**config)
+
+
+class _Graph:
+  """The input and per-repeat output tensors of a built pyramid."""
+
+  def __init__(self, inputs, repeat_outputs):
+    self.inputs = inputs
+    self.repeat_outputs = repeat_outputs
 
 
 def _check_inputs(input_specs, min_level, max_level):

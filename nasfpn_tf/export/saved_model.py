@@ -20,7 +20,13 @@ the model normalizes pixels itself. Every signature returns
   num_detections     int32 [B]          valid rows per image; later rows are zero
 with K = build_retinanet.max_detections. The category names are in assets/label_map.json
 ({"id": "name"}).
+
+An anytime model (build_retinanet.anytime) adds, for every exit k = 1..num_repeats,
+`serving_exit_<k>` (images, uint8 as serving_default) and `serving_exit_<k>_encoded_image`
+(encoded_image, as serving_encoded_image): detections of exit k, which computes the first k
+pyramids only. The default signatures are the last exit's.
 """
+import functools
 import os
 import tempfile
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
@@ -38,12 +44,19 @@ from nasfpn_tf.models import geometry
 from nasfpn_tf.models.retinanet import RetinaNet
 from nasfpn_tf.utils import files
 
-# Signature name -> its input's name.
+
+# Signature name -> its input's name; an anytime model adds `exit_signature_inputs`.
 SIGNATURE_INPUTS = {
     'serving_default': 'images',
     'serving_encoded_image': 'encoded_image',
     'serving_tf_example': 'serialized_example',
 }
+
+
+def exit_signature_inputs(exit_number: int) -> Dict[str, str]:
+  """The signatures of an anytime model's exit `exit_number` -> their input's name."""
+  return {f'serving_exit_{exit_number}': 'images',
+          f'serving_exit_{exit_number}_encoded_image': 'encoded_image'}
 
 
 def load_model(model_dir: str, gin_bindings: Sequence[str] = ()) -> Tuple[RetinaNet, str, int]:
@@ -114,19 +127,29 @@ class DetectionModule(tf.Module):
     # layer again for Keras metadata (most of the export time) that serving never reads.
     self.model_variables = model.variables
     self._image_size = model.image_size
-    # Traced once, called by every signature: one copy of the network in the SavedModel.
-    self._detect_network = tf.function(model.detect, input_signature=[
-        tf.TensorSpec([None] + self._image_size + [3], tf.float32)])
+    # Traced once each, called by every signature of the exit: one copy of each network in the
+    # SavedModel. None: the last exit, as model.detect runs it.
+    network_spec = [tf.TensorSpec([None] + self._image_size + [3], tf.float32)]
+    self._exits = list(range(1, model.num_repeats + 1)) if model.anytime else []
+    self._detect_networks = {
+        str(k): tf.function(functools.partial(model.detect, num_repeats=k),
+                            input_signature=network_spec)
+        for k in self._exits}
+    self._detect_network = tf.function(model.detect, input_signature=network_spec)
     if label_map_file:  # Copied into the SavedModel's assets/.
       self.label_map = tf.saved_model.Asset(label_map_file)
 
-  def _detect(self, images: tf.Tensor, decode) -> Dict[str, tf.Tensor]:
-    """`decode` maps one element of `images` to a uint8 [H, W, 3] image."""
+  def _detect(self, images: tf.Tensor, decode,
+              exit_number: Optional[int] = None) -> Dict[str, tf.Tensor]:
+    """`decode` maps one element of `images` to a uint8 [H, W, 3] image; `exit_number` picks an
+    anytime model's exit (None: the last)."""
     inputs, image_info = tf.map_fn(
         lambda image: geometry.resize_and_pad(decode(image), self._image_size), images,
         fn_output_signature=(tf.TensorSpec(self._image_size + [3], tf.float32),
                              tf.TensorSpec([4, 2], tf.float32)))
-    detections = self._detect_network(inputs)
+    network = (self._detect_network if exit_number is None
+               else self._detect_networks[str(exit_number)])
+    detections = network(inputs)
     detections['detection_boxes'] = geometry.to_original_image(
         detections['detection_boxes'], image_info)
     return detections
@@ -137,9 +160,7 @@ class DetectionModule(tf.Module):
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
   def detect_encoded_images(self, encoded_image):
-    # The decode of `tfexample.decode_example`; a corrupt image fails with its InvalidArgumentError.
-    return self._detect(encoded_image, lambda data: tf.ensure_shape(
-        tf.io.decode_image(data, channels=3, expand_animations=False), [None, None, 3]))
+    return self._detect(encoded_image, _decode_image)
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
   def detect_tf_examples(self, serialized_example):
@@ -148,11 +169,28 @@ class DetectionModule(tf.Module):
     return self.detect_encoded_images(features[tfexample.ENCODED])
 
   def signatures(self) -> Dict[str, Any]:
-    return {
+    signatures = {
         'serving_default': self.detect_images.get_concrete_function(),
         'serving_encoded_image': self.detect_encoded_images.get_concrete_function(),
         'serving_tf_example': self.detect_tf_examples.get_concrete_function(),
     }
+    for k in self._exits:
+      images_name, encoded_name = exit_signature_inputs(k)
+      detect_images = lambda images, k=k: self._detect(images, lambda image: image, k)  # noqa
+      detect_encoded = lambda encoded_image, k=k: self._detect(  # noqa: E731
+          encoded_image, _decode_image, k)
+      signatures[images_name] = tf.function(detect_images).get_concrete_function(
+          tf.TensorSpec([None, None, None, 3], tf.uint8))
+      signatures[encoded_name] = tf.function(detect_encoded).get_concrete_function(
+          tf.TensorSpec([None], tf.string))
+    return signatures
+
+
+def _decode_image(data: tf.Tensor) -> tf.Tensor:
+  """The decode of `tfexample.decode_example`; a corrupt image fails with its
+  InvalidArgumentError."""
+  return tf.ensure_shape(tf.io.decode_image(data, channels=3, expand_animations=False),
+                         [None, None, 3])
 
 
 def export_saved_model(model_dir: str, export_dir: str, gin_bindings: Sequence[str] = (),
@@ -176,4 +214,6 @@ def export_saved_model(model_dir: str, export_dir: str, gin_bindings: Sequence[s
     tf.saved_model.save(module, staging, signatures=module.signatures())
   return {'export_dir': export_dir, 'checkpoint': checkpoint, 'step': step,
           'image_size': model.image_size, 'label_map': label_map_source,
-          'signatures': dict(SIGNATURE_INPUTS)}
+          'signatures': dict(SIGNATURE_INPUTS, **{
+              name: input_name for k in range(1, model.num_repeats + 1) if model.anytime
+              for name, input_name in exit_signature_inputs(k).items()})}

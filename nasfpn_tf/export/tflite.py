@@ -26,8 +26,10 @@ from nasfpn_tf.utils import files
 QUANTIZATIONS = ('float32', 'float16', 'dynamic', 'int8')
 
 
-def tflite_function(model: RetinaNet, use_regular_nms: bool = True):
-  """The concrete function to convert: images [1, H, W, 3] float32 -> the op's four outputs."""
+def tflite_function(model: RetinaNet, use_regular_nms: bool = True,
+                    num_repeats: Optional[int] = None):
+  """The concrete function to convert: images [1, H, W, 3] float32 -> the op's four outputs,
+  of exit `num_repeats` (None: the last; see RetinaNet.exit_outputs)."""
   height, width = model.image_size
   num_classes = model.get_config()['num_classes']
   levels = model.geometry.levels
@@ -38,7 +40,7 @@ def tflite_function(model: RetinaNet, use_regular_nms: bool = True):
   @tf.function(input_signature=[
       tf.TensorSpec([1, height, width, 3], tf.float32, tflite_runtime.INPUT_NAME)])
   def detect(images):
-    outputs = model(images, training=False)
+    outputs = model.exit_outputs(images, num_repeats)
     box_encodings = tf.concat(
         [tf.reshape(tf.cast(outputs['box_outputs'][l], tf.float32), [1, -1, 4]) for l in levels],
         axis=1)
@@ -80,9 +82,10 @@ def _calibration_data(images: Iterable[np.ndarray]) -> Callable[[], Iterator[Lis
 
 def convert(model: RetinaNet, quantization: str = 'float32',
             representative_data: Optional[Iterable[np.ndarray]] = None, int8_io: bool = True,
-            use_regular_nms: bool = True) -> bytes:
-  """The TFLite flatbuffer of a built `model` (see the module docstring; regular NMS, the
-  default, or the op's fast NMS: see `tflite_postprocess`).
+            use_regular_nms: bool = True, num_repeats: Optional[int] = None) -> bytes:
+  """The TFLite flatbuffer of a built `model`, of its exit `num_repeats` (None: the last; see
+  the module docstring; regular NMS, the default, or the op's fast NMS: see
+  `tflite_postprocess`).
 
   quantization: 'float32'; 'float16' (weights stored in float16, computed in float32 on CPU);
   'dynamic' (dynamic-range: int8 weights, activations quantized on the fly); 'int8' (full
@@ -93,7 +96,7 @@ def convert(model: RetinaNet, quantization: str = 'float32',
     raise ValueError(f'quantization {quantization!r} is not one of {list(QUANTIZATIONS)}.')
   if quantization == 'int8' and representative_data is None:
     raise ValueError("quantization='int8' needs representative images for calibration.")
-  function = tflite_function(model, use_regular_nms)
+  function = tflite_function(model, use_regular_nms, num_repeats)
   # The variables only: tracking the Keras model would make the converter's SavedModel save
   # trace every layer again for Keras metadata.
   variables = tf.Module()
@@ -126,11 +129,13 @@ def convert(model: RetinaNet, quantization: str = 'float32',
 def export_model_tflite(model: RetinaNet, tflite_path: str, quantization: str = 'float32',
                         representative_data: Optional[Iterable[np.ndarray]] = None,
                         int8_io: bool = True, use_regular_nms: bool = True,
-                        label_map: Optional[Mapping[int, str]] = None) -> Dict[str, Any]:
-  """`convert`s a built model and writes it to `tflite_path`, with `<stem>.labels.json` beside
-  it (`label_map` {class id: name}; names null without one). Returns the summary of
-  `export_tflite`."""
-  content = convert(model, quantization, representative_data, int8_io, use_regular_nms)
+                        label_map: Optional[Mapping[int, str]] = None,
+                        num_repeats: Optional[int] = None) -> Dict[str, Any]:
+  """`convert`s a built model (exit `num_repeats`, None: the last) and writes it to
+  `tflite_path`, with `<stem>.labels.json` beside it (`label_map` {class id: name}; names null
+  without one). Returns the summary of `export_tflite`."""
+  content = convert(model, quantization, representative_data, int8_io, use_regular_nms,
+                    num_repeats)
   files.atomic_write(tflite_path, content)
   labels_file = label_map_lib.tflite_labels_path(tflite_path)
   label_map_lib.write_tflite_labels(labels_file, model.get_config()['num_classes'],
@@ -142,6 +147,7 @@ def export_model_tflite(model: RetinaNet, tflite_path: str, quantization: str = 
       'quantization': quantization,
       'int8_io': bool(int8_io) if quantization == 'int8' else None,
       'image_size': model.image_size,
+      'exit': num_repeats or model.num_repeats,
       'postprocess': tflite_postprocess.postprocess_attributes(model, use_regular_nms),
       'labels': labels_file,
       'ops': sorted({op['op_name'] for op in ops}),
@@ -154,10 +160,11 @@ def export_tflite(model_dir: str, tflite_path: str, quantization: str = 'float32
                   representative_file_pattern: Optional[str] = None,
                   num_representative_images: int = 100, int8_io: bool = True,
                   use_regular_nms: bool = True, gin_bindings: Sequence[str] = (),
-                  label_map_path: Optional[str] = None) -> Dict[str, Any]:
+                  label_map_path: Optional[str] = None,
+                  num_repeats: Optional[int] = None) -> Dict[str, Any]:
   """Writes the TFLite model of `model_dir`'s last checkpoint (built from its operative config)
   to `tflite_path`, and `<stem>.labels.json` beside it; returns a summary: path, size_bytes,
-  quantization, int8_io, image_size, postprocess (the op's attributes), labels, ops,
+  quantization, int8_io, image_size, exit, postprocess (the op's attributes), labels, ops,
   custom_ops, checkpoint, step, and 'inputs' / 'outputs' {name: shape, dtype, quantization}.
 
   quantization: one of QUANTIZATIONS (see `convert`). int8 calibrates on the first
@@ -166,11 +173,17 @@ def export_tflite(model_dir: str, tflite_path: str, quantization: str = 'float32
   `gin_bindings` go on top of the operative config (e.g. build_retinanet.max_detections or
   .pre_nms_score_threshold for the op; network changes fail the restore). `label_map_path`: a
   {"id": "name"} JSON, default the one beside the records (see saved_model.model_label_map).
+  `num_repeats`: the exit of an anytime model the file stops at (None: the last).
   Like saved_model.load_model, it leaves the model dir's operative config parsed in gin.
   """
   if quantization not in QUANTIZATIONS:
     raise ValueError(f'quantization {quantization!r} is not one of {list(QUANTIZATIONS)}.')
   model, checkpoint, step = load_model(model_dir, gin_bindings)
+  if num_repeats is not None:
+    if not model.anytime:
+      raise ValueError(f'exit {num_repeats} (--tflite_exit): {model_dir} holds no anytime model '
+                       '(build_retinanet.anytime = False); only its last exit is trained.')
+    model.exit_model(num_repeats)  # A ValueError naming the exits if it is none of them.
   representative_data = None
   if quantization == 'int8':
     if representative_file_pattern is None:
@@ -184,7 +197,7 @@ def export_tflite(model_dir: str, tflite_path: str, quantization: str = 'float32
                                                  model.get_config(), num_representative_images)
   label_map, _ = model_label_map(model.get_config()['num_classes'], label_map_path)
   summary = export_model_tflite(model, tflite_path, quantization, representative_data, int8_io,
-                                use_regular_nms, label_map)
+                                use_regular_nms, label_map, num_repeats)
   summary.update(checkpoint=checkpoint, step=step)
   if quantization == 'int8':
     summary['representative_file_pattern'] = representative_file_pattern

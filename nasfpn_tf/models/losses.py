@@ -5,7 +5,7 @@ The reductions are TFM's retinanet task (`official/vision/tasks/retinanet.py`): 
 are those of TFM's `FocalLoss` and Keras' `Huber`; the focal loss is computed level by level,
 with its gradient, in one XLA-fused pass (`focal_loss_sum`).
 """
-from typing import Dict, List, Mapping, Union
+from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 import gin
 import tensorflow as tf
@@ -125,3 +125,32 @@ class RetinaNetLoss:
         sample_weight=box_weights / num_positives)
     return {'total_loss': cls_loss + self.box_loss_weight * box_loss,
             'cls_loss': cls_loss, 'box_loss': box_loss}
+
+
+def exit_loss_keys(num_exits: int) -> Tuple[str, ...]:
+  """The keys of each exit's own loss in `AnytimeLoss`'s result."""
+  return tuple(f'exit{k}_loss' for k in range(1, num_exits + 1))
+
+
+class AnytimeLoss:
+  """Deep supervision of an anytime RetinaNet: `loss_fn` (a RetinaNetLoss) on every exit's
+  outputs (`outputs['exits']`), weighted by `weights` (exit 1 first) and summed.
+
+  Returns RetinaNetLoss's keys as weighted sums over the exits, and each exit's own total loss,
+  unweighted, under `exit_loss_keys`.
+  """
+
+  def __init__(self, loss_fn: RetinaNetLoss, weights: Sequence[float]):
+    self.loss_fn = loss_fn
+    self.weights = list(weights)
+
+  def __call__(self, outputs: Mapping[str, Any],
+               labels: Mapping[str, Targets]) -> Dict[str, tf.Tensor]:
+    losses = {}
+    for (k, weight), key in zip(enumerate(self.weights, start=1),
+                                exit_loss_keys(len(self.weights))):
+      exit_losses = self.loss_fn(outputs['exits'][str(k)], labels)
+      for name, value in exit_losses.items():
+        losses[name] = losses.get(name, 0.0) + weight * value
+      losses[key] = exit_losses['total_loss']
+    return losses

@@ -1,5 +1,6 @@
 """RetinaNet with a NAS-FPN (or FPN) pyramid: backbone -> pyramid -> head, + anchors and NMS."""
-from typing import Dict, Optional, Sequence
+import numbers
+from typing import Dict, List, Optional, Sequence
 
 import tensorflow as tf
 import tf_keras
@@ -28,6 +29,15 @@ class RetinaNet(tf_keras.Model):
   adds TFM's L2 kernel regularizer (weight_decay / 2 * sum w^2) to backbone, pyramid and head.
   `merge_filters` is the pyramid's (`NASFPN`): None merges at `num_filters` as the paper; TF
   Model Garden merges at 256 whatever `num_filters` (`compat.tfm.retinanet_from_tfm` sets it).
+
+  Anytime detection (`anytime=True`): a class and box head after every repeat of the pyramid
+  (exits 1..num_repeats), one head shared by all exits unless `anytime_shared_head=False` (then
+  exit k < num_repeats has its own, `head_exit<k>`; the last exit's is `head`).
+  `model(images)` then also returns 'exits': {'1': {'cls_outputs', 'box_outputs'}, ...,
+  str(num_repeats): ...} (the top-level outputs are the last exit's), what deep supervision
+  trains on with `anytime_loss_weights` (None: 1/num_repeats each; see `exit_loss_weights`).
+  Any model stops early: `model(images, num_repeats=k)` and `detect(images, num_repeats=k)`
+  compute the backbone, the first k pyramids and one head (exit k's), nothing after them.
   """
 
   def __init__(self,
@@ -59,13 +69,19 @@ class RetinaNet(tf_keras.Model):
                norm_momentum: float = 0.99,
                norm_epsilon: float = 1e-3,
                l2_weight_decay: float = 0.0,
+               anytime: bool = False,
+               anytime_shared_head: bool = True,
+               anytime_loss_weights: Optional[Sequence[float]] = None,
                **kwargs):
+    _check_anytime(anytime, anytime_shared_head, anytime_loss_weights, num_repeats)
     geometry = ModelGeometry(image_size, min_level, max_level, anchor_num_scales,
                              anchor_aspect_ratios, anchor_size)
     config = {k: v for k, v in locals().items()
               if k not in ('self', 'kwargs', '__class__', 'geometry')}
     config.update(geometry.to_config())
     image_size = config['image_size']
+    if anytime_loss_weights is not None:
+      config['anytime_loss_weights'] = [float(w) for w in anytime_loss_weights]
     if not isinstance(block_specs, str):  # rows or BlockSpecs -> JSON-friendly rows
       config['block_specs'] = block_specs_lib.to_config(
           block_specs_lib.resolve(block_specs, min_level, max_level))
@@ -81,17 +97,25 @@ class RetinaNet(tf_keras.Model):
         merge_filters=merge_filters, use_separable_conv=use_separable_conv, activation=activation,
         dropblock_keep_prob=dropblock_keep_prob, dropblock_size=dropblock_size,
         dropblock_ramp_steps=dropblock_ramp_steps, kernel_regularizer=regularizer,
-        name='decoder', **norm)
-    head = RetinaNetHead(
+        output_every_repeat=anytime, name='decoder', **norm)
+    make_head = lambda name: RetinaNetHead(  # noqa: E731
         min_level, max_level, num_classes, geometry.num_anchors_per_location,
         num_convs=head_num_convs, num_filters=head_num_filters,
         use_separable_conv=head_use_separable_conv, activation=activation,
-        kernel_regularizer=regularizer, name='head', **norm)
-    features = decoder(backbone_model(backbones.ImageNormalization(name='normalize')(images)))
-    cls_outputs, box_outputs = head(features)
+        kernel_regularizer=regularizer, name=name, **norm)
+    head = make_head('head')
+    pyramids = decoder(backbone_model(backbones.ImageNormalization(name='normalize')(images)))
+    if anytime:
+      exits = {}
+      for k in range(1, num_repeats + 1):
+        exit_head = (head if anytime_shared_head or k == num_repeats
+                     else make_head(_exit_head_name(k)))
+        exits[str(k)] = _raw_outputs(*exit_head(pyramids[str(k)]))
+      outputs = dict(exits[str(num_repeats)], exits=exits)
+    else:
+      outputs = _raw_outputs(*head(pyramids))
     kwargs.setdefault('name', 'retinanet')
-    super().__init__(inputs=images,
-                     outputs={'cls_outputs': cls_outputs, 'box_outputs': box_outputs}, **kwargs)
+    super().__init__(inputs=images, outputs=outputs, **kwargs)
 
     self._config = config
     self.backbone = backbone_model
@@ -103,23 +127,113 @@ class RetinaNet(tf_keras.Model):
         max_detections=max_detections, name='detection_generator')
     self.geometry = geometry
     self.anchor_boxes = geometry.anchor_boxes()
+    # Early-exit models by exit, built on first use; a plain holder, so that checkpoints and
+    # .keras files never see them (they own no weights).
+    self._exit_models = _ExitModels()
 
   @property
   def image_size(self):
     return list(self._config['image_size'])
 
-  def detect(self, images: tf.Tensor) -> Dict[str, tf.Tensor]:
-    """Network + post-processing: detections in input pixels (see `DetectionGenerator`).
+  @property
+  def anytime(self) -> bool:
+    return bool(self._config['anytime'])
+
+  @property
+  def num_repeats(self) -> int:
+    return self._config['num_repeats']
+
+  @property
+  def exit_loss_weights(self) -> List[float]:
+    """The weight of each exit's loss, exit 1 first: `anytime_loss_weights`, else 1/N each."""
+    weights = self._config['anytime_loss_weights']
+    return list(weights) if weights else [1.0 / self.num_repeats] * self.num_repeats
+
+  def call(self, inputs, training=None, mask=None, num_repeats=None):
+    """The functional graph, or with `num_repeats=k` only the first k pyramids and a head."""
+    if num_repeats is None:
+      return super().call(inputs, training=training, mask=mask)
+    return self.exit_model(num_repeats)(inputs, training=training)
+
+  def exit_model(self, num_repeats: int) -> tf_keras.Model:
+    """Exit `num_repeats` as a model of its own sharing these layers and weights: images ->
+    backbone -> the first `num_repeats` pyramids -> that exit's head -> raw outputs."""
+    if (isinstance(num_repeats, bool) or not isinstance(num_repeats, numbers.Integral) or
+        not 1 <= num_repeats <= self.num_repeats):
+      raise ValueError(f'num_repeats={num_repeats!r} is not an exit of this model: give 1..'
+                       f'{self.num_repeats} (build_retinanet.num_repeats = {self.num_repeats}).')
+    models = self._exit_models.by_exit
+    if num_repeats not in models:
+      with tf.init_scope():  # Built once, outside whatever function first asks for it.
+        images = tf_keras.Input(shape=self.image_size + [3], name='images')
+        features = self.backbone(self.get_layer('normalize')(images))
+        pyramid = self.decoder.first_repeats(num_repeats)(features)
+        head = (self.head if num_repeats == self.num_repeats or
+                self._config['anytime_shared_head'] or not self.anytime
+                else self.get_layer(_exit_head_name(num_repeats)))
+        models[num_repeats] = tf_keras.Model(images, _raw_outputs(*head(pyramid)),
+                                             name=f'{self.name}_exit_{num_repeats}')
+    return models[num_repeats]
+
+  def exit_outputs(self, images: tf.Tensor, num_repeats: Optional[int] = None):
+    """The raw outputs of exit `num_repeats` (None: the last; of an anytime model, its head
+    alone, not every exit's) in inference mode: what `detect` and the exports run."""
+    if num_repeats is None and self.anytime:
+      num_repeats = self.num_repeats
+    return self(images, training=False, num_repeats=num_repeats)
+
+  def detect(self, images: tf.Tensor, num_repeats: Optional[int] = None) -> Dict[str, tf.Tensor]:
+    """Network + post-processing: detections in input pixels (see `DetectionGenerator`), of
+    exit `num_repeats` (None: the last; see `call`).
 
     Wrap in `tf.function` for speed; it runs in inference mode.
     """
-    outputs = self(images, training=False)
+    outputs = self.exit_outputs(images, num_repeats)
     return self.detection_generator(outputs['cls_outputs'], outputs['box_outputs'],
                                     self.anchor_boxes)
 
   def get_config(self):
-    return dict(self._config, name=self.name)
+    config = dict(self._config, name=self.name)
+    if not self.anytime:  # A plain model's config is what it was before anytime models.
+      for name in ANYTIME_ARGUMENTS:
+        del config[name]
+    return config
 
   @classmethod
   def from_config(cls, config, custom_objects=None):
     return cls(**config)
+
+
+# The arguments of anytime detection, in the config of anytime models only.
+ANYTIME_ARGUMENTS = ('anytime', 'anytime_shared_head', 'anytime_loss_weights')
+
+
+class _ExitModels:
+  """{exit: model} of `RetinaNet.exit_model`."""
+
+  def __init__(self):
+    self.by_exit = {}
+
+
+def _exit_head_name(exit_number: int) -> str:
+  return f'head_exit{exit_number}'
+
+
+def _raw_outputs(cls_outputs, box_outputs):
+  return {'cls_outputs': cls_outputs, 'box_outputs': box_outputs}
+
+
+def _check_anytime(anytime, shared_head, loss_weights, num_repeats) -> None:
+  """The anytime bindings must fit each other and the repeats."""
+  if not anytime:
+    if loss_weights is not None or not shared_head:
+      raise ValueError('build_retinanet.anytime_loss_weights and .anytime_shared_head only '
+                       'apply with build_retinanet.anytime = True.')
+    return
+  if loss_weights is None:
+    return
+  weights = list(loss_weights)
+  if (len(weights) != num_repeats or any(w < 0 for w in weights) or not sum(weights) > 0):
+    raise ValueError(f'build_retinanet.anytime_loss_weights = {weights}: give '
+                     f'build_retinanet.num_repeats = {num_repeats} weights, one per exit, '
+                     'none negative, not all 0.')

@@ -13,6 +13,7 @@ global batch (with sync BN, `build_retinanet.use_sync_bn = True`; without it BN 
 per replica, as in TF Model Garden).
 """
 import datetime
+import functools
 import json
 import os
 import time
@@ -29,7 +30,7 @@ from nasfpn_tf.evaluation import coco_metrics
 from nasfpn_tf.evaluation import evaluate
 from nasfpn_tf.layers.dropblock import set_dropblock_step
 from nasfpn_tf.models.factory import build_retinanet
-from nasfpn_tf.models.losses import RetinaNetLoss
+from nasfpn_tf.models.losses import AnytimeLoss, RetinaNetLoss, exit_loss_keys
 from nasfpn_tf.training import distribute
 from nasfpn_tf.training import init_checkpoint as init_checkpoint_lib
 from nasfpn_tf.training import precision
@@ -190,6 +191,10 @@ class RetinaNetTrainer:
       if training:  # Slots exist before a restore, so every checkpoint value finds its variable.
         self.optimizer.build(self.model.trainable_variables)
     self.loss_fn = RetinaNetLoss(num_classes=self.model.get_config()['num_classes'])
+    self.loss_keys = LOSS_KEYS
+    if self.model.anytime:  # Deep supervision: every exit's loss, weighted.
+      self.loss_fn = AnytimeLoss(self.loss_fn, self.model.exit_loss_weights)
+      self.loss_keys += exit_loss_keys(self.model.num_repeats)
 
   def _build_datasets(self, train_dataset_fn, eval_batch_size) -> None:
     """The distributed train dataset (when training; gin's pipeline unless `train_dataset_fn`)
@@ -234,6 +239,9 @@ class RetinaNetTrainer:
     self._variables_finite = tf.function(lambda: tf.stack(
         [tf.reduce_all(tf.math.is_finite(v)) for v in self._checked_variables]))
     self._detect = tf.function(self.model.detect)
+    # An anytime model's other exits, evaluated beside the last one.
+    self._early_exits = {k: tf.function(functools.partial(self.model.detect, num_repeats=k))
+                         for k in range(1, self.model.num_repeats) if self.model.anytime}
 
   @property
   def step(self) -> int:
@@ -289,18 +297,19 @@ class RetinaNetTrainer:
 
   def run_steps(self, iterator, num_steps: int) -> Dict[str, tf.Tensor]:
     """`num_steps` optimizer steps on batches of `iterator` (`train_iterator()`) in one compiled
-    call; the global-batch losses (LOSS_KEYS) averaged over them. What `train` runs between its
-    logs and saves, and the step the benchmark times; it neither logs, checks nor saves."""
+    call; the global-batch losses (LOSS_KEYS, then an anytime model's exits') averaged over
+    them. What `train` runs between its logs and saves, and the step the benchmark times; it
+    neither logs, checks nor saves."""
     return self._run_steps(iterator, tf.constant(num_steps))
 
   def _run_steps_fn(self, iterator, num_steps):
-    totals = {k: tf.constant(0.0) for k in LOSS_KEYS}
+    totals = {k: tf.constant(0.0) for k in self.loss_keys}
     for _ in tf.range(num_steps):
       images, labels = next(iterator)
       per_replica = self.strategy.run(self.replica_step, args=(images, labels))
       totals = {k: totals[k] + self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica[k],
                                                     axis=None)
-                for k in LOSS_KEYS}
+                for k in self.loss_keys}
     return {k: v / tf.cast(num_steps, tf.float32) for k, v in totals.items()}
 
   def _non_finite_variables(self) -> List[str]:
@@ -336,9 +345,11 @@ class RetinaNetTrainer:
     rate = '-' if images_per_second is None else f'{images_per_second:.1f}'
     eta = ('-' if images_per_second is None else
            _duration((self.train_steps - step) * self.global_batch_size / images_per_second))
+    exits = ''.join(f' {losses[k]:.4f}' for k in self.loss_keys[len(LOSS_KEYS):])
     self._say(f"step {step}/{self.train_steps} | loss {losses['total_loss']:.4f} "
               f"(cls {losses['cls_loss']:.4f} box {losses['box_loss']:.5f} "
-              f"reg {losses['reg_loss']:.4f}) | lr {lr:.6g} | {rate} images/s | ETA {eta}")
+              f"reg {losses['reg_loss']:.4f}){' | exits' + exits if exits else ''} | "
+              f"lr {lr:.6g} | {rate} images/s | ETA {eta}")
     with self._train_writer.as_default(step=step):
       for name, value in losses.items():
         tf.summary.scalar(f'loss/{name}', value)
@@ -398,23 +409,31 @@ class RetinaNetTrainer:
   # Evaluation.
 
   def evaluate(self) -> Optional[Dict[str, float]]:
-    """COCO box metrics of the current weights on the eval set; the chief writes
-    eval_metrics.json and summaries and prints the table. Other workers return None."""
+    """COCO box metrics of the current weights on the eval set (of the last exit; an anytime
+    model's file adds 'exits': {exit: metrics}); the chief writes eval_metrics.json and
+    summaries and prints the table. Other workers return None."""
     if not self.is_chief:
       return None
     step = self.step
-    result = evaluate.evaluate_detector(self._detect, self._eval_dataset,
-                                        annotation_file=self.eval_annotation_file,
-                                        max_batches=self.eval_steps)
-    metrics = result.metrics
-    self._say(f'COCO metrics at step {step} ({result.num_images} images, '
-              f'{result.seconds:.1f} s):\n{coco_metrics.format_metrics(metrics)}')
+    by_exit = {}
+    last = self.model.num_repeats
+    for k, detect in {**self._early_exits, last: self._detect}.items():
+      result = evaluate.evaluate_detector(detect, self._eval_dataset,
+                                          annotation_file=self.eval_annotation_file,
+                                          max_batches=self.eval_steps)
+      by_exit[str(k)] = result.metrics
+      what = f' of exit {k}' if self.model.anytime else ''
+      self._say(f'COCO metrics{what} at step {step} ({result.num_images} images, '
+                f'{result.seconds:.1f} s):\n{coco_metrics.format_metrics(result.metrics)}')
+    metrics = by_exit[str(last)]
     with self._eval_writer.as_default(step=step):
-      for name, value in metrics.items():
-        tf.summary.scalar(f'coco/{name}', value)
+      for k, exit_metrics in by_exit.items():  # The last exit's as a plain model's.
+        prefix = 'coco' if k == str(last) else f'coco_exit{k}'
+        for name, value in exit_metrics.items():
+          tf.summary.scalar(f'{prefix}/{name}', value)
     self._eval_writer.flush()
-    files.atomic_write(os.path.join(self.model_dir, METRICS_FILE),
-                       json.dumps(dict(metrics, step=step), indent=1))
+    record = dict(metrics, step=step, **({'exits': by_exit} if self.model.anytime else {}))
+    files.atomic_write(os.path.join(self.model_dir, METRICS_FILE), json.dumps(record, indent=1))
     return metrics
 
   def run(self) -> Optional[Dict[str, float]]:

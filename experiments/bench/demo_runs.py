@@ -1,0 +1,110 @@
+"""Demo-scale runs: the demo's synthetic data, a gin variant of the demo config trained and
+evaluated with `RetinaNetTrainer` in a model dir of its own (reused when finished), and the
+FLOPs and CPU latency of a trained model's exits. What experiments/anytime.py and stacking.py
+share; `synthetic_records` also feeds the benchmark's AP model."""
+import functools
+import json
+import pathlib
+from typing import Any, Dict, Optional, Sequence
+
+import gin
+import tensorflow as tf
+import tf_keras
+
+from bench.timing import alternate, say
+from nasfpn_tf import config
+from nasfpn_tf.data import create_coco_tfrecord, synthetic
+from nasfpn_tf.export.saved_model import load_model
+from nasfpn_tf.models.retinanet import RetinaNet
+from nasfpn_tf.training import distribute
+from nasfpn_tf.training import trainer as trainer_lib
+from nasfpn_tf.utils import model_stats
+
+# What `make demo` trains: its gin file and the size of its synthetic splits.
+DEMO_GIN = 'demo.gin'
+DEMO_NUM_TRAIN, DEMO_NUM_VAL = 2000, 200
+
+
+def synthetic_records(work_dir: pathlib.Path, num_train: int, num_val: int) -> Dict[str, str]:
+  """The synthetic shapes (256 px nominal, seed 0, ids 1..9: the images of `make demo` at its
+  sizes) as TFRecords in work_dir, made once."""
+  root = pathlib.Path(work_dir) / f'synthetic_{num_train}_{num_val}'
+  done = root / 'DONE'
+  if not done.exists():
+    say(f'writing {num_train} + {num_val} synthetic images to {root}')
+    synthetic.generate(root / 'raw', num_train=num_train, num_val=num_val, image_size=256,
+                       seed=0)
+    for split in ('train', 'val'):
+      create_coco_tfrecord.convert(str(root / 'raw' / 'annotations' / f'instances_{split}.json'),
+                                   str(root / 'raw' / split), str(root / split),
+                                   num_shards=4 if split == 'train' else 1, num_threads=2)
+    done.write_text('ok')
+  return {'train': str(root / 'train-*.tfrecord'), 'val': str(root / 'val-*.tfrecord'),
+          'val_json': str(root / 'raw' / 'annotations' / 'instances_val.json')}
+
+
+def demo_bindings(records: Dict[str, str], train_steps: Optional[int] = None,
+                  extra: Sequence[str] = ()) -> list:
+  """Bindings on top of demo.gin: its records, `train_steps` (None: the demo's 1100) with the
+  cosine schedule stretched to it, then `extra`."""
+  bindings = [f"build_train_dataset.file_pattern = '{records['train']}'",
+              f"build_eval_dataset.file_pattern = '{records['val']}'"]
+  if train_steps is not None:
+    bindings += [f'TRAIN_STEPS = {train_steps}',
+                 f'CosineDecayWithWarmup.warmup_steps = {max(1, min(100, train_steps // 10))}',
+                 f'RetinaNetTrainer.checkpoint_every_steps = {min(500, train_steps)}',
+                 f'RetinaNetTrainer.log_every_steps = {min(100, train_steps)}']
+  return bindings + list(extra)
+
+
+def train_and_evaluate(model_dir: pathlib.Path, bindings: Sequence[str],
+                       seed: int = 0) -> Dict[str, Any]:
+  """demo.gin with `bindings` trained in `model_dir` and evaluated on the val records; returns
+  its eval_metrics.json. A model dir whose metrics are at the last step is reused as is; an
+  interrupted one resumes from its last checkpoint. `seed` draws the initial weights and the
+  data order."""
+  metrics_path = pathlib.Path(model_dir) / trainer_lib.METRICS_FILE
+  config.parse_gin([DEMO_GIN], bindings)
+  train_steps = _bound_value('RetinaNetTrainer.train_steps')
+  if metrics_path.exists():
+    metrics = json.loads(metrics_path.read_text())
+    if metrics['step'] >= train_steps:
+      say(f'{model_dir}: finished at step {metrics["step"]}, reused')
+      return metrics
+  say(f'{model_dir}: training to step {train_steps} (seed {seed})')
+  tf_keras.utils.set_random_seed(seed)
+  trainer = trainer_lib.RetinaNetTrainer(str(model_dir), distribute.get_strategy('auto'),
+                                         mode='train_and_eval')
+  trainer.run()
+  return json.loads(metrics_path.read_text())
+
+
+def _bound_value(binding: str) -> Any:
+  """The value of a gin binding, through a macro (demo.gin binds train_steps to %TRAIN_STEPS)."""
+  value = gin.query_parameter(binding)
+  if isinstance(value, gin.config.ConfigurableReference) and value.scoped_selector.endswith(
+      'gin.macro'):
+    value = gin.query_parameter(value.scoped_selector + '.value')
+  return value
+
+
+def trained_model(model_dir: pathlib.Path) -> RetinaNet:
+  """The float32 model of a trained model dir (its recorded config and last checkpoint)."""
+  return load_model(str(model_dir))[0]
+
+
+def exit_flops(model: RetinaNet, num_repeats: Optional[int] = None) -> int:
+  """FLOPs of exit `num_repeats` (None: the last) at batch 1: backbone, the pyramids up to it
+  and one head, by the TF profiler (`utils.model_stats`)."""
+  return model_stats.count_flops(functools.partial(model.exit_outputs, num_repeats=num_repeats),
+                                 model.image_size + [3])
+
+
+def exit_latencies_ms(model: RetinaNet, exits: Sequence[int], runs: int) -> Dict[int, float]:
+  """Median CPU latency in ms of each exit's `detect` (network + post-processing) at batch 1,
+  the exits timed in turns (`timing.alternate`) over `runs` rounds."""
+  images = tf.random.stateless_uniform([1] + model.image_size + [3], [0, 0], maxval=255.0)
+  calls = {k: tf.function(functools.partial(model.detect, num_repeats=k)) for k in exits}
+  timings = alternate({f'exit {k}': (lambda f=f: f(images)) for k, f in calls.items()}, runs,
+                      'latency b1')
+  return {k: 1000 * timings[f'exit {k}'].median for k in exits}
