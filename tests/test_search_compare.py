@@ -1,5 +1,6 @@
 """experiments/search_compare.py: its rows and plot, read from searches' journals."""
 import numpy as np
+import pytest
 
 from nasfpn_tf.search import runner
 from nasfpn_tf.search.journal import Journal
@@ -28,3 +29,35 @@ def test_rows_and_plot_from_the_journals(tmp_path):
   path = tmp_path / 'compare.png'
   search_compare.draw(tmp_path, ['random', 'evolution', 'ppo'], 4, str(path))
   assert path.read_bytes()[:4] == b'\x89PNG'
+
+
+search_retrain = load_experiment('search_retrain')
+
+
+def test_retrain_takes_the_best_line_over_the_searches(tmp_path):
+  space = SearchSpace()  # demo.gin's levels, P3-P7
+  dirs = []
+  for algorithm, num_trials in (('random', 5), ('evolution', 4)):
+    settings = runner.SearchSettings(search_dir=str(tmp_path / algorithm), algorithm=algorithm,
+                                     num_trials=num_trials, proxy='synthetic', space=space)
+    runner.check_search_dir(settings)
+    drive_in_process(runner.ControllerSearcher(settings, log=lambda line: None))
+    dirs.append(settings.search_dir)
+  best, rewards = search_retrain.best_record(dirs)
+  records = [r for d in dirs for r in Journal(f'{d}/trials.jsonl').read()]
+  assert best['reward'] == max(r['reward'] for r in records)
+  assert rewards == {r['key']: r['reward'] for r in records}
+  rows = [{'name': name, 'AP': 0.1 * i + 0.01 * seed} for i, name in
+          enumerate(('searched', 'nasfpn', 'fpn')) for seed in (0, 1)]
+  search_retrain.draw(rows, str(tmp_path / 'retrain.png'))
+  assert (tmp_path / 'retrain.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_retrain_refuses_a_dir_without_a_search_or_over_other_levels(tmp_path):
+  with pytest.raises(ValueError, match=r'--search_dirs: .*nothing.* holds no search'):
+    search_retrain.best_record([str(tmp_path / 'nothing')])
+  settings = runner.SearchSettings(search_dir=str(tmp_path / 'p3p4'), algorithm='random',
+                                   num_trials=1, proxy='synthetic', space=SPACE)
+  runner.check_search_dir(settings)
+  with pytest.raises(ValueError, match=r"p3p4 searched levels \{'max_level': 4, 'min_level': 3\}"):
+    search_retrain.best_record([settings.search_dir])

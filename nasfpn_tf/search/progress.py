@@ -26,15 +26,19 @@ def _duration(seconds: float) -> str:
   return f'{minutes // 60}h{minutes % 60:02d}m' if minutes >= 60 else f'{minutes}m'
 
 
+def block_specs_binding(block_specs) -> str:
+  """The `build_retinanet.block_specs = [...]` gin binding of a table (rows or BlockSpecs)."""
+  rows = ',\n    '.join(repr(row) for row in specs_lib.to_config(specs_lib.resolve(block_specs)))
+  return f'build_retinanet.block_specs = [\n    {rows},\n]'
+
+
 def best_gin(record: Dict[str, Any], space_config: Dict[str, int]) -> str:
   """The gin text that trains the architecture of `record` (a journal line)."""
-  rows = ',\n    '.join(repr(row) for row in specs_lib.to_config(
-      specs_lib.resolve(record['block_specs'])))
   return (f"# Best architecture of the search so far: trial {record['trial']}, reward "
           f"{record['reward']:.4f}.\n# key {record['key']}\n"
           f"build_retinanet.min_level = {space_config['min_level']}\n"
           f"build_retinanet.max_level = {space_config['max_level']}\n"
-          f"build_retinanet.block_specs = [\n    {rows},\n]\n")
+          f"{block_specs_binding(record['block_specs'])}\n")
 
 
 def moving_average(values: Sequence[float], window: int) -> np.ndarray:
