@@ -21,7 +21,6 @@ models as points) and OUTPUT_DIR/anytime.jsonl, and prints one JSON line per exi
 Each model trains in its own model dir, so a rerun reuses the finished ones and resumes an
 interrupted one from its last checkpoint.
 """
-import json
 import os
 import pathlib
 import sys
@@ -100,10 +99,7 @@ def main(argv):
   rows = run(output_dir, FLAGS.num_repeats, FLAGS.train_steps, FLAGS.num_train, FLAGS.num_val,
              FLAGS.latency_runs, FLAGS.gin_bindings)
   draw(rows, str(output_dir / 'anytime.png'))
-  lines = [json.dumps(row) for row in rows]
-  (output_dir / 'anytime.jsonl').write_text(''.join(line + '\n' for line in lines))
-  for line in lines:
-    print(line, flush=True)
+  demo_runs.write_rows(rows, output_dir / 'anytime.jsonl')
 
 
 if __name__ == '__main__':

@@ -115,10 +115,7 @@ def main(argv):
   rows = run(output_dir, FLAGS.search_dirs, [int(s) for s in FLAGS.seeds], FLAGS.train_steps,
              FLAGS.gin_bindings)
   draw(rows, str(output_dir / 'search_retrain.png'))
-  lines = [json.dumps(row) for row in rows]
-  (output_dir / 'search_retrain.jsonl').write_text(''.join(line + '\n' for line in lines))
-  for line in lines:
-    print(line, flush=True)
+  demo_runs.write_rows(rows, output_dir / 'search_retrain.jsonl')
 
 
 if __name__ == '__main__':

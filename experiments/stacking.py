@@ -16,7 +16,6 @@ each seed a point) and OUTPUT_DIR/stacking.jsonl, and prints one JSON line per r
 repeats, seed, AP, AP50, flops (the model at batch 1, TF profiler).
 """
 import collections
-import json
 import os
 import pathlib
 import sys
@@ -106,10 +105,7 @@ def main(argv):
   rows = run(output_dir, FLAGS.specs, repeats, [int(s) for s in FLAGS.seeds], FLAGS.train_steps,
              FLAGS.num_train, FLAGS.num_val, FLAGS.gin_bindings)
   draw(rows, str(output_dir / 'stacking.png'))
-  lines = [json.dumps(row) for row in rows]
-  (output_dir / 'stacking.jsonl').write_text(''.join(line + '\n' for line in lines))
-  for line in lines:
-    print(line, flush=True)
+  demo_runs.write_rows(rows, output_dir / 'stacking.jsonl')
 
 
 if __name__ == '__main__':

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 
-from absl import flags
 import numpy as np
 from PIL import Image
 import pytest
@@ -18,17 +17,15 @@ import tensorflow as tf
 from official.vision.ops import preprocess_ops
 
 from nasfpn_tf import config
-from nasfpn_tf import main
 from nasfpn_tf.data import input_pipeline
 from nasfpn_tf.data import tfexample
 from nasfpn_tf.export import saved_model
 from nasfpn_tf.models import geometry
 from nasfpn_tf.training import trainer as trainer_lib
-from training_helpers import match_detections
+from training_helpers import match_detections, run_main
 from training_helpers import spread_scores
 from training_helpers import tiny_bindings
 
-FLAGS = flags.FLAGS
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MAX_DETECTIONS = 20
 
@@ -68,15 +65,6 @@ with open(outputs_path, 'wb') as f:
 '''
 
 
-def run_main(*args):
-  """main.main in-process with these flags; returns what it printed."""
-  FLAGS.unparse_flags()
-  try:
-    with contextlib.redirect_stdout(io.StringIO()) as out:
-      main.main(FLAGS(['main.py', *args]))
-  finally:
-    FLAGS.unparse_flags()
-  return out.getvalue()
 
 
 def _encode(image: np.ndarray, mode: str, file_format: str) -> bytes:

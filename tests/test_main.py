@@ -10,20 +10,11 @@ import pytest
 import tensorflow as tf
 
 from nasfpn_tf import main
-from training_helpers import tiny_bindings
+from training_helpers import run_main, tiny_bindings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 FLAGS = flags.FLAGS
-
-
-def run_main(*args):
-  """Runs main.main in-process with these command-line flags."""
-  FLAGS.unparse_flags()
-  try:
-    main.main(FLAGS(['main.py', *args]))
-  finally:
-    FLAGS.unparse_flags()
 
 
 def cli_args(records, model_dir, *extra_bindings, **trainer):

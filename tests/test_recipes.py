@@ -3,17 +3,14 @@ the batch-size scaling, and a two-step run through the paper's recipe on a tiny 
 import json
 import math
 
-from absl import flags
 import gin
 import pytest
 
 from nasfpn_tf import config
-from nasfpn_tf import main
 from nasfpn_tf.models import factory
 from nasfpn_tf.training import recipes
-from training_helpers import write_tfm_backbone_checkpoint
+from training_helpers import run_main, write_tfm_backbone_checkpoint
 
-FLAGS = flags.FLAGS
 COCO_STEPS_PER_EPOCH = math.ceil(118287 / 64)  # 1849
 TINY_MODEL = [
     'build_retinanet.image_size = (128, 128)',
@@ -24,14 +21,6 @@ TINY_MODEL = [
     'build_retinanet.head_num_convs = 1',
     'build_retinanet.head_num_filters = 16',
 ]
-
-
-def run_main(*args):
-  FLAGS.unparse_flags()
-  try:
-    main.main(FLAGS(['main.py', *args]))
-  finally:
-    FLAGS.unparse_flags()
 
 
 def test_the_r50_recipe_is_the_papers_run():
@@ -85,11 +74,10 @@ def test_a_run_without_a_learning_rate_is_named():
     recipes.resolved_run(count_params=False)
 
 
-def test_show_config_prints_the_run_as_one_json_line(capsys):
+def test_show_config_prints_the_run_as_one_json_line():
   bindings = TINY_MODEL + ['GLOBAL_BATCH_SIZE = 32']
-  run_main('--mode=show_config', '--gin_file=recipe_coco_50ep.gin',
-           *[f'--gin_bindings={b}' for b in bindings])
-  lines = capsys.readouterr().out.strip().splitlines()
+  lines = run_main('--mode=show_config', '--gin_file=recipe_coco_50ep.gin',
+                   *[f'--gin_bindings={b}' for b in bindings]).strip().splitlines()
   assert len(lines) == 1
   run = json.loads(lines[0])
   config.parse_gin(['recipe_coco_50ep.gin'], bindings)
@@ -99,8 +87,7 @@ def test_show_config_prints_the_run_as_one_json_line(capsys):
   assert run['image_size'] == [128, 128]
 
 
-def test_two_steps_through_the_papers_recipe_from_an_imagenet_backbone(synthetic_records, tmp_path,
-                                                                      capsys):
+def test_two_steps_through_the_papers_recipe_from_an_imagenet_backbone(synthetic_records, tmp_path):
   """The paper's recipe file as is, on a tiny model and data (2 steps = 1 epoch of 4 images at
   batch 2, the learning rate scaled to batch 2), its backbone from a TF Model Garden checkpoint;
   a restart resumes from its own checkpoint instead."""
@@ -112,8 +99,7 @@ def test_two_steps_through_the_papers_recipe_from_an_imagenet_backbone(synthetic
       f"RetinaNetTrainer.init_checkpoint = '{tmp_path / 'imagenet'}'"]
   args = ['--mode=train', f'--model_dir={tmp_path / "run"}', '--gin_file=recipe_coco_50ep.gin',
           *[f'--gin_bindings={b}' for b in bindings]]
-  run_main(*args)
-  printed = capsys.readouterr().out
+  printed = run_main(*args)
   assert f'Initialized the backbone from {backbone_checkpoint}.' in printed
   assert 'step 2/2 |' in printed
   schedule = gin.get_bindings('RetinaNetTrainer')['learning_rate']
@@ -123,7 +109,7 @@ def test_two_steps_through_the_papers_recipe_from_an_imagenet_backbone(synthetic
   with open(tmp_path / 'run' / 'model_config.json') as f:
     assert json.load(f)['l2_weight_decay'] == 1e-4
 
-  run_main(*args)  # The model dir has its checkpoint: the backbone checkpoint is not read.
-  printed = capsys.readouterr().out
+  # The model dir has its checkpoint: the backbone checkpoint is not read.
+  printed = run_main(*args)
   assert f'Restored {tmp_path / "run" / "ckpt-2"} at step 2.' in printed
   assert 'Initialized' not in printed

@@ -1,7 +1,9 @@
 """What the test files share: tiny-model gin bindings, readers of what training writes, the
 matching of one detector's detections against another's, the loading of experiment scripts, the
 lookup of the coco128 sample, and a search driven without Ray."""
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import pathlib
@@ -162,3 +164,16 @@ def write_tfm_backbone_checkpoint(name, prefix, image_size=128):
   for variable in backbone.non_trainable_variables:
     variable.assign(tf.random.uniform(variable.shape, 0.5, 1.5))
   return backbone, tf.train.Checkpoint(backbone=backbone).write(str(prefix))
+
+
+def run_main(*args) -> str:
+  """`nasfpn_tf.main` in-process with these command-line flags; returns what it printed."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from nasfpn_tf import main  # pylint: disable=import-outside-toplevel  (defines main's flags)
+  flags.FLAGS.unparse_flags()
+  try:
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+      main.main(flags.FLAGS(['main.py', *args]))
+  finally:
+    flags.FLAGS.unparse_flags()
+  return out.getvalue()

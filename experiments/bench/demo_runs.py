@@ -108,3 +108,11 @@ def exit_latencies_ms(model: RetinaNet, exits: Sequence[int], runs: int) -> Dict
   timings = alternate({f'exit {k}': (lambda f=f: f(images)) for k, f in calls.items()}, runs,
                       'latency b1')
   return {k: 1000 * timings[f'exit {k}'].median for k in exits}
+
+
+def write_rows(rows: Sequence[Dict[str, Any]], path: pathlib.Path) -> None:
+  """The rows as JSON lines, in `path` and on stdout."""
+  lines = [json.dumps(row) for row in rows]
+  pathlib.Path(path).write_text(''.join(line + '\n' for line in lines))
+  for line in lines:
+    print(line, flush=True)
