@@ -19,10 +19,13 @@ _RESNETS = {'resnet10': 10, 'resnet18': 18, 'resnet34': 34, 'resnet50': 50, 'res
             'resnet152': 152}
 _MOBILENETS = {'mobilenetv2': 'MobileNetV2', 'mobilenetv3large': 'MobileNetV3Large',
                'mobilenetv3small': 'MobileNetV3Small'}
-# Our own tf_keras AmoebaNet-D (nasfpn_tf.models.amoebanet), by name -> its size. The NAS-FPN
-# paper does not give it; 5 normal cells per stack at F = 256 (the authors' ImageNet flags have 4)
-# puts both of Table 1's AmoebaNet rows within 1% of their FLOPs (see experiments/model_table.py).
-_AMOEBANETS = {'amoebanet_d': dict(num_cells=15, reduction_size=256)}
+# Our own tf_keras AmoebaNet-D (nasfpn_tf.models.amoebanet), by name -> its size: N normal cells
+# per stack (num_cells = 3N), F filters. The NAS-FPN paper gives neither, and its two AmoebaNet
+# rows imply backbones of different sizes (README, "The AmoebaNet rows"): N=5, F=256 (the
+# authors' ImageNet flags have N=4) meets FPN AmoebaNet's FLOPs within 1%; N=6, F=224 puts
+# NAS-FPN AmoebaNet's params and FLOPs both within 3.5% (experiments/model_table.py).
+_AMOEBANETS = {'amoebanet_d': dict(num_cells=15, reduction_size=256),
+               'amoebanet_d_n6_f224': dict(num_cells=18, reduction_size=224)}
 BACKBONES = tuple(_RESNETS) + tuple(_MOBILENETS) + tuple(_AMOEBANETS)
 
 
