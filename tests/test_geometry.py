@@ -135,7 +135,7 @@ def test_saved_model_module_preprocesses_with_the_geometry(model):
   def echo(images):
     return {'detection_boxes': tf.fill([tf.shape(images)[0], 1, 4], 32.0), 'inputs': images}
   stand_in = types.SimpleNamespace(variables=model.variables, image_size=model.image_size,
-                                   detect=echo)
+                                   anytime=False, detect=echo)
   module = saved_model.DetectionModule(stand_in)  # held: its tf.functions bind it weakly
   outputs = module.detect_images(tf.constant(IMAGE[None]))
   expected, info = geometry.resize_and_pad(tf.constant(IMAGE), model.image_size)
