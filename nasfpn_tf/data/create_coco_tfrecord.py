@@ -26,19 +26,6 @@ import tensorflow as tf
 from nasfpn_tf.data import label_map
 from nasfpn_tf.data import tfexample
 
-_ANNOTATIONS_FILE = flags.DEFINE_string(
-    'annotations_file', None, 'COCO instances json (e.g. annotations/instances_train2017.json).')
-_IMAGE_DIR = flags.DEFINE_string(
-    'image_dir', None, "Folder that the json's image `file_name`s are relative to.")
-_OUTPUT_PREFIX = flags.DEFINE_string(
-    'output_prefix', None, 'Output path prefix: shards go to {prefix}-SSSSS-of-NNNNN.tfrecord and '
-    'the category map to {prefix}-label_map.json; missing folders are created.')
-_NUM_SHARDS = flags.DEFINE_integer(
-    'num_shards', 1, 'Number of TFRecord shards; written images go round robin in json order.',
-    lower_bound=1)
-_NUM_THREADS = flags.DEFINE_integer(
-    'num_threads', 8, 'Threads reading, checking and re-encoding images.', lower_bound=1)
-
 JPEG_QUALITY = 95
 _CHUNK = 256  # Images decoded ahead of the writer; bounds memory on full COCO.
 
@@ -250,14 +237,27 @@ def convert(annotations_file, image_dir, output_prefix, num_shards=1, num_thread
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  values = flags.FLAGS
   try:
-    summary = convert(_ANNOTATIONS_FILE.value, _IMAGE_DIR.value, _OUTPUT_PREFIX.value,
-                      _NUM_SHARDS.value, _NUM_THREADS.value)
+    summary = convert(values.annotations_file, values.image_dir, values.output_prefix,
+                      values.num_shards, values.num_threads)
   except CocoFormatError as e:
     sys.exit(f'create_coco_tfrecord: {e}')
   print(json.dumps(summary), flush=True)
 
 
 if __name__ == '__main__':
+  # Defined only when run: the module is also a library (the search's held-out split, the
+  # experiments), imported beside flags of the importer's own such as --num_threads.
+  flags.DEFINE_string('annotations_file', None,
+                      'COCO instances json (e.g. annotations/instances_train2017.json).')
+  flags.DEFINE_string('image_dir', None, "Folder that the json's image `file_name`s are relative to.")
+  flags.DEFINE_string('output_prefix', None,
+                      'Output path prefix: shards go to {prefix}-SSSSS-of-NNNNN.tfrecord and the '
+                      'category map to {prefix}-label_map.json; missing folders are created.')
+  flags.DEFINE_integer('num_shards', 1, 'Number of TFRecord shards; written images go round robin '
+                       'in json order.', lower_bound=1)
+  flags.DEFINE_integer('num_threads', 8, 'Threads reading, checking and re-encoding images.',
+                       lower_bound=1)
   flags.mark_flags_as_required(['annotations_file', 'image_dir', 'output_prefix'])
   app.run(main)
