@@ -23,9 +23,9 @@ RAY = str(pathlib.Path(sys.executable).parent / 'ray')
 ENV = dict(os.environ, RAY_AUTH_MODE='token', RAY_USAGE_STATS_ENABLED='0')
 
 
-def _search_command(search_dir, num_trials, *extra):
+def _search_command(search_dir, num_trials, *extra, algorithm='random'):
   return [sys.executable, '-m', 'nasfpn_tf.search', f'--search_dir={search_dir}',
-          '--algorithm=random', '--proxy=synthetic', f'--num_trials={num_trials}',
+          f'--algorithm={algorithm}', '--proxy=synthetic', f'--num_trials={num_trials}',
           '--num_cells=5', '--max_level=5', '--cpus_per_trial=1', *extra]
 
 
@@ -59,8 +59,10 @@ def _check_complete(search_dir, num_trials):
 
 
 def test_kill_minus_9_of_the_search_loses_and_repeats_nothing(tmp_path):
+  # PPO, updating every 4 rewards: the kill also lands between policy updates.
   search_dir = tmp_path / 'search'
-  command = _search_command(search_dir, 12, '--synthetic_seconds=1')
+  command = _search_command(search_dir, 12, '--synthetic_seconds=1',
+                            '--gin_bindings=PPOController.batch_size = 4', algorithm='ppo')
   journal = Journal(search_dir / 'trials.jsonl')
   with _process_group(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as search:
     _wait_for(lambda: len(journal.read()) >= 4, 120, '4 finished samples')
