@@ -123,6 +123,17 @@ def test_best_gin_binds_the_best_table(tmp_path):
     gin.clear_config()
 
 
+def test_messages_count_trials_from_one(tmp_path):
+  """The journal's `trial` is 0-based; every line, file and picture people read counts from 1."""
+  record = {'trial': 4, 'reward': 0.5, 'key': SearchSpace().key(specs_lib.NASFPN),
+            'block_specs': specs_lib.to_config(specs_lib.NASFPN)}
+  assert 'trial 5, reward 0.5000' in progress.best_gin(record, SearchSpace().config())
+  lines = []
+  progress.Progress(_settings(tmp_path), [record], log=lines.append)
+  assert lines == [f'Resuming {tmp_path / "search"}: 1 samples done, 1 unique, best reward 0.5000 '
+                   '(trial 5).']
+
+
 def test_moving_average_by_hand():
   assert progress.moving_average([1, 2, 3, 4], 2).tolist() == [1, 1.5, 2.5, 3.5]
 

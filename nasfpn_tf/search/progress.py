@@ -34,7 +34,7 @@ def block_specs_binding(block_specs) -> str:
 
 def best_gin(record: Dict[str, Any], space_config: Dict[str, int]) -> str:
   """The gin text that trains the architecture of `record` (a journal line)."""
-  return (f"# Best architecture of the search so far: trial {record['trial']}, reward "
+  return (f"# Best architecture of the search so far: trial {record['trial'] + 1}, reward "
           f"{record['reward']:.4f}.\n# key {record['key']}\n"
           f"build_retinanet.min_level = {space_config['min_level']}\n"
           f"build_retinanet.max_level = {space_config['max_level']}\n"
@@ -90,7 +90,7 @@ class Progress:
     if records:
       log(f'Resuming {self.directory}: {len(records)} samples done, '
           f'{len({r["key"] for r in records})} unique, best reward {self.best["reward"]:.4f} '
-          f'(trial {self.best["trial"]}).')
+          f'(trial {self.best["trial"] + 1}).')
 
   def update(self, record: Dict[str, Any]) -> None:
     improved = self.best is None or record['reward'] > self.best['reward']
