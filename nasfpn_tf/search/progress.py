@@ -32,9 +32,14 @@ def block_specs_binding(block_specs) -> str:
   return f'build_retinanet.block_specs = [\n    {rows},\n]'
 
 
+def trial_number(record: Dict[str, Any]) -> int:
+  """The number people read for a journal line: its 0-based `trial`, counted from 1."""
+  return record['trial'] + 1
+
+
 def best_gin(record: Dict[str, Any], space_config: Dict[str, int]) -> str:
   """The gin text that trains the architecture of `record` (a journal line)."""
-  return (f"# Best architecture of the search so far: trial {record['trial'] + 1}, reward "
+  return (f"# Best architecture of the search so far: trial {trial_number(record)}, reward "
           f"{record['reward']:.4f}.\n# key {record['key']}\n"
           f"build_retinanet.min_level = {space_config['min_level']}\n"
           f"build_retinanet.max_level = {space_config['max_level']}\n"
@@ -90,7 +95,7 @@ class Progress:
     if records:
       log(f'Resuming {self.directory}: {len(records)} samples done, '
           f'{len({r["key"] for r in records})} unique, best reward {self.best["reward"]:.4f} '
-          f'(trial {self.best["trial"] + 1}).')
+          f'(trial {trial_number(self.best)}).')
 
   def update(self, record: Dict[str, Any]) -> None:
     improved = self.best is None or record['reward'] > self.best['reward']
@@ -108,19 +113,19 @@ class Progress:
     remaining = self.settings.num_trials - len(self.records)
     eta = _duration(remaining / rate * 3600) if rate > 0 else '?'
     how = 'cached' if record['cached'] else f"{record['seconds']:.0f} s"
-    return (f"trial {record['trial'] + 1}/{self.settings.num_trials} | reward "
+    return (f"trial {trial_number(record)}/{self.settings.num_trials} | reward "
             f"{record['reward']:.4f} ({how}) | best {self.best['reward']:.4f} (trial "
-            f"{self.best['trial'] + 1}) | unique {len({r['key'] for r in self.records})}/"
+            f"{trial_number(self.best)}) | unique {len({r['key'] for r in self.records})}/"
             f"{len(self.records)} | {rate:.0f} samples/h | ETA {eta}")
 
   def _write_best(self) -> None:
     space = self.settings.space
     atomic_write(self.directory / 'best.gin', best_gin(self.best, space.config()))
     drawing = (self.directory / 'architectures' /
-               f"trial{self.best['trial'] + 1:05d}_reward{self.best['reward']:.4f}.png")
+               f"trial{trial_number(self.best):05d}_reward{self.best['reward']:.4f}.png")
     drawing.parent.mkdir(parents=True, exist_ok=True)
     draw_spec(specs_lib.resolve(self.best['block_specs']), space.min_level, space.max_level,
-              str(drawing), title=f"best after {self.best['trial'] + 1} samples: reward "
+              str(drawing), title=f"best after {trial_number(self.best)} samples: reward "
               f"{self.best['reward']:.4f}")
 
   def draw(self) -> None:
