@@ -30,8 +30,9 @@ checked equal), and in one process, alternating the two call by call:
   post-processing and the precision).
 
 Precision: inference and AP compare both in float32 (what TFM's factory builds and what our
-exports run), so the detections can be equal; where bfloat16 runs natively (CPUs with AMX-BF16
-or AVX512-BF16, GPUs; --fast_precision) ours in bfloat16 is an extra column. Training compares
+exports run), so the detections can be equal; where the trainer trains in bfloat16 (CPUs with
+AMX-BF16, GPUs: `training.precision`, or --fast_precision=bfloat16) ours in bfloat16 is an extra
+column. Training compares
 like with like at that fast precision (TFM's COCO experiment trains in bfloat16:
 `mixed_precision_dtype`), and in float32.
 
@@ -87,7 +88,8 @@ flags.DEFINE_bool('xla', False, 'Also time ours with XLA (jit_compile) for the n
                   'train step (on this 2-core CPU: train step 2.3x slower than without).')
 flags.DEFINE_enum('fast_precision', 'auto', ['auto', 'float32', 'bfloat16'],
                   'Training precision of both sides (and the extra inference column of ours); '
-                  'auto: bfloat16 with AMX-BF16, AVX512-BF16 or a GPU, else float32.')
+                  'auto: what the trainer trains a requested bfloat16 in here '
+                  '(training.precision): bfloat16 on a GPU or with AMX-BF16, else float32.')
 flags.DEFINE_string('work_dir', os.path.join(tempfile.gettempdir(), 'nasfpn_benchmark'),
                     'Cache of the synthetic data and the AP model (reused across runs).')
 flags.DEFINE_integer('ap_train_steps', 800, 'Training steps of the AP model (batch 8).')

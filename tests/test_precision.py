@@ -2,6 +2,7 @@
 building its model in it."""
 import contextlib
 import io
+import pathlib
 
 import pytest
 import tensorflow as tf
@@ -13,25 +14,36 @@ from training_helpers import tiny_bindings
 
 INTEL_AMX = frozenset({'avx512f', 'avx512_bf16', 'amx_tile', 'amx_bf16'})
 AMD_ZEN4 = frozenset({'avx512f', 'avx512_bf16', 'avx512_vnni'})
-NO_BF16 = frozenset({'avx2', 'fma'})
+# AMD Zen 3 (EPYC 7003) as Linux lists it: AVX2 and FMA, no AVX-512, no bfloat16 instructions.
+AMD_ZEN3 = frozenset({'fpu', 'sse2', 'avx', 'avx2', 'fma', 'f16c', 'bmi2', 'sha_ni', 'vaes'})
+# What /proc/cpuinfo gives on Intel Sapphire Rapids with oneDNN held to AVX2
+# (ONEDNN_MAX_CPU_ISA=AVX2 changes the kernels, not the flags): still AMX.
+SPR_FLAGS = frozenset({'avx2', 'avx512f', 'avx512_bf16', 'amx_tile', 'amx_bf16', 'amx_int8'})
 
 
 @pytest.mark.parametrize('flags, force, expected, said', [
     (INTEL_AMX, False, 'bfloat16', 'mixed_bfloat16 (AMX-BF16)'),
-    (NO_BF16, False, 'bfloat16', 'emulated'),
-    (AMD_ZEN4, False, None, 'float32, not the requested bfloat16'),
-    (AMD_ZEN4, True, 'bfloat16', 'forced by RetinaNetTrainer.force_bfloat16'),
-    (frozenset(), False, 'bfloat16', 'emulated'),  # /proc/cpuinfo unreadable
+    (INTEL_AMX, True, 'bfloat16', 'mixed_bfloat16 (AMX-BF16)'),
+    (SPR_FLAGS, False, 'bfloat16', 'mixed_bfloat16 (AMX-BF16)'),
+    (AMD_ZEN3, False, None, 'float32, not the requested bfloat16: this CPU has no bfloat16 '
+     'hardware'),
+    (AMD_ZEN3, True, 'bfloat16', 'forced by RetinaNetTrainer.force_bfloat16: emulated'),
+    (AMD_ZEN4, False, None, 'float32, not the requested bfloat16: this CPU has AVX512-BF16'),
+    (AMD_ZEN4, True, 'bfloat16', 'forced by RetinaNetTrainer.force_bfloat16: bfloat16 training '
+     'did not learn'),
+    # /proc/cpuinfo unreadable: nothing is known of the CPU, so nothing slow is assumed.
+    (frozenset(), False, None, 'no bfloat16 hardware'),
 ])
 def test_bfloat16_on_cpus(flags, force, expected, said):
   trained, line = precision.training_precision('bfloat16', force, flags, accelerator=False)
   assert trained == expected
   assert said in line
+  assert len(line.splitlines()) == 1
 
 
 @pytest.mark.parametrize('requested', [None, 'float16'])
 def test_other_precisions_are_kept_on_every_cpu(requested):
-  for flags in (INTEL_AMX, AMD_ZEN4, NO_BF16):
+  for flags in (INTEL_AMX, AMD_ZEN4, AMD_ZEN3):
     assert precision.training_precision(requested, flags=flags, accelerator=False)[0] == requested
 
 
@@ -40,17 +52,58 @@ def test_accelerators_train_in_bfloat16_whatever_the_host_cpu():
       'bfloat16')
 
 
+def test_flags_are_read_from_proc_cpuinfo(tmp_path, monkeypatch):
+  cpuinfo = tmp_path / 'cpuinfo'
+  cpuinfo.write_text('processor\t: 0\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n'
+                     'flags\t\t: fpu sse2 avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu\n')
+  real_path = precision.pathlib.Path
+  monkeypatch.setattr(precision.pathlib, 'Path',
+                      lambda name: cpuinfo if name == '/proc/cpuinfo' else real_path(name))
+  assert precision.cpu_flags() == frozenset({'fpu', 'sse2', 'avx2', 'fma'})
+  assert precision.cpu_name() == 'AMD EPYC 7B13 64-Core Processor'
+  assert precision.training_precision('bfloat16', accelerator=False)[0] is None
+
+
 def test_this_machines_flags_are_read():
-  flags = precision.cpu_flags()
-  assert not flags or 'sse2' in flags or 'fpu' in flags
+  if not pathlib.Path('/proc/cpuinfo').is_file():
+    pytest.skip('no /proc/cpuinfo on this system')
+  assert {'fpu', 'sse2'} <= precision.cpu_flags()
 
 
+@pytest.mark.parametrize('flags', [AMD_ZEN4, AMD_ZEN3], ids=['zen4', 'zen3'])
 def test_trainer_builds_in_float32_and_says_so_on_a_cpu_without_amx(synthetic_records, tmp_path,
-                                                                  monkeypatch):
-  monkeypatch.setattr(precision, 'cpu_flags', lambda: AMD_ZEN4)
+                                                                  monkeypatch, flags):
+  monkeypatch.setattr(precision, 'cpu_flags', lambda: flags)
+  monkeypatch.setattr(precision, 'has_accelerator', lambda: False)
   config.parse_gin([], tiny_bindings(synthetic_records, mixed_precision='bfloat16'))
   with contextlib.redirect_stdout(io.StringIO()) as out:
     trainer = trainer_lib.RetinaNetTrainer(str(tmp_path), tf.distribute.get_strategy())
   assert trainer.mixed_precision is None
   assert trainer.model.get_layer('decoder').compute_dtype == 'float32'
   assert 'Training precision: float32, not the requested bfloat16' in out.getvalue()
+
+
+@pytest.mark.parametrize('flags, policy', [(INTEL_AMX, 'mixed_bfloat16'), (AMD_ZEN4, 'float32'),
+                                           (AMD_ZEN3, 'float32')],
+                         ids=['amx', 'zen4', 'zen3'])
+def test_trainer_proxy_cache_and_benchmark_take_one_decision(synthetic_records, tmp_path,
+                                                             monkeypatch, flags, policy):
+  """What trains asks for bfloat16 by default everywhere; each part builds in the one policy that
+  `training_precision` gives the CPU: the trainer, the CPU proxy's trials, the proxy cache's key
+  (its pretraining runs through the trainer) and the benchmark's 'auto'."""
+  import sys
+  from nasfpn_tf.search import cpu_proxy, feature_cache
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / 'experiments'))
+  from bench import models as bench_models
+  monkeypatch.setattr(precision, 'cpu_flags', lambda: flags)
+  monkeypatch.setattr(precision, 'has_accelerator', lambda: False)
+  config.parse_gin([], tiny_bindings(synthetic_records, mixed_precision='bfloat16'))
+  with contextlib.redirect_stdout(io.StringIO()):
+    trainer = trainer_lib.RetinaNetTrainer(str(tmp_path), tf.distribute.get_strategy())
+  proxy_model = cpu_proxy.build_model(cpu_proxy.CpuProxy())
+  assert cpu_proxy.CpuProxy().mixed_precision == feature_cache.CpuProxyCache().mixed_precision == (
+      'bfloat16')
+  assert trainer.model.get_layer('decoder').dtype_policy.name == policy
+  assert proxy_model.get_layer('decoder').dtype_policy.name == policy
+  assert feature_cache.cache_key(feature_cache.CpuProxyCache())['trained_in'] == policy
+  assert bench_models.fast_precision('auto') == {'mixed_bfloat16': 'bfloat16'}.get(policy, policy)

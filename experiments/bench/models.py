@@ -34,15 +34,12 @@ NUM_CLASSES = 91
 
 
 def fast_precision(choice: str = 'auto') -> str:
-  """`choice`, or for 'auto' bfloat16 where the hardware runs it natively, else float32: a GPU,
-  or a CPU with AMX-BF16 (Intel Sapphire Rapids and later) or AVX512-BF16 (AMD Zen 4: a 3x3 conv
-  at 256 channels ran 2.0x faster than in float32 on 2 cores)."""
+  """`choice`, or for 'auto' the precision the trainer would train a requested bfloat16 in on this
+  machine (`training.precision.training_precision`, the one decision of everything that trains):
+  bfloat16 on a GPU or a CPU with AMX-BF16, else float32."""
   if choice != 'auto':
     return choice
-  if tf.config.list_physical_devices('GPU'):
-    return 'bfloat16'
-  hardware = training_precision.bfloat16_hardware(training_precision.cpu_flags())
-  return 'bfloat16' if hardware else 'float32'
+  return training_precision.training_precision('bfloat16')[0] or 'float32'
 
 
 class Policy:

@@ -44,6 +44,7 @@ from nasfpn_tf.models import backbones
 from nasfpn_tf.models import factory
 from nasfpn_tf.search import heldout
 from nasfpn_tf.training import distribute
+from nasfpn_tf.training import precision
 from nasfpn_tf.training import schedules
 from nasfpn_tf.training import trainer as trainer_lib
 from nasfpn_tf.utils import files
@@ -98,7 +99,11 @@ def cache_key(settings: CpuProxyCache) -> Dict[str, Any]:
   """Everything a cache depends on, from the parsed gin config: its settings and the model
   (image size, backbone, anchors, classes ...) its backbone and labels were made for."""
   model = {**factory.bound_model_arguments(), **pretrain_overrides(settings)}
-  return {'cache': dataclasses.asdict(settings), 'model': model}
+  # The precision the backbone trains in on this machine, not only the one asked for: a cache
+  # copied between machines that decide differently is not taken for the other's.
+  trained_in = precision.training_precision(settings.mixed_precision)[0]
+  return {'cache': dataclasses.asdict(settings), 'model': model,
+          'trained_in': precision.POLICIES[trained_in]}
 
 
 def cache_path(work_dir: str, key: Mapping[str, Any]) -> str:

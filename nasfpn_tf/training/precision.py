@@ -1,11 +1,15 @@
 """Which Keras mixed-precision policy a requested training precision gets on this hardware.
 
-bfloat16 training is trusted on GPUs, TPUs and CPUs with AMX-BF16 (Intel Sapphire Rapids and
-later), and on CPUs without bfloat16 hardware, where TensorFlow emulates it (slowly). On CPUs with
-AVX512-BF16 but no AMX (e.g. AMD Zen 4), bfloat16 training of the RetinaNet on real COCO images
-stopped learning while its loss stayed finite and its weights went NaN (issue 10; the README's
-"Mixed precision" section), so `mixed_precision='bfloat16'` trains in float32 there unless
-forced; the output says so.
+A requested bfloat16 is used where the hardware does it fast and soundly: GPUs, TPUs and CPUs
+with AMX-BF16 (Intel Sapphire Rapids and later). Everywhere else `mixed_precision='bfloat16'`
+trains in float32 unless forced, and the run's first line says so:
+- CPUs without bfloat16 hardware (AVX2-only, e.g. AMD Zen 3): TensorFlow emulates bfloat16 there,
+  5-8x slower than float32 (issue 22: the demo at under 1.4 images/s against 7.2 in float32).
+- CPUs with AVX512-BF16 but no AMX (e.g. AMD Zen 4): bfloat16 training of the RetinaNet on real
+  COCO images stopped learning while its loss stayed finite and its weights went NaN (issue 10;
+  the README's "Mixed precision" section).
+Every part that trains (the trainer, the search's CPU proxy and its cache, the experiments and
+the benchmark) takes this one decision, `training_precision`.
 """
 import pathlib
 from typing import FrozenSet, Optional, Tuple
@@ -68,6 +72,8 @@ def training_precision(mixed_precision: Optional[str], force_bfloat16: bool = Fa
   if mixed_precision != 'bfloat16' or accelerator:
     return mixed_precision, f'Training precision: {POLICIES[mixed_precision]}.'
   hardware = bfloat16_hardware(cpu_flags() if flags is None else flags)
+  if hardware == 'AMX-BF16':
+    return 'bfloat16', 'Training precision: mixed_bfloat16 (AMX-BF16).'
   if hardware == 'AVX512-BF16':
     if force_bfloat16:
       return 'bfloat16', ('Training precision: mixed_bfloat16 on a CPU with AVX512-BF16 and no '
@@ -77,5 +83,12 @@ def training_precision(mixed_precision: Optional[str], force_bfloat16: bool = Fa
                   'AVX512-BF16 and no AMX (e.g. AMD Zen 4), where bfloat16 training on real COCO '
                   'images stopped learning in our runs (see README, "Mixed precision"). Set '
                   'RetinaNetTrainer.force_bfloat16 = True to train in bfloat16 anyway.')
-  return 'bfloat16', (f'Training precision: mixed_bfloat16 ('
-                      f'{hardware or "no bfloat16 hardware: emulated, slower than float32"}).')
+  if force_bfloat16:
+    return 'bfloat16', ('Training precision: mixed_bfloat16 on a CPU without bfloat16 hardware, '
+                        'forced by RetinaNetTrainer.force_bfloat16: emulated, 5-8x slower than '
+                        'float32.')
+  return None, ('Training precision: float32, not the requested bfloat16: this CPU has no '
+                'bfloat16 hardware (no AMX-BF16 or AVX512-BF16), where TensorFlow emulates '
+                'bfloat16 5-8x slower than float32. Set RetinaNetTrainer.force_bfloat16 = True '
+                'to train in bfloat16 anyway.')
+
