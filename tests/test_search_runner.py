@@ -12,8 +12,7 @@ from nasfpn_tf.decoders import block_specs as specs_lib
 from nasfpn_tf.search import controllers, progress, runner
 from nasfpn_tf.search.journal import Journal, ResultStore
 from nasfpn_tf.search.space import SearchSpace
-from nasfpn_tf.search.trials import synthetic_result
-from training_helpers import drive_in_process
+from training_helpers import drive_in_process, plotted_lines, read_png, saved_figures
 
 # 2 output cells over P3-P4: few enough keys (28) that random search repeats them.
 SMALL = SearchSpace(num_cells=2, min_level=3, max_level=4)
@@ -54,19 +53,31 @@ def _settings(tmp_path, **overrides):
   return runner.SearchSettings(**values)
 
 
+def _result_of_key(key):
+  """A proxy's result that a key alone decides: AP (1 + its 'sum' cells) / (1 + its cells),
+  FLOPs 1e9 x (1 + the first input of its last cell), e.g. '3:sum:0,1/4:gp:0,2' -> 2/3, 1e9."""
+  cells = key.split('/')
+  return {'ap': (1 + sum(cell.split(':')[1] == 'sum' for cell in cells)) / (1 + len(cells)),
+          'flops': 1e9 * (1 + int(cells[-1].split(':')[2].split(',')[0]))}
+
+
 def test_every_sample_is_journaled_once_and_each_key_trained_once(tmp_path):
-  settings = _settings(tmp_path)
+  settings = _settings(tmp_path, reward='ap_flops', target_flops=2e9)
   runner.check_search_dir(settings)
   searcher = runner.ControllerSearcher(settings, log=lambda line: None)
-  drive_in_process(searcher)
+  drive_in_process(searcher, result_fn=lambda space, specs: _result_of_key(space.key(specs)))
   records = Journal(tmp_path / 'search' / 'trials.jsonl').read()
   assert [r['trial'] for r in records] == list(range(40))
   trained = [r['key'] for r in records if not r['cached']]
   assert len(trained) == len(set(trained)) == len({r['key'] for r in records})
   assert len(trained) < 40  # the small space repeats keys, and they were answered from the store
   for record in records:
-    assert record['reward'] == synthetic_result(SMALL, record['block_specs'])['ap']
     assert record['key'] == SMALL.key(record['block_specs'])
+    # Each line's reward is its own key's result, by MnasNet's AP x (FLOPs / target)^-0.07.
+    result = _result_of_key(record['key'])
+    assert record['reward'] == pytest.approx(result['ap'] * (result['flops'] / 2e9)**-0.07,
+                                             rel=1e-12)
+  assert len({r['reward'] for r in records}) > 2  # rewards that tell trials apart
 
 
 @pytest.mark.parametrize('algorithm', ['random', 'ppo'])
@@ -142,14 +153,26 @@ def test_outputs_are_written(tmp_path):
   settings = _settings(tmp_path, num_trials=10)
   runner.check_search_dir(settings)
   searcher = runner.ControllerSearcher(settings, log=lambda line: None)
-  drive_in_process(searcher)
-  summary = searcher.progress.summary(wall_seconds=1.0)
+  with saved_figures() as figures:
+    drive_in_process(searcher)
+    summary = searcher.progress.summary(wall_seconds=1.0)
   records = searcher.records
   best = max(records, key=lambda r: r['reward'])
   assert summary['best_reward'] == best['reward'] and summary['num_trials'] == 10
   assert summary['num_unique'] == len({r['key'] for r in records})
   directory = tmp_path / 'search'
-  assert (directory / 'search_progress.png').read_bytes()[:4] == b'\x89PNG'
+  # The last picture drawn is the summary's: every sample's reward, the best so far, the count
+  # of unique architectures against all samples.
+  assert read_png(directory / 'search_progress.png').shape == (440, 1100, 3)  # 10 x 4 in, 110 dpi
+  reward_ax, unique_ax = figures[-1].axes
+  rewards = [r['reward'] for r in records]
+  samples = np.arange(1, 11)
+  np.testing.assert_array_equal(reward_ax.collections[0].get_offsets(),
+                                np.stack([samples, rewards], 1))
+  best_line = plotted_lines(reward_ax)[-1]
+  np.testing.assert_array_equal(best_line[1], np.maximum.accumulate(rewards))
+  unique = [len({r['key'] for r in records[:i]}) for i in samples]
+  np.testing.assert_array_equal(plotted_lines(unique_ax)[0][1], unique)
   assert f"reward {best['reward']:.4f}" in (directory / 'best.gin').read_text()
   improvements, best_so_far = 0, -1.0
   for record in records:

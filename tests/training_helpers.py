@@ -1,12 +1,17 @@
-"""What the test files share: tiny-model gin bindings, readers of what training writes, the
-matching of one detector's detections against another's, the loading of experiment scripts, the
-lookup of the coco128 sample, and a search driven without Ray."""
+"""What the test files share: tiny-model gin bindings and model config, readers of what training
+writes, the matching of one detector's detections against another's, a SavedModel served in a
+fresh process, the loading of experiment scripts, the lookup of the coco128 sample, a search
+driven without Ray, a mixed-precision policy set for one block, and the deadline of every
+subprocess a test starts."""
 import contextlib
 import importlib.util
 import io
 import json
 import os
 import pathlib
+import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,20 +19,35 @@ import tensorflow as tf
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
+# The deadline of every subprocess a test starts: a backstop against a hung child, not a speed
+# check. A fresh Python that imports TensorFlow and builds or trains a tiny model takes 10-60 s
+# alone; beside another test worker and a CPU-bound process on a 2-core machine, several
+# minutes. A test that must be faster says so by measuring in experiments/, never here.
+SUBPROCESS_TIMEOUT = 1200
+
+# The tiny model of the suite: NAS-FPN RetinaNet on ResNet-10, 16 filters, 128 px, 10 classes.
+TINY_MODEL = [
+    'build_retinanet.image_size = (128, 128)',
+    'build_retinanet.num_classes = 10',  # synthetic ids 1..9
+    "build_retinanet.backbone = 'resnet10'",
+    'build_retinanet.num_filters = 16',
+    'build_retinanet.num_repeats = 1',
+    'build_retinanet.head_num_convs = 1',
+    'build_retinanet.head_num_filters = 16',
+]
+
+# What the input pipelines and the evaluation read of TINY_MODEL's model config (its geometry).
+TINY_MODEL_CONFIG = {'image_size': [128, 128], 'num_classes': 10, 'min_level': 3, 'max_level': 7,
+                     'anchor_num_scales': 3, 'anchor_aspect_ratios': [0.5, 1.0, 2.0],
+                     'anchor_size': 4.0}
+
 
 def tiny_bindings(records, **trainer):
-  """Gin bindings of a tiny NAS-FPN RetinaNet (ResNet-10, 16 filters, 128 px) on `records`;
+  """Gin bindings of TINY_MODEL (with L2 weight decay) trained and evaluated on `records`;
   `trainer` overrides RetinaNetTrainer bindings (values as Python literals)."""
   trainer = {'train_steps': 4, 'global_batch_size': 2, 'checkpoint_every_steps': 2,
              'log_every_steps': 2, 'eval_batch_size': 2, **trainer}
-  return [
-      'build_retinanet.image_size = (128, 128)',
-      'build_retinanet.num_classes = 10',  # synthetic ids 1..9
-      "build_retinanet.backbone = 'resnet10'",
-      'build_retinanet.num_filters = 16',
-      'build_retinanet.num_repeats = 1',
-      'build_retinanet.head_num_convs = 1',
-      'build_retinanet.head_num_filters = 16',
+  return TINY_MODEL + [
       'build_retinanet.l2_weight_decay = 1e-4',
       f"build_train_dataset.file_pattern = '{records['train']}'",
       f"build_eval_dataset.file_pattern = '{records['val']}'",
@@ -125,12 +145,13 @@ def coco128_dir_or_skip():
   return path
 
 
-def drive_in_process(searcher, num_parallel=3, stop_after=None):
+def drive_in_process(searcher, num_parallel=3, stop_after=None, result_fn=None):
   """Drives a search's `ControllerSearcher` as Ray Tune would, `num_parallel` trials at a time,
-  with the synthetic proxy in this process; stops (as a kill would) after `stop_after`
-  completions."""
+  with the synthetic proxy in this process (or `result_fn(space, block_specs)`, the proxy's
+  result dict); stops (as a kill would) after `stop_after` completions."""
   # pylint: disable=g-import-not-at-top
   from nasfpn_tf.search.trials import synthetic_result
+  result_fn = result_fn or synthetic_result
   in_flight, next_id, completions = [], 0, 0
   while True:
     while len(in_flight) < num_parallel:
@@ -142,7 +163,7 @@ def drive_in_process(searcher, num_parallel=3, stop_after=None):
     if not in_flight or completions == stop_after:
       return
     trial_id, config = in_flight.pop(0)
-    result = synthetic_result(searcher.settings.space, config['block_specs'])
+    result = result_fn(searcher.settings.space, config['block_specs'])
     searcher.results.put(config['key'], result)
     searcher.complete(trial_id, {'result_json': json.dumps(result), 'reused': False,
                                  'seconds': 0.1}, False)
@@ -177,3 +198,137 @@ def run_main(*args) -> str:
   finally:
     flags.FLAGS.unparse_flags()
   return out.getvalue()
+
+
+@contextlib.contextmanager
+def global_policy(name):
+  """tf_keras's global mixed-precision policy is `name` inside the block and the previous one
+  after it, also when the block raises: later tests' models never inherit it."""
+  import tf_keras  # pylint: disable=import-outside-toplevel
+  previous = tf_keras.mixed_precision.global_policy()
+  tf_keras.mixed_precision.set_global_policy(name)
+  try:
+    yield
+  finally:
+    tf_keras.mixed_precision.set_global_policy(previous)
+
+
+def records_and_encoded_images(file_pattern):
+  """The serialized tf.Examples of the TFRecords matching `file_pattern` (files in name order),
+  and each one's encoded image bytes (the JPEG the conversion stored)."""
+  from nasfpn_tf.data import tfexample  # pylint: disable=import-outside-toplevel
+  examples = [record.numpy() for record in
+              tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(file_pattern)))]
+  encoded = [tf.train.Example.FromString(example).features.feature[tfexample.ENCODED]
+             .bytes_list.value[0] for example in examples]
+  return examples, encoded
+
+
+# Runs in a fresh Python: loads the SavedModel, records each signature's inputs, then makes the
+# pickled calls in order; an InvalidArgumentError is kept as its message.
+_SERVE = r'''
+import pickle, sys
+import tensorflow as tf
+
+export_dir, calls_path, outputs_path = sys.argv[1:]
+with open(calls_path, 'rb') as f:
+  calls = pickle.load(f)
+signatures = tf.saved_model.load(export_dir).signatures
+out = {'inputs': {name: {key: (spec.dtype.name, spec.shape.as_list())
+                         for key, spec in function.structured_input_signature[1].items()}
+                  for name, function in signatures.items()}}
+for label, name, kwargs in calls:
+  try:
+    outputs = signatures[name](**{key: tf.constant(value) for key, value in kwargs.items()})
+    out[label] = {key: value.numpy() for key, value in outputs.items()}
+  except tf.errors.InvalidArgumentError as e:
+    out[label] = e.message
+with open(outputs_path, 'wb') as f:
+  pickle.dump(out, f)
+'''
+
+
+def serve_in_fresh_process(export_dir, calls, work_dir, may_fail=()):
+  """The SavedModel at `export_dir` loaded in a fresh Python (nothing of this process's graphs
+  or Keras objects in reach) and called as `calls` say, in order: (label, signature name,
+  {input name: value}). Returns {'inputs': {signature: {input: (dtype name, shape)}}, label:
+  {output: array}}; a call whose label is in `may_fail` gives its InvalidArgumentError's message
+  instead, any other call's error fails the test."""
+  work_dir = pathlib.Path(work_dir)
+  with open(work_dir / 'calls.pkl', 'wb') as f:
+    pickle.dump(list(calls), f)
+  subprocess.run([sys.executable, '-c', _SERVE, str(export_dir), str(work_dir / 'calls.pkl'),
+                  str(work_dir / 'outputs.pkl')], check=True, cwd=REPO,
+                 timeout=SUBPROCESS_TIMEOUT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+  with open(work_dir / 'outputs.pkl', 'rb') as f:
+    outputs = pickle.load(f)
+  for label, name, _ in calls:
+    if label not in may_fail:
+      assert isinstance(outputs[label], dict), f'{name} ({label}) failed: {outputs[label]}'
+  return outputs
+
+
+def keras_detections(detect, size, images):
+  """The eval path, one image at a time: eval preprocessing, `detect`, to_original_image."""
+  # pylint: disable=import-outside-toplevel
+  from official.vision.ops import preprocess_ops
+  from nasfpn_tf.models import geometry
+  outputs = []
+  for image in images:
+    inputs, image_info = preprocess_ops.resize_and_crop_image(tf.constant(image), size,
+                                                              padded_size=size)
+    detections = detect(inputs[None])
+    detections['detection_boxes'] = geometry.to_original_image(
+        detections['detection_boxes'], image_info[None])
+    outputs.append({key: value.numpy() for key, value in detections.items()})
+  return {key: np.concatenate([o[key] for o in outputs]) for key in outputs[0]}
+
+
+def assert_same_detections(actual, expected, what):
+  """Per image: as many detections, each expected one matched by its own actual one
+  (`match_detections`)."""
+  np.testing.assert_array_equal(actual['num_detections'], expected['num_detections'], what)
+  for i, count in enumerate(expected['num_detections']):
+    assert count > 0, f'{what}: image {i} has no detections to compare'
+    missing, _ = match_detections(expected, actual, i)
+    assert not missing, (f'{what}: image {i}: no match for classes '
+                         f'{expected["detection_classes"][i, missing]} scores '
+                         f'{expected["detection_scores"][i, missing]} boxes '
+                         f'{expected["detection_boxes"][i, missing]}')
+
+
+@contextlib.contextmanager
+def saved_figures():
+  """Inside the block, every matplotlib Figure saved (`Figure.savefig`, which pyplot's savefig
+  calls too) is appended to the list it yields, so a test can read what a drawing plotted."""
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  figures = []
+  original = Figure.savefig
+
+  def savefig(figure, *args, **kwargs):
+    figures.append(figure)
+    return original(figure, *args, **kwargs)
+
+  Figure.savefig = savefig
+  try:
+    yield figures
+  finally:
+    Figure.savefig = original
+
+
+def read_png(path, min_colors=8):
+  """The PNG at `path` decoded to an [H, W, channels] uint8 array; fails unless it is a PNG and
+  shows a drawing: at least `min_colors` distinct colours (a blank or one-colour image has 1)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  with Image.open(path) as image:
+    assert image.format == 'PNG', (path, image.format)
+    pixels = np.asarray(image.convert('RGB'))
+  colors = len(np.unique(pixels.reshape(-1, 3), axis=0))
+  assert colors >= min_colors, f'{path} looks blank: {colors} distinct colours'
+  return pixels
+
+
+def plotted_lines(ax):
+  """The (x, y) data of every line of a matplotlib Axes that has data, as float arrays."""
+  return [(np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float))
+          for line in ax.get_lines() if len(line.get_xdata())]
