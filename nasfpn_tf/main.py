@@ -67,8 +67,9 @@ _MODEL_DIR = flags.DEFINE_string(
     'operative_config.gin and eval_metrics.json; created if missing. The exports read it. '
     'Required except for --mode=show_config.')
 _EXPORT_DIR = flags.DEFINE_string(
-    'export_dir', None, 'For --mode=export_saved_model: the SavedModel folder to write, new or '
-    'empty (TF Serving loads <base>/<version>, e.g. exports/nasfpn/1).')
+    'export_dir', None, 'For --mode=export_saved_model: the SavedModel folder to write: new, '
+    'empty, or an earlier export, which is replaced (to keep it, export to another folder); TF '
+    'Serving loads <base>/<version>, e.g. exports/nasfpn/1.')
 _TFLITE_PATH = flags.DEFINE_string(
     'tflite_path', None, 'For --mode=export_tflite: the .tflite file to write; its label map '
     'goes beside it as <stem>.labels.json.')

@@ -14,9 +14,7 @@ import tensorflow as tf
 
 from nasfpn_tf.data import create_coco_tfrecord
 from nasfpn_tf.data import tfexample
-from training_helpers import coco128_dir_or_skip
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from training_helpers import REPO, SUBPROCESS_TIMEOUT, coco128_dir_or_skip
 
 
 def _read_all(summary):
@@ -232,7 +230,7 @@ def test_cli_prints_one_json_summary_line(broken_dataset):
       [sys.executable, '-m', 'nasfpn_tf.data.create_coco_tfrecord',
        f'--annotations_file={annotations_file}', f'--image_dir={image_dir}',
        f'--output_prefix={prefix}', '--num_shards=3'],
-      capture_output=True, text=True, cwd=REPO, check=False,
+      capture_output=True, text=True, cwd=REPO, check=False, timeout=SUBPROCESS_TIMEOUT,
       env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'})
   assert result.returncode == 0, result.stderr
   lines = result.stdout.strip().splitlines()
@@ -250,7 +248,7 @@ def test_cli_exits_naming_the_bad_json(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'nasfpn_tf.data.create_coco_tfrecord', f'--annotations_file={bad}',
        f'--image_dir={tmp_path}', f'--output_prefix={tmp_path / "out"}'],
-      capture_output=True, text=True, cwd=REPO, check=False,
+      capture_output=True, text=True, cwd=REPO, check=False, timeout=SUBPROCESS_TIMEOUT,
       env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'})
   assert result.returncode == 1
   assert f'create_coco_tfrecord: {bad}: not valid JSON' in result.stderr
@@ -264,5 +262,6 @@ def test_the_library_defines_no_flags_of_its_own():
           "from nasfpn_tf import config; config.register_configurables(); "
           "from nasfpn_tf.data import create_coco_tfrecord; print('ok')")
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO,
-                          check=False, env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'})
+                          check=False, timeout=SUBPROCESS_TIMEOUT,
+                          env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'})
   assert result.stdout.strip() == 'ok', result.stderr

@@ -300,5 +300,28 @@ def test_export_flags_are_checked(exported, tmp_path):
     run_main('--mode=export_saved_model', f'--model_dir={model_dir}')
   with pytest.raises(SystemExit, match='needs --tflite_path'):
     run_main('--mode=export_tflite', f'--model_dir={model_dir}')
-  with pytest.raises(SystemExit, match='exists and is not empty'):
-    run_main('--mode=export_saved_model', f'--model_dir={model_dir}', f'--export_dir={export_dir}')
+  foreign = tmp_path / 'foreign'
+  foreign.mkdir()
+  (foreign / 'notes.txt').write_text('mine')
+  with pytest.raises(SystemExit, match='holds something other than a SavedModel'):
+    run_main('--mode=export_saved_model', f'--model_dir={model_dir}', f'--export_dir={foreign}')
+  assert [p.name for p in foreign.iterdir()] == ['notes.txt']
+
+
+def test_a_second_export_replaces_the_first_whole(exported, tmp_path):
+  """A rerun (make demo's) exports again into the same folder: the earlier SavedModel is
+  swapped for the new one, nothing of it is left, and nothing is left beside it."""
+  model_dir, export_dir, first, _ = exported
+  assert first['replaced'] is False
+  again = tmp_path / 'exports' / '1'
+  shutil.copytree(export_dir, again)
+  (again / 'stale_marker').write_text('from the first export')
+  printed = run_main('--mode=export_saved_model', f'--model_dir={model_dir}',
+                     f'--export_dir={again}')
+  summary = json.loads(printed.splitlines()[-1])
+  assert summary['replaced'] is True and summary['step'] == first['step']
+  assert not (again / 'stale_marker').exists()
+  assert sorted(p.name for p in again.iterdir()) == sorted(p.name for p in export_dir.iterdir())
+  assert [p.name for p in again.parent.iterdir()] == ['1']
+  loaded = tf.saved_model.load(str(again))
+  assert set(loaded.signatures) == set(tf.saved_model.load(str(export_dir)).signatures)

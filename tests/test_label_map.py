@@ -84,3 +84,23 @@ def test_atomic_directory_appears_whole_or_not_at_all(tmp_path):
       os.makedirs(staging)
       raise RuntimeError('export failed')
   assert os.listdir(tmp_path) == ['export']
+
+
+def test_atomic_directory_replaces_only_when_asked(tmp_path):
+  target = tmp_path / 'export'
+  target.mkdir()
+  (target / 'old').write_text('old')
+  with pytest.raises(ValueError, match='is not empty: it cannot be replaced'):
+    with files.atomic_directory(str(target)) as staging:
+      os.makedirs(staging)
+  assert os.listdir(target) == ['old'] and os.listdir(tmp_path) == ['export']
+  with files.atomic_directory(str(target), replace=True) as staging:
+    os.makedirs(staging)
+    (tmp_path / os.path.basename(staging) / 'new').write_text('new')
+    assert os.listdir(target) == ['old']  # The old folder is whole until the swap.
+  assert os.listdir(target) == ['new'] and os.listdir(tmp_path) == ['export']
+  with pytest.raises(RuntimeError):
+    with files.atomic_directory(str(target), replace=True) as staging:
+      os.makedirs(staging)
+      raise RuntimeError('export failed')
+  assert os.listdir(target) == ['new'] and os.listdir(tmp_path) == ['export']

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from nasfpn_tf.data import label_map
 from nasfpn_tf.data import tfexample
+from nasfpn_tf.utils import files
 
 JPEG_QUALITY = 95
 _CHUNK = 256  # Images decoded ahead of the writer; bounds memory on full COCO.
@@ -164,7 +165,10 @@ def convert(annotations_file, image_dir, output_prefix, num_shards=1, num_thread
   paths = shard_paths(output_prefix, num_shards)
   if os.path.dirname(output_prefix):
     tf.io.gfile.makedirs(os.path.dirname(output_prefix))
-  writers = [tf.io.TFRecordWriter(path) for path in paths]
+  # Shards are written under staging names and renamed into place at the end: a reader never
+  # sees half a conversion, and a killed one leaves the earlier shards as they were.
+  staged = [files.staging_path(path) for path in paths]
+  writers = [tf.io.TFRecordWriter(path) for path in staged]
 
   def load(image):
     try:
@@ -172,48 +176,60 @@ def convert(annotations_file, image_dir, output_prefix, num_shards=1, num_thread
     except _SkipImage as skip:
       return skip
 
-  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-    for start in range(0, len(images), _CHUNK):
-      chunk = images[start:start + _CHUNK]
-      for image, loaded in zip(chunk, pool.map(load, chunk)):
-        image_annotations = by_image.get(image['id'], [])
-        if isinstance(loaded, _SkipImage):
-          logging.warning('Skipping image id %s: %s', image['id'], loaded)
-          skipped_image_files[loaded.reason].append(image['file_name'])
-          skipped_boxes['image_skipped'] += len(image_annotations)
-          continue
-        encoded, height, width, conversion = loaded
-        if conversion:
-          converted[conversion] += 1
-        if (image.get('height'), image.get('width')) != (height, width):
-          size_mismatches.append({'file': image['file_name'],
-                                  'json_hw': [image.get('height'), image.get('width')],
-                                  'actual_hw': [height, width]})
-        boxes, classes, texts, crowd, areas = [], [], [], [], []
-        for annotation in image_annotations:
-          reason, box, clipped = convert_box(annotation.get('bbox'), height, width)
-          if reason:
-            skipped_boxes[reason] += 1
+  try:
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+      for start in range(0, len(images), _CHUNK):
+        chunk = images[start:start + _CHUNK]
+        for image, loaded in zip(chunk, pool.map(load, chunk)):
+          image_annotations = by_image.get(image['id'], [])
+          if isinstance(loaded, _SkipImage):
+            logging.warning('Skipping image id %s: %s', image['id'], loaded)
+            skipped_image_files[loaded.reason].append(image['file_name'])
+            skipped_boxes['image_skipped'] += len(image_annotations)
             continue
-          counts['clipped_boxes'] += clipped
-          is_crowd = int(bool(annotation.get('iscrowd', 0)))
-          counts['crowd_boxes'] += is_crowd
-          boxes.append(box)
-          classes.append(annotation['category_id'])
-          texts.append(categories[annotation['category_id']])
-          crowd.append(is_crowd)
-          area = annotation.get('area')
-          areas.append(area if isinstance(area, (int, float)) and area > 0 else
-                       (box[2] - box[0]) * height * (box[3] - box[1]) * width)
-        example = tfexample.encode_example(encoded, height, width, image['id'],
-                                           image['file_name'], boxes, classes, texts, crowd, areas)
-        writers[counts['images_written'] % num_shards].write(example)
-        counts['images_written'] += 1
-        counts['boxes_written'] += len(boxes)
-        counts['negative_images'] += not boxes
-      logging.info('Processed %d / %d images', min(start + _CHUNK, len(images)), len(images))
-  for writer in writers:
-    writer.close()
+          encoded, height, width, conversion = loaded
+          if conversion:
+            converted[conversion] += 1
+          if (image.get('height'), image.get('width')) != (height, width):
+            size_mismatches.append({'file': image['file_name'],
+                                    'json_hw': [image.get('height'), image.get('width')],
+                                    'actual_hw': [height, width]})
+          boxes, classes, texts, crowd, areas = [], [], [], [], []
+          for annotation in image_annotations:
+            reason, box, clipped = convert_box(annotation.get('bbox'), height, width)
+            if reason:
+              skipped_boxes[reason] += 1
+              continue
+            counts['clipped_boxes'] += clipped
+            is_crowd = int(bool(annotation.get('iscrowd', 0)))
+            counts['crowd_boxes'] += is_crowd
+            boxes.append(box)
+            classes.append(annotation['category_id'])
+            texts.append(categories[annotation['category_id']])
+            crowd.append(is_crowd)
+            area = annotation.get('area')
+            areas.append(area if isinstance(area, (int, float)) and area > 0 else
+                         (box[2] - box[0]) * height * (box[3] - box[1]) * width)
+          example = tfexample.encode_example(encoded, height, width, image['id'],
+                                             image['file_name'], boxes, classes, texts, crowd, areas)
+          writers[counts['images_written'] % num_shards].write(example)
+          counts['images_written'] += 1
+          counts['boxes_written'] += len(boxes)
+          counts['negative_images'] += not boxes
+        logging.info('Processed %d / %d images', min(start + _CHUNK, len(images)), len(images))
+    for writer in writers:
+      writer.close()
+    # A rerun with another --num_shards must not leave the earlier run's shards beside the new
+    # ones: `{prefix}-*.tfrecord`, what training reads, would take both.
+    stale = sorted(set(tf.io.gfile.glob(f'{output_prefix}-?????-of-?????.tfrecord')) - set(paths))
+    for path in stale:
+      tf.io.gfile.remove(path)
+    for staging, path in zip(staged, paths):
+      tf.io.gfile.rename(staging, path, overwrite=True)
+  finally:
+    for staging in staged:  # Left only by a failed conversion.
+      if tf.io.gfile.exists(staging):
+        tf.io.gfile.remove(staging)
 
   label_map.write_label_map(label_map.records_label_map_path(output_prefix), categories)
   return {
@@ -229,6 +245,7 @@ def convert(annotations_file, image_dir, output_prefix, num_shards=1, num_thread
       'skipped_boxes': dict(sorted(skipped_boxes.items())),
       'num_shards': num_shards,
       'shards': paths,
+      'removed_stale_shards': stale,
       'label_map': label_map.records_label_map_path(output_prefix),
       'categories': {str(k): v for k, v in sorted(categories.items())},
   }

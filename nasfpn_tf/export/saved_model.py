@@ -195,24 +195,29 @@ def _decode_image(data: tf.Tensor) -> tf.Tensor:
 
 def export_saved_model(model_dir: str, export_dir: str, gin_bindings: Sequence[str] = (),
                        label_map_path: Optional[str] = None) -> Mapping[str, Any]:
-  """Writes the SavedModel of `model_dir`'s last checkpoint to `export_dir` (a new or empty
-  folder) and returns a summary. See `load_model` for `gin_bindings`, `model_label_map` for
-  `label_map_path`.
+  """Writes the SavedModel of `model_dir`'s last checkpoint to `export_dir` and returns a
+  summary. See `load_model` for `gin_bindings`, `model_label_map` for `label_map_path`.
 
-  Written to a sibling folder and renamed into place: TF Serving, watching a base path for new
-  version folders, never loads half an export.
+  `export_dir` is new, empty, or an earlier SavedModel, which is replaced (a rerun exports
+  again; the summary's `replaced` says so): to keep both, export to another folder, such as the
+  next version `<base>/<n+1>` of a TF Serving base path. A folder holding anything else is never
+  touched. Written to a sibling folder and renamed into place: TF Serving, watching a base path
+  for new version folders, never loads half an export.
   """
-  if tf.io.gfile.exists(export_dir) and tf.io.gfile.listdir(export_dir):
-    raise ValueError(f'export dir {export_dir} exists and is not empty: remove it or choose '
-                     'another (TF Serving reads versions as <base>/<number>).')
+  replaced = tf.io.gfile.exists(export_dir) and bool(tf.io.gfile.listdir(export_dir))
+  if replaced and not tf.saved_model.contains_saved_model(export_dir):
+    raise ValueError(f'export dir {export_dir} exists and holds something other than a '
+                     'SavedModel: remove it or choose another (TF Serving reads versions as '
+                     '<base>/<number>).')
   model, checkpoint, step = load_model(model_dir, gin_bindings)
   label_map, label_map_source = model_label_map(model.get_config()['num_classes'], label_map_path)
-  with tempfile.TemporaryDirectory() as scratch, files.atomic_directory(export_dir) as staging:
+  with tempfile.TemporaryDirectory() as scratch, files.atomic_directory(
+      export_dir, replace=replaced) as staging:
     label_map_file = os.path.join(scratch, label_map_lib.ASSET_FILE)
     label_map_lib.write_label_map(label_map_file, label_map)
     module = DetectionModule(model, label_map_file)
     tf.saved_model.save(module, staging, signatures=module.signatures())
-  return {'export_dir': export_dir, 'checkpoint': checkpoint, 'step': step,
+  return {'export_dir': export_dir, 'replaced': replaced, 'checkpoint': checkpoint, 'step': step,
           'image_size': model.image_size, 'label_map': label_map_source,
           'signatures': dict(SIGNATURE_INPUTS, **{
               name: input_name for k in range(1, model.num_repeats + 1) if model.anytime

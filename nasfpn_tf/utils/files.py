@@ -40,19 +40,25 @@ def atomic_write(path: PathLike, content: Union[str, bytes]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str) -> Iterator[str]:
-  """Yields a staging folder to fill; on success it is renamed to `path` (which must be absent
-  or empty), so a watcher of the parent folder never sees `path` half written. On an error the
-  staging folder is removed and `path` is left as it was."""
+def atomic_directory(path: str, replace: bool = False) -> Iterator[str]:
+  """Yields a staging folder to fill; on success it is renamed to `path`, so a watcher of the
+  parent folder never sees `path` half written. `path` must be absent or empty, or, with
+  `replace`, it is swapped out: renamed aside (`<path>.replaced-<pid>`), the staging folder
+  renamed in, then the old one removed, so `path` holds the old folder or the new one whole at
+  every moment but the instant between the two renames. On an error the staging folder is
+  removed and `path` is left as it was."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   staging = staging_path(path)
+  aside = f"{path.rstrip('/')}.replaced-{os.getpid()}"
   try:
     yield staging
     if tf.io.gfile.exists(path):
-      if tf.io.gfile.listdir(path):
+      if tf.io.gfile.listdir(path) and not replace:
         raise ValueError(f'{path} is not empty: it cannot be replaced.')
-      tf.io.gfile.rmtree(path)
+      tf.io.gfile.rename(path, aside, overwrite=True)
     tf.io.gfile.rename(staging, path)
+    if tf.io.gfile.exists(aside):
+      tf.io.gfile.rmtree(aside)
   finally:
     if tf.io.gfile.exists(staging):
       tf.io.gfile.rmtree(staging)
