@@ -2,7 +2,8 @@
 import pathlib
 import re
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from training_helpers import REPO
+
 
 
 def _build_text():

@@ -1,14 +1,18 @@
 """The package's layers: layers <- decoders <- models <- data/training/evaluation <- export, search
 <- main/predict/experiments. A lower layer never imports a higher one, and gin names are registered
-in config.py alone, not by imports in gin files."""
+in config.py alone, not by imports in gin files. The modules the search's driver and the
+architecture drawing read load without TensorFlow."""
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
 from nasfpn_tf.config import GIN_CONFIGS_DIR
+from training_helpers import REPO, SUBPROCESS_TIMEOUT
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'nasfpn_tf'
+PACKAGE = REPO / 'nasfpn_tf'
 HIGHER_THAN_MODELS = ('nasfpn_tf.training', 'nasfpn_tf.export', 'nasfpn_tf.evaluation',
                       'nasfpn_tf.data', 'nasfpn_tf.search', 'experiments')
 # Folder -> the modules no file in it may import.
@@ -56,3 +60,13 @@ def test_gin_files_import_nothing():
   importing = [path.name for path in sorted(GIN_CONFIGS_DIR.glob('*.gin'))
                if any(line.startswith('import ') for line in path.read_text().splitlines())]
   assert not importing
+
+
+@pytest.mark.parametrize('module', ['nasfpn_tf.decoders.block_specs', 'nasfpn_tf.search.space'])
+def test_loads_without_tensorflow(module):
+  """A fresh Python that imports `module` has imported none of TensorFlow, tf_keras, TFM."""
+  code = (f'import sys, {module}; '
+          "print(sorted({'tensorflow', 'tf_keras', 'official'} & set(sys.modules)))")
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
+                          text=True, timeout=SUBPROCESS_TIMEOUT, check=True)
+  assert result.stdout.strip() == '[]', result.stderr

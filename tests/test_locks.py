@@ -11,7 +11,8 @@ import re
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from training_helpers import REPO
+
 _COMPARE = {'<': operator.lt, '<=': operator.le, '>': operator.gt, '>=': operator.ge,
             '==': operator.eq, '!=': operator.ne}
 

@@ -1,6 +1,5 @@
 """nasfpn_tf.main: flags, and configuration errors that end the program naming the culprit."""
 import os
-import pathlib
 import re
 import subprocess
 import sys
@@ -10,9 +9,8 @@ import pytest
 import tensorflow as tf
 
 from nasfpn_tf import main
-from training_helpers import run_main, tiny_bindings
+from training_helpers import REPO, SUBPROCESS_TIMEOUT, run_main, tiny_bindings
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 FLAGS = flags.FLAGS
 
@@ -51,7 +49,7 @@ def test_missing_tfrecords_exit_nonzero_naming_the_pattern(synthetic_records, tm
   args = cli_args(synthetic_records, tmp_path / 'model',
                   f"build_train_dataset.file_pattern = '{pattern}'")
   result = subprocess.run([sys.executable, '-m', 'nasfpn_tf.main', *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=180,
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
   assert result.returncode == 1
   last_line = result.stderr.strip().splitlines()[-1]

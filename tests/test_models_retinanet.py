@@ -3,7 +3,6 @@ initial weights that replay in another process."""
 import hashlib
 import inspect
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -14,10 +13,9 @@ import tf_keras
 
 from nasfpn_tf.decoders import block_specs
 from nasfpn_tf.models import RetinaNet
-from training_helpers import match_detections
+from training_helpers import REPO, SUBPROCESS_TIMEOUT, match_detections
 from training_helpers import spread_scores
 
-TESTS = pathlib.Path(__file__).resolve().parent
 TINY = dict(image_size=(128, 256), num_classes=4, backbone='resnet10', min_level=3, max_level=7,
             num_filters=32, num_repeats=1, head_num_convs=1, head_num_filters=32,
             anchor_num_scales=2, anchor_aspect_ratios=(1.0, 2.0), max_detections=20)
@@ -152,10 +150,10 @@ def test_initial_weights_replay_in_a_fresh_process():
   digest = initial_weights_digest()
   script = ('import tf_keras, test_models_retinanet as t; tf_keras.utils.set_random_seed(0); '
             'print(t.initial_weights_digest())')
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]),
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / 'tests')]),
              TF_CPP_MIN_LOG_LEVEL='2')
   fresh = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
-                         timeout=120, check=True)
+                         timeout=SUBPROCESS_TIMEOUT, check=True)
   assert fresh.stdout.split()[-1] == digest
   tf_keras.utils.set_random_seed(1)
   assert initial_weights_digest() != digest

@@ -3,7 +3,6 @@ stopped learning on AMD Zen 4 with a finite loss), and experiments/overfit_coco1
 coco128-like folder and prints its JSON summary line."""
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -15,18 +14,18 @@ import tensorflow as tf
 from nasfpn_tf import config
 from nasfpn_tf.data import create_coco_tfrecord
 from nasfpn_tf.training import trainer as trainer_lib
-from training_helpers import read_scalars
+from training_helpers import REPO, SUBPROCESS_TIMEOUT, read_scalars
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'experiments' / 'overfit_coco128.py'
 NUM_IMAGES = 6
 # The learning check: gin_configs/overfit_coco128.gin's model on 16 images, 60 steps.
 LEARN_IMAGES, LEARN_STEPS = 16, 60
 
 
-def _run(*args, timeout=600):
+def _run(*args):
   return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=timeout, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+                        text=True, timeout=SUBPROCESS_TIMEOUT,
+                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
 
 
 def _first_images(coco128_dir, count):
@@ -101,7 +100,7 @@ def test_trains_and_evaluates_a_coco128_like_folder(small_coco128, tmp_path):
 
 def test_a_folder_not_laid_out_like_coco128_is_named(tmp_path):
   (tmp_path / 'train2017').mkdir()
-  result = _run(f'--data_dir={tmp_path}', timeout=120)
+  result = _run(f'--data_dir={tmp_path}')
   assert result.returncode != 0
   assert f'{tmp_path} is not laid out like coco128' in result.stderr
   assert 'instances_train2017.json' in result.stderr
@@ -112,7 +111,7 @@ def test_bfloat16_numerics_compares_gradients_and_trains(small_coco128, tmp_path
   script = REPO / 'experiments' / 'bfloat16_numerics.py'
   result = subprocess.run(
       [sys.executable, str(script), f'--data_dir={root}', f'--work_dir={tmp_path}',
-       '--train_steps=2'], cwd=REPO, capture_output=True, text=True, timeout=600,
+       '--train_steps=2'], cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads(result.stdout.strip().splitlines()[-1])

@@ -19,10 +19,8 @@ from nasfpn_tf import config
 from nasfpn_tf import predict
 from nasfpn_tf.export import saved_model
 from nasfpn_tf.training import trainer as trainer_lib
-from training_helpers import spread_scores
+from training_helpers import REPO, SUBPROCESS_TIMEOUT, spread_scores
 from training_helpers import tiny_bindings
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
@@ -68,7 +66,7 @@ def test_cli_on_a_saved_model_writes_coco_json_and_drawn_images(models, image_di
   result = subprocess.run(
       [sys.executable, '-m', 'nasfpn_tf.predict', f'--model={models[1]}', f'--input={image_dir}',
        f'--output_dir={output_dir}', f'--min_score={min_score}'],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
+      cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
   assert result.returncode == 0, result.stderr[-3000:]
   broken = image_dir / '000000000004.jpg'

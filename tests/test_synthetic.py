@@ -9,6 +9,7 @@ from pycocotools.coco import COCO
 import pytest
 
 from nasfpn_tf.data import synthetic
+from training_helpers import REPO, SUBPROCESS_TIMEOUT
 
 CATEGORY_IDS = [1, 3, 5, 7, 9]
 
@@ -115,7 +116,7 @@ def test_cli_prints_summary(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'nasfpn_tf.data.synthetic', f'--output_dir={tmp_path}',
        '--num_train=3', '--num_val=2', '--seed=5', '--novary_size', '--image_size=96'],
-      capture_output=True, text=True, check=True)
+      capture_output=True, text=True, check=True, cwd=REPO, timeout=SUBPROCESS_TIMEOUT)
   summary = json.loads(result.stdout.strip().splitlines()[-1])
   assert summary['train']['images'] == 3 and summary['val']['images'] == 2
   assert sorted(summary['train']['per_class']) == sorted(c['name'] for c in synthetic.CATEGORIES)
