@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Sequence
 from absl import app, flags
 from matplotlib.figure import Figure
 
-from nasfpn_tf import config
+from nasfpn_tf.search import configurables
 from nasfpn_tf.search.journal import Journal
 from nasfpn_tf.search.progress import moving_average
 from nasfpn_tf.search.runner import SearchSettings, run_search
@@ -87,7 +87,7 @@ def draw(output_dir: pathlib.Path, algorithms: Sequence[str], window: int, path:
 
 def main(argv):
   del argv
-  config.parse_gin(gin_bindings=FLAGS.gin_bindings)
+  configurables.parse_gin(gin_bindings=FLAGS.gin_bindings)
   output_dir = pathlib.Path(FLAGS.output_dir)
   for budget in range(FLAGS.round_trials, FLAGS.num_trials + FLAGS.round_trials,
                       FLAGS.round_trials):

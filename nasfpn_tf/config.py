@@ -2,7 +2,10 @@
 file or binding at fault.
 
 Gin files hold no `import` lines and no module imports another just to register names:
-`register_configurables` makes every name known before a parse.
+`register_configurables` makes every name of the layers below the search known before a parse.
+The search registers its own names (`nasfpn_tf.search.configurables`, whose `parse_gin` parses
+configurations that bind them): this module imports nothing above training, so nothing imports
+back into it in a cycle.
 """
 import logging
 import pathlib
@@ -14,7 +17,7 @@ GIN_CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / 'gin_configs'
 
 
 def register_configurables() -> None:
-  """Makes every gin name of the package known (idempotent: modules import once).
+  """Makes the gin names of data, models and training known (idempotent: modules import once).
 
   Imported here, on the first parse, rather than with this module: a module that imports config
   (export) loads training only when it parses a config that binds its names.
@@ -23,10 +26,6 @@ def register_configurables() -> None:
   from nasfpn_tf.data import input_pipeline  # noqa: F401  build_train/eval_dataset
   from nasfpn_tf.models import factory  # noqa: F401  build_retinanet
   from nasfpn_tf.models import losses  # noqa: F401  RetinaNetLoss
-  from nasfpn_tf.search import controllers  # noqa: F401  EvolutionController/PPOController
-  from nasfpn_tf.search import cpu_proxy  # noqa: F401  CpuProxy
-  from nasfpn_tf.search import feature_cache  # noqa: F401  CpuProxyCache
-  from nasfpn_tf.search import rewards  # noqa: F401  reward
   from nasfpn_tf.training import recipes  # noqa: F401  steps_per_epoch, batch_scaled
   from nasfpn_tf.training import schedules  # noqa: F401  StepDecay/CosineDecayWithWarmup
   from nasfpn_tf.training import trainer  # noqa: F401  RetinaNetTrainer

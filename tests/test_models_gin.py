@@ -5,8 +5,10 @@ import gin
 import pytest
 import tensorflow as tf
 
-from nasfpn_tf.config import GIN_CONFIGS_DIR, parse_gin
+from nasfpn_tf.config import GIN_CONFIGS_DIR
 from nasfpn_tf.models import build_retinanet
+# The parse that knows every name: gin_configs/ holds the search's proxy configs too.
+from nasfpn_tf.search.configurables import parse_gin
 
 MODEL_FILES = sorted(p.name for p in GIN_CONFIGS_DIR.glob('*.gin')
                      if 'build_retinanet.' in p.read_text())

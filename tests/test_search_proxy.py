@@ -53,8 +53,9 @@ def test_cpu_trial_measures_ap_flops_and_params(cpu_work_dir):
   assert 0.0 <= result.ap <= 1.0 and 0.0 <= result.ap50 <= 1.0
   assert result.flops > 0 and result.params > 0 and result.steps == 4
   assert math.isfinite(result.final_loss) and result.seconds > 0
+  assert math.isfinite(result.heldout_loss) and result.heldout_loss > 0
   assert set(result.to_dict()) == {'ap', 'ap50', 'flops', 'params', 'seconds', 'steps',
-                                   'final_loss'}
+                                   'final_loss', 'heldout_loss'}
 
 
 def test_cache_is_reused_and_a_seed_replays(cpu_work_dir, monkeypatch):
@@ -169,7 +170,8 @@ def test_configure_threads_before_tensorflow_runs_and_refused_after():
       '  print("refused:", e)\n')
   env = dict(os.environ, PYTHONPATH=str(training_helpers.REPO), TF_CPP_MIN_LOG_LEVEL='3')
   out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=env,
-                       check=True).stdout.splitlines()
+                       check=True, cwd=training_helpers.REPO,
+                       timeout=training_helpers.SUBPROCESS_TIMEOUT).stdout.splitlines()
   assert out[0] == '1 1'
   assert 'configure_threads(2): TensorFlow already runs with 1 intra-op' in out[1]
   assert 'first thing in the worker' in out[1]

@@ -3,6 +3,12 @@
   python -m nasfpn_tf.search --search_dir=runs/search --algorithm=ppo --num_trials=200 \
       --proxy=cpu
 
+On your own images (COCO TFRecords from nasfpn_tf.data.create_coco_tfrecord, DIR/train-*.tfrecord
+and DIR/train-label_map.json; see docs/search_own_data.md):
+
+  python -m nasfpn_tf.search --search_dir=runs/search_mine --proxy=cpu --data_dir=DIR \
+      --reward=neg_loss
+
 Kill it at any moment and run the same command again: it continues from the search dir's
 journal. It prints a line per sample and, at the end, one JSON line (num_trials, num_unique,
 best_reward, best_key, wall_seconds). DIR/best.gin trains the best architecture:
@@ -12,8 +18,9 @@ import json
 
 from absl import app, flags
 
-from nasfpn_tf import config
+from nasfpn_tf.search import configurables
 from nasfpn_tf.search.controllers import CONTROLLERS
+from nasfpn_tf.search import rewards
 from nasfpn_tf.search.runner import SearchSettings, run_search
 from nasfpn_tf.search.space import SearchSpace
 from nasfpn_tf.search.trials import PROXIES
@@ -25,16 +32,30 @@ flags.DEFINE_enum('algorithm', 'ppo', sorted(CONTROLLERS), 'The controller: the 
                   'trained with PPO, regularized evolution, or random search.')
 flags.DEFINE_integer('num_trials', 100, 'Samples in all, duplicates included (each key is '
                      'trained once); raise it to extend a finished search.')
-flags.DEFINE_enum('proxy', 'cpu', list(PROXIES), 'cpu: the embedded data, frozen cached backbone '
-                  'features, ~1 min a trial on 2 cores; paper: the paper\'s proxy (ResNet-10, '
-                  '512 px, 10 epochs) on --data_dir; synthetic: no training, agreement with a '
-                  'target table (tests the search machinery).')
-flags.DEFINE_string('data_dir', None, 'COCO TFRecords for --proxy=paper.')
+flags.DEFINE_enum('proxy', 'cpu', list(PROXIES), 'cpu: the embedded data (or --data_dir), '
+                  'frozen cached backbone features, ~1 min a trial on 2 cores; paper: the '
+                  'paper\'s proxy (ResNet-10, 512 px, 10 epochs) on --data_dir; synthetic: no '
+                  'training, agreement with a target table (tests the search machinery).')
+flags.DEFINE_string('data_dir', None, '--proxy=cpu: a folder of your converter records '
+                    '(DIR/train-*.tfrecord and DIR/train-label_map.json, from '
+                    'nasfpn_tf.data.create_coco_tfrecord --output_prefix=DIR/train), split into '
+                    'proxy-train and held-out images; default: the embedded synthetic data. '
+                    '--proxy=paper: the proxy_train-*/proxy_heldout-* records of '
+                    'nasfpn_tf.search.heldout.')
+flags.DEFINE_string('backbone_checkpoint', None, '--proxy=cpu: the frozen backbone, from a TF '
+                    'Model Garden ImageNet checkpoint or a nasfpn_tf model dir (as '
+                    'RetinaNetTrainer.init_checkpoint reads it); it must fit '
+                    'build_retinanet.backbone. Default: the backbone is pretrained on the '
+                    'proxy\'s training images (CpuProxyCache.pretrain_steps).')
 flags.DEFINE_string('proxy_dir', None, 'What the trials share, such as the CPU proxy\'s cached '
                     'backbone features; default SEARCH_DIR/proxy. Point searches on the same proxy '
                     'to one dir to build it once.')
-flags.DEFINE_enum('reward', 'ap', ['ap', 'ap_flops'], 'ap: the paper\'s; ap_flops: AP x '
-                  '(FLOPs/--target_flops)^w, to aim at a compute budget.')
+flags.DEFINE_enum('reward', 'ap', list(rewards.KINDS), 'ap: the paper\'s; ap_flops: AP x '
+                  '(FLOPs/--target_flops)^w, to aim at a compute budget; neg_loss: NAS-FCOS\'s '
+                  'negative held-out focal + box loss (--proxy=cpu).')
+flags.DEFINE_integer('proxy_seeds', 1, 'Trainings of each architecture (seeds --seed, '
+                     '--seed+1, ...); its reward is their rewards\' mean, and the journal keeps '
+                     'each seed\'s result.', lower_bound=1)
 flags.DEFINE_float('target_flops', None, 'FLOPs budget of --reward=ap_flops (2 per multiply-add, '
                    'as the paper counts), e.g. 2e9.')
 flags.DEFINE_string('init_block_specs', None, 'Start from a known table (a name in '
@@ -58,14 +79,16 @@ flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings for the controller a
 
 def main(argv):
   del argv
-  config.parse_gin(gin_bindings=FLAGS.gin_bindings)
+  configurables.parse_gin(gin_bindings=FLAGS.gin_bindings)
   settings = SearchSettings(
       search_dir=FLAGS.search_dir, algorithm=FLAGS.algorithm, num_trials=FLAGS.num_trials,
       proxy=FLAGS.proxy, reward=FLAGS.reward, target_flops=FLAGS.target_flops,
       space=SearchSpace(FLAGS.num_cells, FLAGS.min_level, FLAGS.max_level), seed=FLAGS.seed,
       init_block_specs=FLAGS.init_block_specs, gin_bindings=tuple(FLAGS.gin_bindings),
-      data_dir=FLAGS.data_dir, proxy_dir=FLAGS.proxy_dir, cpus_per_trial=FLAGS.cpus_per_trial,
-      gpus_per_trial=FLAGS.gpus_per_trial, max_failures=FLAGS.max_failures,
+      data_dir=FLAGS.data_dir, backbone_checkpoint=FLAGS.backbone_checkpoint,
+      proxy_seeds=FLAGS.proxy_seeds, proxy_dir=FLAGS.proxy_dir,
+      cpus_per_trial=FLAGS.cpus_per_trial, gpus_per_trial=FLAGS.gpus_per_trial,
+      max_failures=FLAGS.max_failures,
       ray_address=FLAGS.ray_address, synthetic_seconds=FLAGS.synthetic_seconds)
   print(json.dumps(run_search(settings)), flush=True)
 

@@ -1,12 +1,17 @@
 """The CPU proxy's trial: the candidate pyramid and the head trained on cached backbone features.
 
-The model is the package's RetinaNet built from the proxy gin config with the candidate's block
-specs; a trial trains its `decoder` and `head` (the backbone stays frozen: its features come
-from `feature_cache`), SGD with momentum on `RetinaNetLoss`, a cosine learning rate after a
-linear warm-up (`CosineDecayWithWarmup`), batches drawn with the trial's seed, then scores it on
-the held-out features with the model's own post-processing and `evaluate_detector`.
+`CpuSearchProxy` is the proxy task as an object: built once from its data and backbone features
+(a `feature_cache` folder) and its settings (the model's arguments, `CpuProxy`, the loss), read
+from the parsed gin config in `from_gin`, it never reads gin again: each trial builds the
+package's RetinaNet from those arguments with the candidate's block specs (`new_model`), `run`
+trains its `decoder` and `head` (the backbone stays frozen: its features come from the cache),
+SGD with momentum on `RetinaNetLoss`, a cosine learning rate after a linear warm-up
+(`CosineDecayWithWarmup`), batches drawn with the trial's seed, then scores it on the held-out
+features: COCO AP through the model's own post-processing and `evaluate_detector`, and the
+held-out loss (the training loss on the held-out images' anchor labels, NAS-FCOS's reward).
 """
 import dataclasses
+import gc
 from typing import Any, Dict, Mapping, Optional
 
 import gin
@@ -14,9 +19,11 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from nasfpn_tf.decoders import block_specs as block_specs_lib
 from nasfpn_tf.evaluation import evaluate
 from nasfpn_tf.models import factory
 from nasfpn_tf.models.losses import RetinaNetLoss
+from nasfpn_tf.models.retinanet import RetinaNet
 from nasfpn_tf.search import feature_cache
 from nasfpn_tf.training import precision
 from nasfpn_tf.training import schedules
@@ -47,14 +54,17 @@ class CpuProxy:
   pretrained_head: bool = False
 
 
-def build_model(settings: CpuProxy) -> tf_keras.Model:
-  """The gin-configured RetinaNet in the trial's training precision (the one build of a trial;
-  its errors say the proxy gin config does not build)."""
+def build_model(settings: CpuProxy,
+                model_arguments: Optional[Mapping[str, Any]] = None) -> tf_keras.Model:
+  """The RetinaNet of `model_arguments` (default: the gin-configured one) in the trial's training
+  precision (the one build of a trial; its errors say the proxy config does not build)."""
   chosen, _ = precision.training_precision(settings.mixed_precision)
   previous = tf_keras.mixed_precision.global_policy()
   tf_keras.mixed_precision.set_global_policy(precision.POLICIES[chosen])
   try:
-    return factory.build_retinanet()
+    if model_arguments is None:
+      return factory.build_retinanet()
+    return RetinaNet(**model_arguments)
   finally:
     tf_keras.mixed_precision.set_global_policy(previous)
 
@@ -76,12 +86,21 @@ def batch_order(num_images: int, num_steps: int, batch_size: int, seed: int) -> 
   return np.concatenate(epochs)[:needed].reshape(num_steps, batch_size)
 
 
-def train(net: tf_keras.Model, train_split: Mapping[str, Any], settings: CpuProxy, num_classes: int,
-          seed: int) -> float:
+def _as_loss_labels(labels: Mapping[str, Any]) -> Dict[str, Any]:
+  """Cached anchor labels (narrow dtypes) as `RetinaNetLoss` takes them."""
+  labels = dict(labels)
+  labels['cls_targets'] = tf.nest.map_structure(lambda t: tf.cast(t, tf.int32),
+                                                labels['cls_targets'])
+  for key in ('box_targets', 'cls_weights', 'box_weights'):
+    labels[key] = tf.nest.map_structure(lambda t: tf.cast(t, tf.float32), labels[key])
+  return labels
+
+
+def train(net: tf_keras.Model, train_split: Mapping[str, Any], settings: CpuProxy,
+          loss_fn: RetinaNetLoss, seed: int) -> float:
   """Trains `net` on the cached split; returns the mean loss of its last steps."""
   features = train_split['features']
   labels = {k: v for k, v in train_split['labels'].items() if k != 'image_info'}
-  loss_fn = RetinaNetLoss(num_classes=num_classes)
   optimizer = tf_keras.optimizers.SGD(
       learning_rate=schedules.CosineDecayWithWarmup(
           settings.learning_rate, total_steps=settings.train_steps,
@@ -94,12 +113,8 @@ def train(net: tf_keras.Model, train_split: Mapping[str, Any], settings: CpuProx
   def step(indices):
     batch_features = {k: tf.cast(tf.gather(v, indices), tf.float32)
                       for k, v in features.items()}
-    batch_labels = tf.nest.map_structure(lambda t: tf.gather(t, indices), labels)
-    batch_labels['cls_targets'] = tf.nest.map_structure(
-        lambda t: tf.cast(t, tf.int32), batch_labels['cls_targets'])
-    for key in ('box_targets', 'cls_weights', 'box_weights'):
-      batch_labels[key] = tf.nest.map_structure(lambda t: tf.cast(t, tf.float32),
-                                                batch_labels[key])
+    batch_labels = _as_loss_labels(
+        tf.nest.map_structure(lambda t: tf.gather(t, indices), labels))
     with tf.GradientTape() as tape:
       outputs = net(batch_features, training=True)
       loss = loss_fn(outputs, batch_labels)['total_loss']
@@ -130,18 +145,100 @@ def evaluate_on_heldout(model: tf_keras.Model, net: tf_keras.Model,
   return evaluate.evaluate_detector(detect, dataset)
 
 
-def run(cache_folder: str, model: tf_keras.Model, settings: CpuProxy,
-        seed: int) -> Dict[str, Any]:
-  """Trains `model`'s pyramid and head (the trial's, from `build_model`) on the cache in
-  `cache_folder` with `seed`; {'ap', 'ap50', 'steps', 'final_loss'}."""
-  cache = feature_cache.load(cache_folder)
-  if settings.pretrained_head:
-    _load_head(model, cache['head'])
-  net = feature_network(model)
-  final_loss = train(net, cache['train'], settings, model.get_config()['num_classes'], seed)
-  metrics = evaluate_on_heldout(model, net, cache['heldout'], settings.eval_batch_size).metrics
-  return {'ap': metrics['AP'], 'ap50': metrics['AP50'], 'steps': settings.train_steps,
-          'final_loss': final_loss}
+def heldout_loss(net: tf_keras.Model, heldout_split: Mapping[str, Any], loss_fn: RetinaNetLoss,
+                 batch_size: int) -> Dict[str, float]:
+  """{'heldout_loss', 'heldout_cls_loss', 'heldout_box_loss'}: `loss_fn` on every held-out image
+  at once (its anchor labels, `heldout_split['targets']`), computed `batch_size` images at a
+  time. RetinaNetLoss divides each batch's sums by its positives + 1; undone per batch and
+  divided once by all positives + 1, the result does not depend on the batch size."""
+  targets = heldout_split['targets']
+  features = heldout_split['features']
+
+  @tf.function
+  def sums(batch_features, batch_targets):
+    outputs = net({k: tf.cast(v, tf.float32) for k, v in batch_features.items()},
+                  training=False)
+    losses = loss_fn(outputs, _as_loss_labels(batch_targets))
+    positives = tf.reduce_sum(tf.cast(batch_targets['box_weights'], tf.float32))
+    return losses['cls_loss'] * (positives + 1.0), losses['box_loss'] * (positives + 1.0), \
+        positives
+
+  cls_sum = box_sum = positives = 0.0
+  num_images = len(next(iter(features.values())))
+  for start in range(0, num_images, batch_size):
+    batch = slice(start, start + batch_size)
+    batch_sums = sums({k: v[batch] for k, v in features.items()},
+                      tf.nest.map_structure(lambda t: t[batch], targets))
+    cls_sum, box_sum, positives = (a + float(b) for a, b in zip(
+        (cls_sum, box_sum, positives), batch_sums))
+  cls_loss, box_loss = cls_sum / (positives + 1.0), box_sum / (positives + 1.0)
+  return {'heldout_loss': cls_loss + loss_fn.box_loss_weight * box_loss,
+          'heldout_cls_loss': cls_loss, 'heldout_box_loss': box_loss}
+
+
+class CpuSearchProxy:
+  """The CPU proxy task: one feature cache, one model configuration, one training recipe.
+
+  Invariant: everything a trial reads is fixed at construction (the cache's tensors, the model's
+  arguments, `settings`, `loss_fn`), so trials do not depend on the global gin config and one
+  process can run many; `run` with the same specs and seed replays the same numbers.
+  """
+
+  def __init__(self, cache: Mapping[str, Any], model_arguments: Mapping[str, Any],
+               settings: CpuProxy, loss_fn: RetinaNetLoss):
+    """cache: `feature_cache.load`'s; model_arguments: every RetinaNet argument but the block
+    specs (a trial's); loss_fn: the training loss, also the held-out loss."""
+    self.cache = cache
+    self.model_arguments = dict(model_arguments)
+    self.settings = settings
+    self.loss_fn = loss_fn
+    if settings.pretrained_head and cache['head'] is None:
+      raise ValueError('CpuProxy.pretrained_head = True needs the pretraining head, and this '
+                       "cache's backbone came from --backbone_checkpoint, untrained with a head; "
+                       'leave pretrained_head False.')
+
+  @classmethod
+  def from_gin(cls, cache_folder: str) -> 'CpuSearchProxy':
+    """The proxy of the parsed gin config (`CpuProxy`, `build_retinanet`, `RetinaNetLoss`
+    bindings) on the cache in `cache_folder` (`feature_cache.prepare`'s)."""
+    arguments = {name: factory.model_argument(name) for name in factory.MODEL_ARGUMENTS}
+    return cls(feature_cache.load(cache_folder), arguments, CpuProxy(),
+               RetinaNetLoss(num_classes=arguments['num_classes']))
+
+  def new_model(self, block_specs, seed: int) -> tf_keras.Model:
+    """The trial's RetinaNet with `block_specs` (resolved rows) as its pyramid, initialised with
+    `seed` (its head from the pretraining one with `pretrained_head`)."""
+    # Trials in one process do not pile up models, traced functions and layer names.
+    tf_keras.backend.clear_session()
+    gc.collect()
+    tf_keras.utils.set_random_seed(seed)
+    model = build_model(self.settings, {**self.model_arguments,
+                                        'block_specs': block_specs_lib.to_config(block_specs)})
+    if self.settings.pretrained_head:
+      _load_head(model, self.cache['head'])
+    return model
+
+  def train(self, model: tf_keras.Model, seed: int):
+    """(pyramid-and-head network, final training loss): `model`'s pyramid and head trained on
+    the cached training features, batches drawn with `seed`."""
+    net = feature_network(model)
+    return net, train(net, self.cache['train'], self.settings, self.loss_fn, seed)
+
+  def evaluate(self, model: tf_keras.Model, net: tf_keras.Model) -> Dict[str, float]:
+    """{'ap', 'ap50', 'heldout_loss', 'heldout_cls_loss', 'heldout_box_loss'} on the held-out
+    features."""
+    metrics = evaluate_on_heldout(model, net, self.cache['heldout'],
+                                  self.settings.eval_batch_size).metrics
+    return {'ap': metrics['AP'], 'ap50': metrics['AP50'],
+            **heldout_loss(net, self.cache['heldout'], self.loss_fn,
+                           self.settings.eval_batch_size)}
+
+  def run(self, model: tf_keras.Model, seed: int) -> Dict[str, Any]:
+    """`model` (`new_model`'s) trained and evaluated: {'ap', 'ap50', 'heldout_loss', ...,
+    'steps', 'final_loss'}."""
+    net, final_loss = self.train(model, seed)
+    return {**self.evaluate(model, net), 'steps': self.settings.train_steps,
+            'final_loss': final_loss}
 
 
 def _load_head(model: tf_keras.Model, weights) -> None:

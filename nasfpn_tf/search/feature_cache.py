@@ -2,48 +2,62 @@
 
 NAS-FCOS (seed 003) trains each sampled decoder on features of a frozen backbone computed once:
 a trial then pays for the pyramid and the head, not for the backbone or the input pipeline. Here
-one cache holds, for given settings (the `CpuProxyCache` bindings and the model's, hashed into
-its folder name):
+one cache holds, for given settings (the `CpuProxyCache` bindings, the model's, the data and the
+backbone checkpoint, hashed into its folder name):
 
-  records/   the embedded synthetic dataset (`data.synthetic`, what `make demo` trains on),
-             training images only, split by `search.heldout` into proxy_train and proxy_heldout
-             records (the reward split is carved from training images);
+  records/   the images, training images only, split by `search.heldout` into proxy_train and
+             proxy_heldout records (the reward split is carved from training images): the
+             embedded synthetic dataset (`data.synthetic`, what `make demo` trains on) by
+             default, or the user's converter records `DATA_DIR/train-*.tfrecord` (`data_dir`);
   pretrain/  a model dir where the backbone was trained once (a RetinaNet with the
              `pretrain_block_specs` pyramid, `RetinaNetTrainer`), then frozen; none when
-             `pretrain_steps` is 0 (a randomly initialised frozen backbone);
+             `pretrain_steps` is 0 (a randomly initialised frozen backbone) or when the backbone
+             comes from `backbone_checkpoint` (frozen as read, not trained);
   features/  train.npz: C3..C5 of every proxy_train image (float16) with its anchor labels
              (the train pipeline's step without augmentation); heldout.npz: C3..C5 of every
              held-out image with the eval pipeline's labels (ground truth, image_info);
-  head.npz   the pretraining model's head weights, a trial's optional starting point;
+             heldout_targets.npz: the held-out images' anchor labels, as train.npz's, for the
+             held-out loss (added to a cache built before it existed, by `prepare`);
+  head.npz   the pretraining model's head weights, a trial's optional starting point (none when
+             the backbone comes from a checkpoint);
   cache.json the settings, sizes, timings and the held-out AP of the pretraining model.
 
-The folder appears complete or not at all (`utils.files.atomic_directory`), and one process
-builds it while the others wait on a lock file beside it, so parallel trials of a search (Ray
-workers on one machine) share one build. Paths are local (the lock is `fcntl.flock`).
+The data and the checkpoint enter the key by content (each file's name, size and SHA-256), not by
+path: a copied data dir finds its cache, and edited records or another checkpoint never do.
+Digests are remembered per (path, size, mtime) in `DIGESTS_FILE` beside the caches, so a trial
+does not hash the data again.
+
+The folder appears complete or not at all (`utils.files.atomic_directory`), files are added to it
+only whole (`utils.files.atomic_write`), and one process builds it while the others wait on a lock
+file beside it, so parallel trials of a search (Ray workers on one machine) share one build.
+Paths are local (the lock is `fcntl.flock`). This module reads the parsed gin config but never
+parses one: `search.proxy` does, once.
 """
 import dataclasses
 import fcntl
 import functools
 import hashlib
+import io
 import json
 import os
 import shutil
 import time
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import gin
 import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from nasfpn_tf import config
 from nasfpn_tf.data import input_pipeline
+from nasfpn_tf.data import label_map
 from nasfpn_tf.data import synthetic
 from nasfpn_tf.evaluation import evaluate
 from nasfpn_tf.models import backbones
 from nasfpn_tf.models import factory
 from nasfpn_tf.search import heldout
 from nasfpn_tf.training import distribute
+from nasfpn_tf.training import init_checkpoint
 from nasfpn_tf.training import precision
 from nasfpn_tf.training import schedules
 from nasfpn_tf.training import trainer as trainer_lib
@@ -52,8 +66,16 @@ from nasfpn_tf.utils import files
 CACHE_FILE = 'cache.json'
 # The pretraining model's head weights (Keras order), which trials may start from.
 HEAD_FILE = 'head.npz'
+HELDOUT_TARGETS_FILE = os.path.join('features', 'heldout_targets.npz')
+CACHES_DIR = 'cpu_proxy_cache'
+DIGESTS_FILE = 'digests.json'
+# The user's converter records in --data_dir: the training split only (never the evaluation one).
+DATA_RECORDS = 'train-*.tfrecord'
+# Fewest images either split may hold (held-out AP on fewer is not a reward).
+MIN_SPLIT_IMAGES = 8
 FEATURE_DTYPE = np.float16
-# Labels kept narrow in memory; trials cast them back for the loss.
+# Labels kept narrow in memory; trials cast them back for the loss. Class ids take int8 up to
+# 127 and int16 beyond (`_label_dtype`).
 _LABEL_DTYPES = {'cls_targets': np.int8, 'box_targets': np.float16, 'cls_weights': np.float16,
                  'box_weights': np.float16}
 _BATCH = 32
@@ -66,13 +88,15 @@ class CpuProxyCache:
 
   num_images: synthetic training images generated at the model's image size (the demo's
     generator and seed convention); num_heldout of them, drawn with data_seed, are the reward
-    split, the rest the proxy's training split.
+    split, the rest the proxy's training split. With the user's records (`data_dir`): the most
+    images used (a draw with data_seed when there are more); from fewer, the held-out share
+    stays num_heldout / num_images (`split_sizes`).
   pretrain_steps: steps of the one-off backbone training (0: the backbone stays at its random
-    initialisation); its model is the proxy's with `pretrain_block_specs` stacked once at
-    `pretrain_filters` and a 4-conv head as wide (`pretrain_overrides`), trained with batch
-    `pretrain_batch_size`, a cosine from `pretrain_learning_rate` after
-    `pretrain_warmup_steps`, the gin's `build_train_dataset` augmentation, in `mixed_precision`
-    (bfloat16 where the trainer trusts it).
+    initialisation; unused with a backbone checkpoint); its model is the proxy's with
+    `pretrain_block_specs` stacked once at `pretrain_filters` and a 4-conv head as wide
+    (`pretrain_overrides`), trained with batch `pretrain_batch_size`, a cosine from
+    `pretrain_learning_rate` after `pretrain_warmup_steps`, the gin's `build_train_dataset`
+    augmentation, in `mixed_precision` (bfloat16 where the trainer trusts it).
   """
   num_images: int = 2000
   num_heldout: int = 400
@@ -86,6 +110,21 @@ class CpuProxyCache:
   mixed_precision: Optional[str] = 'bfloat16'
 
 
+def split_sizes(settings: CpuProxyCache, num_records: int) -> Tuple[int, int]:
+  """(images used, images held out) of `num_records` user records: min(num_images, num_records)
+  used, num_heldout of num_images held out, or from fewer images the same share (rounded).
+  ValueError naming the bindings when either split would hold fewer than MIN_SPLIT_IMAGES."""
+  used = min(settings.num_images, num_records)
+  held = min(settings.num_heldout, round(settings.num_heldout * used / settings.num_images))
+  if held < MIN_SPLIT_IMAGES or used - held < MIN_SPLIT_IMAGES:
+    raise ValueError(
+        f'{num_records} images are too few for the proxy\'s split: it holds out '
+        f'{held} of {used} (CpuProxyCache.num_heldout = {settings.num_heldout} of '
+        f'CpuProxyCache.num_images = {settings.num_images}) and each split needs at least '
+        f'{MIN_SPLIT_IMAGES}; add images, or bind a larger num_heldout / num_images share.')
+  return used, held
+
+
 def pretrain_overrides(settings: CpuProxyCache) -> Dict[str, Any]:
   """The build_retinanet bindings of the pretraining model over the proxy's own: a fixed pyramid
   and the demo's head, so that the trial's pyramid and head settings share one cache."""
@@ -95,62 +134,202 @@ def pretrain_overrides(settings: CpuProxyCache) -> Dict[str, Any]:
           'head_use_separable_conv': False}
 
 
-def cache_key(settings: CpuProxyCache) -> Dict[str, Any]:
+# The data and the backbone checkpoint.
+
+
+def data_pattern(data_dir: str) -> str:
+  """The converter records of `data_dir` that the proxy reads (its training split)."""
+  return os.path.join(data_dir, DATA_RECORDS)
+
+
+def _data_files(data_dir: str) -> List[str]:
+  paths = heldout.record_files(data_pattern(data_dir))
+  if not paths:
+    raise ValueError(
+        f'--data_dir={data_dir}: no records {data_pattern(data_dir)} there; convert your COCO '
+        'json and images with `python -m nasfpn_tf.data.create_coco_tfrecord '
+        f'--output_prefix={os.path.join(data_dir, "train")} ...` (the proxy holds out part of '
+        'these training images; it never reads an evaluation split).')
+  return paths
+
+
+def data_bindings(data_dir: Optional[str]) -> List[str]:
+  """The gin bindings the user's data implies, to parse before the user's own (which win):
+  `build_retinanet.num_classes` = the label map's largest category id + 1 (ids are kept raw, 0
+  is background). None without data_dir, or without a label map beside the records (then the
+  records' ids are checked against the bound num_classes when the cache is built)."""
+  if data_dir is None:
+    return []
+  _data_files(data_dir)
+  path = label_map.find_records_label_map(data_pattern(data_dir))
+  if path is None:
+    return []
+  ids = label_map.read_label_map(path)
+  if not ids or min(ids) < 1:
+    raise ValueError(f'label map {path}: category ids must be >= 1 (0 is background), got '
+                     f'{sorted(ids)[:10]}.')
+  return [f'build_retinanet.num_classes = {max(ids) + 1}']
+
+
+def _digest(path: str, memo_dir: str) -> str:
+  """SHA-256 of the file at `path`, remembered in `memo_dir`/DIGESTS_FILE per (path, size,
+  mtime): a file rewritten in place gets a new mtime, and so a new digest."""
+  stat = os.stat(path)
+  memo_key = f'{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}'
+  memo_path = os.path.join(memo_dir, DIGESTS_FILE)
+  memo = {}
+  if os.path.exists(memo_path):
+    try:
+      with open(memo_path, encoding='utf-8') as f:
+        memo = json.load(f)
+    except (OSError, ValueError):
+      memo = {}  # Unreadable: hashed again and rewritten.
+  if memo_key not in memo:
+    sha = hashlib.sha256()
+    with open(path, 'rb') as f:
+      for chunk in iter(lambda: f.read(1 << 22), b''):
+        sha.update(chunk)
+    memo[memo_key] = sha.hexdigest()
+    files.atomic_write(memo_path, json.dumps(memo, indent=0, sort_keys=True))
+  return memo[memo_key]
+
+
+def _fingerprint(paths, memo_dir: str) -> List[List[Any]]:
+  return [[os.path.basename(p), os.path.getsize(p), _digest(p, memo_dir)] for p in sorted(paths)]
+
+
+def data_fingerprint(data_dir: str, memo_dir: str) -> Dict[str, Any]:
+  """What the cache key holds of the user's data: name, size and SHA-256 of every record file
+  the proxy reads and of the label map beside them."""
+  fingerprint = {'records': _fingerprint(_data_files(data_dir), memo_dir)}
+  path = label_map.find_records_label_map(data_pattern(data_dir))
+  fingerprint['label_map'] = _fingerprint([path], memo_dir)[0] if path else None
+  return fingerprint
+
+
+def resolve_checkpoint(path: str) -> str:
+  """The checkpoint prefix `path` (a prefix, a TF Model Garden checkpoint folder or a nasfpn_tf
+  model dir) names; ValueError naming --backbone_checkpoint when there is none."""
+  try:
+    return init_checkpoint.resolve(path)
+  except init_checkpoint.InitCheckpointError as e:
+    raise ValueError(f'--backbone_checkpoint={path}: {e}') from e
+
+
+def checkpoint_fingerprint(path: str, memo_dir: str) -> Dict[str, Any]:
+  """What the cache key holds of a backbone checkpoint: its files' names, sizes and SHA-256."""
+  prefix = resolve_checkpoint(path)
+  return {'files': _fingerprint(tf.io.gfile.glob(prefix + '.*'), memo_dir)}
+
+
+# The key and the folder.
+
+
+def cache_key(settings: CpuProxyCache, data: Optional[Mapping[str, Any]] = None,
+              backbone: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
   """Everything a cache depends on, from the parsed gin config: its settings and the model
-  (image size, backbone, anchors, classes ...) its backbone and labels were made for."""
+  (image size, backbone, anchors, classes ...) its backbone and labels were made for; with the
+  user's data or a backbone checkpoint, their fingerprints (`data_fingerprint`,
+  `checkpoint_fingerprint`). The synthetic data's key holds neither, as before they existed."""
   model = {**factory.bound_model_arguments(), **pretrain_overrides(settings)}
   # The precision the backbone trains in on this machine, not only the one asked for: a cache
   # copied between machines that decide differently is not taken for the other's.
   trained_in = precision.training_precision(settings.mixed_precision)[0]
-  return {'cache': dataclasses.asdict(settings), 'model': model,
-          'trained_in': precision.POLICIES[trained_in]}
+  key = {'cache': dataclasses.asdict(settings), 'model': model,
+         'trained_in': precision.POLICIES[trained_in]}
+  if data is not None:
+    key['data'] = dict(data)
+  if backbone is not None:
+    key['backbone_checkpoint'] = dict(backbone)
+  return key
 
 
 def cache_path(work_dir: str, key: Mapping[str, Any]) -> str:
   digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-  return os.path.join(work_dir, 'cpu_proxy_cache', digest[:16])
+  return os.path.join(work_dir, CACHES_DIR, digest[:16])
 
 
-def prepare(work_dir: str, gin_files, gin_bindings) -> str:
-  """The cache folder for the proxy gin config (`gin_files` + `gin_bindings`, parsed now),
-  built first if missing; returns its path. Leaves that gin config parsed."""
-  config.parse_gin(gin_files, gin_bindings)
+def prepare(work_dir: str, data_dir: Optional[str] = None,
+            backbone_checkpoint: Optional[str] = None) -> Tuple[str, bool]:
+  """(the cache folder for the parsed gin config and this data and backbone, whether this call
+  built it). A build binds the pretraining's gin (the caller parses its config again); either
+  way the folder ends with its held-out targets. ValueError naming the data, the binding or the
+  checkpoint at fault, raised before anything trains on them."""
   settings = CpuProxyCache()
-  key = cache_key(settings)
+  memo_dir = os.path.join(work_dir, CACHES_DIR)
+  tf.io.gfile.makedirs(memo_dir)
+  data = data_fingerprint(data_dir, memo_dir) if data_dir else None
+  backbone = checkpoint_fingerprint(backbone_checkpoint, memo_dir) if backbone_checkpoint else None
+  key = cache_key(settings, data, backbone)
   path = cache_path(work_dir, key)
-  if tf.io.gfile.exists(os.path.join(path, CACHE_FILE)):
-    return path
-  tf.io.gfile.makedirs(os.path.dirname(path))
+  model_config = {name: factory.model_argument(name) for name in factory.MODEL_ARGUMENTS}
+  if data_dir:
+    _check_label_map(data_dir, model_config['num_classes'])
+  built = False
   with open(path + '.lock', 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
     if not tf.io.gfile.exists(os.path.join(path, CACHE_FILE)):
       for stale in tf.io.gfile.glob(files.staging_path(path).rsplit('-', 1)[0] + '-*'):
         shutil.rmtree(stale, ignore_errors=True)  # Left by a killed builder.
       with files.atomic_directory(path) as staging:
-        _build(staging, settings, key)
-  config.parse_gin(gin_files, gin_bindings)
-  return path
+        _build(staging, settings, key, data_dir, backbone_checkpoint)
+      built = True
+    if not tf.io.gfile.exists(os.path.join(path, HELDOUT_TARGETS_FILE)):
+      _write_heldout_targets(path, model_config)
+  return path, built
+
+
+def _check_label_map(data_dir: str, num_classes: int) -> None:
+  path = label_map.find_records_label_map(data_pattern(data_dir))
+  if path is None:
+    return
+  largest = max(label_map.read_label_map(path))
+  if largest >= num_classes:
+    raise ValueError(f'build_retinanet.num_classes = {num_classes} is bound, but the label map '
+                     f'{path} has category id {largest}: bind at least {largest + 1}, or leave '
+                     'it unbound (the label map then sets it).')
 
 
 def _say(message: str) -> None:
   print(f'[cpu proxy cache {time.strftime("%H:%M:%S")}] {message}', flush=True)
 
 
-def _build(folder: str, settings: CpuProxyCache, key) -> None:
-  """Writes every part of the cache into `folder` (see the module doc), for the parsed gin
-  config (which it changes to pretrain)."""
-  started = time.perf_counter()
-  seconds = {}
-  model_image_size = factory.model_argument('image_size')
+def _user_records(records: str, settings: CpuProxyCache, data_dir: str) -> Dict[str, int]:
+  """The user's records split into `records` (proxy_train / proxy_heldout); {split: images}."""
+  pattern = data_pattern(data_dir)
+  num_records = heldout.count_records(pattern, factory.model_argument('num_classes'))
+  used, held = split_sizes(settings, num_records)
+  _say(f'{num_records} images in {pattern}: {held} held out for the reward, '
+       f'{used - held} to train on' + (f' ({num_records - used} left out).'
+                                        if used < num_records else '.'))
+  return heldout.split_records(pattern, records, held, settings.data_seed, num_used=used)
+
+
+def _synthetic_records(records: str, settings: CpuProxyCache, folder: str) -> Dict[str, int]:
+  """The embedded synthetic images, split into `records`; {split: images}."""
   raw = os.path.join(folder, 'raw')
   _say(f'Generating {settings.num_images} synthetic training images in {raw}.')
   synthetic.generate(raw, num_train=settings.num_images, num_val=0,
-                     image_size=max(model_image_size), seed=settings.data_seed)
-  records = os.path.join(folder, 'records')
+                     image_size=max(factory.model_argument('image_size')),
+                     seed=settings.data_seed)
   summary = heldout.make_proxy_records(
       os.path.join(raw, 'annotations', 'instances_train.json'), os.path.join(raw, 'train'),
       records, settings.num_heldout, settings.data_seed, num_shards=1, num_threads=2)
   shutil.rmtree(raw)
+  return {split: summary[split]['images_written'] for split in summary}
+
+
+def _build(folder: str, settings: CpuProxyCache, key, data_dir: Optional[str],
+           backbone_checkpoint: Optional[str]) -> None:
+  """Writes every part of the cache into `folder` (see the module doc), for the parsed gin
+  config (which it changes to pretrain)."""
+  started = time.perf_counter()
+  seconds = {}
+  records = os.path.join(folder, 'records')
+  if data_dir:
+    converted = _user_records(records, settings, data_dir)
+  else:
+    converted = _synthetic_records(records, settings, folder)
   seconds['data'] = time.perf_counter() - started
 
   start = time.perf_counter()
@@ -158,7 +337,10 @@ def _build(folder: str, settings: CpuProxyCache, key) -> None:
   gin.bind_parameter('build_train_dataset.file_pattern', train_pattern)
   for name, value in pretrain_overrides(settings).items():
     gin.bind_parameter(f'build_retinanet.{name}', value)
-  model = _pretrained_model(os.path.join(folder, 'pretrain'), settings)
+  if backbone_checkpoint:
+    model = _checkpoint_model(backbone_checkpoint)
+  else:
+    model = _pretrained_model(os.path.join(folder, 'pretrain'), settings)
   seconds['pretrain'] = time.perf_counter() - start
 
   start = time.perf_counter()
@@ -170,31 +352,73 @@ def _build(folder: str, settings: CpuProxyCache, key) -> None:
     return model.backbone(normalize(images), training=False)
 
   heldout_pattern = heldout.record_pattern(records, heldout.HELDOUT_PREFIX)
-  pretrain_ap = evaluate.evaluate_detector(
-      tf.function(model.detect),
-      input_pipeline.build_eval_dataset(heldout_pattern, _BATCH, model_config)).metrics['AP']
-  parse = input_pipeline.train_example_parser(model_config, aug_scale_min=1.0, aug_scale_max=1.0,
-                                              flip_prob=0.0)
+  pretrain_ap = None
+  if not backbone_checkpoint:  # A checkpoint's backbone comes without a trained head.
+    pretrain_ap = evaluate.evaluate_detector(
+        tf.function(model.detect),
+        input_pipeline.build_eval_dataset(heldout_pattern, _BATCH, model_config)).metrics['AP']
   splits = {
-      'train': tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(train_pattern))).map(parse).batch(
-          _BATCH),
+      'train': _anchor_labeled(train_pattern, model_config),
       'heldout': input_pipeline.build_eval_dataset(heldout_pattern, _BATCH, model_config),
   }
   sizes = {}
   tf.io.gfile.makedirs(os.path.join(folder, 'features'))
   for split, dataset in splits.items():
-    arrays = _features_and_labels(extract, dataset)
+    arrays = _features_and_labels(extract, dataset, model_config['num_classes'])
     sizes[split] = len(next(iter(arrays.values())))
     np.savez(os.path.join(folder, 'features', f'{split}.npz'), **arrays)
-  np.savez(os.path.join(folder, HEAD_FILE), *model.head.get_weights())
+  if not backbone_checkpoint:
+    np.savez(os.path.join(folder, HEAD_FILE), *model.head.get_weights())
   seconds['features'] = time.perf_counter() - start
   seconds['total'] = time.perf_counter() - started
   files.atomic_write(os.path.join(folder, CACHE_FILE), json.dumps({
       'key': key, 'images': sizes, 'pretrain_heldout_ap': pretrain_ap,
-      'converted': {s: summary[s]['images_written'] for s in summary},
-      'seconds': {k: round(v, 1) for k, v in seconds.items()}}, indent=1, default=str))
-  _say(f'Cache built in {seconds["total"]:.0f} s: {sizes}, held-out AP of the pretraining '
-       f'model {pretrain_ap:.3f}.')
+      'data_dir': data_dir, 'backbone_checkpoint': backbone_checkpoint,
+      'converted': converted, 'seconds': {k: round(v, 1) for k, v in seconds.items()}},
+      indent=1, default=str))
+  ap_note = (f'held-out AP of the pretraining model {pretrain_ap:.3f}' if pretrain_ap is not None
+             else f'backbone from {backbone_checkpoint}')
+  _say(f'Cache built in {seconds["total"]:.0f} s: {sizes}, {ap_note}.')
+
+
+def _anchor_labeled(file_pattern: str, model_config) -> tf.data.Dataset:
+  """(image, anchor labels) batches of the records, in `heldout.record_files` order: the train
+  pipeline's step without augmentation."""
+  parse = input_pipeline.train_example_parser(model_config, aug_scale_min=1.0, aug_scale_max=1.0,
+                                              flip_prob=0.0, source=file_pattern)
+  return tf.data.TFRecordDataset(heldout.record_files(file_pattern)).map(parse).batch(_BATCH)
+
+
+def _write_heldout_targets(path: str, model_config) -> None:
+  """features/heldout_targets.npz: the held-out images' anchor labels, in heldout.npz's order
+  (checked by source id), for the held-out loss."""
+  pattern = heldout.record_pattern(os.path.join(path, 'records'), heldout.HELDOUT_PREFIX)
+  batches = [_flatten({'targets': {k: v for k, v in labels.items() if k != 'image_info'}})
+             for _, labels in _anchor_labeled(pattern, model_config)]
+  arrays = _narrow({key: np.concatenate([b[key] for b in batches]) for key in batches[0]},
+                   model_config['num_classes'])
+  with np.load(os.path.join(path, 'features', 'heldout.npz')) as cached:
+    cached_ids = [int(i) for i in cached['labels/source_id']]
+  if heldout.records_image_ids(pattern) != tuple(cached_ids):
+    raise RuntimeError(f'{path}: the held-out records and heldout.npz list other images; '
+                       'delete the folder to rebuild the cache.')
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  files.atomic_write(os.path.join(path, HELDOUT_TARGETS_FILE), buffer.getvalue())
+
+
+def _checkpoint_model(path: str):
+  """The gin model (pretraining overrides bound) with its backbone read from `path`; ValueError
+  naming --backbone_checkpoint when it holds no backbone that fits."""
+  model = factory.build_retinanet()
+  try:
+    read = init_checkpoint.initialize(model, path, 'backbone')
+  except init_checkpoint.InitCheckpointError as e:
+    raise ValueError(f'--backbone_checkpoint={path} does not fit the proxy\'s backbone '
+                     f'(build_retinanet.backbone = {factory.model_argument("backbone")!r}): '
+                     f'{e}') from e
+  _say(f'Backbone read from {read}, frozen as it is.')
+  return model
 
 
 def _pretrained_model(model_dir: str, settings: CpuProxyCache):
@@ -216,7 +440,8 @@ def _pretrained_model(model_dir: str, settings: CpuProxyCache):
   return trainer.model
 
 
-def _features_and_labels(extract, dataset: tf.data.Dataset) -> Dict[str, np.ndarray]:
+def _features_and_labels(extract, dataset: tf.data.Dataset,
+                         num_classes: int) -> Dict[str, np.ndarray]:
   """{'features/<level>': [N, h, w, c] float16, 'labels/<key>/...': [N, ...]} over `dataset`."""
   batches = []
   for images, labels in dataset:
@@ -228,8 +453,19 @@ def _features_and_labels(extract, dataset: tf.data.Dataset) -> Dict[str, np.ndar
       if not np.all(np.isfinite(value.astype(FEATURE_DTYPE))):
         raise ValueError(f'backbone features {key} overflow float16: the cache cannot hold them.')
       arrays[key] = value.astype(FEATURE_DTYPE)
-    elif key.split('/')[1] in _LABEL_DTYPES:
-      arrays[key] = value.astype(_LABEL_DTYPES[key.split('/')[1]])
+  return _narrow(arrays, num_classes)
+
+
+def _narrow(arrays: Dict[str, np.ndarray], num_classes: int) -> Dict[str, np.ndarray]:
+  """Anchor labels (keys '<group>/<label>/...') in `_LABEL_DTYPES`; class ids in int8, or int16
+  beyond 127 classes."""
+  for key, value in arrays.items():
+    name = key.split('/')[1]
+    if name in _LABEL_DTYPES:
+      dtype = _LABEL_DTYPES[name]
+      if name == 'cls_targets' and num_classes > np.iinfo(np.int8).max:
+        dtype = np.int16
+      arrays[key] = value.astype(dtype)
   return arrays
 
 
@@ -257,16 +493,21 @@ def _unflatten(flat: Mapping[str, np.ndarray]) -> Dict[str, Any]:
 
 @functools.lru_cache(maxsize=1)
 def load(path: str) -> Dict[str, Any]:
-  """{'train': {'features': {level: tensor}, 'labels': {...}}, 'heldout': {...}, 'info': the
-  cache.json, 'head': the pretraining head's weights (arrays)}, read once per process (trials in
-  one process share it)."""
+  """{'train': {'features': {level: tensor}, 'labels': {...}}, 'heldout': {'features', 'labels',
+  'targets': the anchor labels}, 'info': the cache.json, 'head': the pretraining head's weights
+  (arrays; None when the backbone came from a checkpoint)}, read once per process (trials in one
+  process share it). The folder is `prepare`'s."""
   loaded = {}
-  for split in ('train', 'heldout'):
-    with np.load(os.path.join(path, 'features', f'{split}.npz')) as arrays:
+  for split, name in (('train', 'train.npz'), ('heldout', 'heldout.npz'),
+                      ('heldout', 'heldout_targets.npz')):
+    with np.load(os.path.join(path, 'features', name)) as arrays:
       # Tensors made once: trials that copied the arrays anew each leaked them (~1 GB a trial).
-      loaded[split] = _unflatten({key: tf.constant(arrays[key]) for key in arrays.files})
+      loaded.setdefault(split, {}).update(
+          _unflatten({key: tf.constant(arrays[key]) for key in arrays.files}))
   with tf.io.gfile.GFile(os.path.join(path, CACHE_FILE)) as f:
     loaded['info'] = json.load(f)
-  with np.load(os.path.join(path, HEAD_FILE)) as arrays:
-    loaded['head'] = [arrays[f'arr_{i}'] for i in range(len(arrays.files))]
+  loaded['head'] = None
+  if tf.io.gfile.exists(os.path.join(path, HEAD_FILE)):
+    with np.load(os.path.join(path, HEAD_FILE)) as arrays:
+      loaded['head'] = [arrays[f'arr_{i}'] for i in range(len(arrays.files))]
   return loaded

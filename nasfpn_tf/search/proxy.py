@@ -1,10 +1,14 @@
 """Proxy tasks of the architecture search (paper §4.2): one trial trains one candidate pyramid
-briefly and scores it by COCO AP on images held out from the training set.
+briefly and scores it by COCO AP (and, on the CPU proxy, the loss) on images held out from the
+training set.
 
-  proxy='cpu'    the embedded synthetic dataset on a CPU in about a minute
-                 (gin_configs/search_proxy_cpu.gin): the backbone is trained once per search
-                 and frozen, its features cached (`feature_cache`), and a trial trains only the
-                 candidate pyramid and the head on them (`cpu_proxy`), as NAS-FCOS does.
+  proxy='cpu'    the embedded synthetic dataset, or the user's converter records (`data_dir`),
+                 on a CPU in about a minute (gin_configs/search_proxy_cpu.gin): the backbone is
+                 trained once per search on the proxy's training images, or read from
+                 `backbone_checkpoint`, and frozen, its features cached (`feature_cache`), and a
+                 trial trains only the candidate pyramid and the head on them
+                 (`cpu_proxy.CpuSearchProxy`), as NAS-FCOS does. A trial parses the gin config
+                 once (twice when it builds the cache: the build binds its pretraining).
   proxy='paper'  the paper's proxy (gin_configs/search_proxy_r10_3x256_512.gin): ResNet-10 at
                  512x512, the pyramid stacked 3 times, 10 epochs with lr 0.08 decayed x0.1 at
                  epoch 8, trained whole with `RetinaNetTrainer` on COCO records that
@@ -25,15 +29,16 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import gin
+import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from nasfpn_tf import config
 from nasfpn_tf.decoders import block_specs as block_specs_lib
 from nasfpn_tf.models import factory
+from nasfpn_tf.search import configurables
 from nasfpn_tf.search import cpu_proxy
 from nasfpn_tf.search import feature_cache
 from nasfpn_tf.search import heldout
@@ -50,7 +55,10 @@ class TrialResult:
   """What one trial measured. ap, ap50: COCO metrics on the held-out split (0-1); flops, params:
   the whole detector's (`utils.model_stats`, batch 1, at the proxy's image size); seconds: the
   whole call (a cache built by this call included); steps: optimizer steps; final_loss: the
-  mean training loss of the last steps (None for the paper proxy)."""
+  mean training loss of the last steps, heldout_loss: the loss on the held-out images
+  (`cpu_proxy.heldout_loss`; both None for the paper proxy). seeds: with several seeds, each
+  one's result ({'seed': s, ...}, without seeds); the fields above are then their mean (flops,
+  params, steps: the same in each) and seconds the whole call's."""
   ap: float
   ap50: float
   flops: int
@@ -58,9 +66,33 @@ class TrialResult:
   seconds: float
   steps: int
   final_loss: Optional[float]
+  heldout_loss: Optional[float] = None
+  seeds: Tuple[Dict[str, Any], ...] = ()
 
   def to_dict(self) -> Dict[str, Any]:
-    return dataclasses.asdict(self)
+    """The fields as a JSON-ready dict; `seeds` only when there are several."""
+    result = dataclasses.asdict(self)
+    if not self.seeds:
+      del result['seeds']
+    else:
+      result['seeds'] = [dict(seed) for seed in self.seeds]
+    return result
+
+  @classmethod
+  def mean_of(cls, results: Sequence['TrialResult'], seeds: Sequence[int],
+              seconds: float) -> 'TrialResult':
+    """One seed's result as it is, or several seeds' mean, each kept under `seeds`."""
+    if len(results) == 1:
+      return dataclasses.replace(results[0], seconds=seconds)
+
+    def mean(name):
+      values = [getattr(r, name) for r in results]
+      return None if any(v is None for v in values) else float(np.mean(values))
+
+    return cls(ap=mean('ap'), ap50=mean('ap50'), flops=results[0].flops,
+               params=results[0].params, seconds=seconds, steps=results[0].steps,
+               final_loss=mean('final_loss'), heldout_loss=mean('heldout_loss'),
+               seeds=tuple({'seed': seed, **r.to_dict()} for seed, r in zip(seeds, results)))
 
 
 def configure_threads(num_threads: Optional[int]) -> None:
@@ -95,26 +127,36 @@ def _gin_files(proxy: str, gin_file: Optional[str]) -> Sequence[str]:
 
 
 def prepare(proxy: str = 'cpu', work_dir: str = DEFAULT_WORK_DIR, gin_bindings=(),
-            gin_file: Optional[str] = None) -> Optional[str]:
-  """Builds what the trials of `proxy` share, if missing: the CPU proxy's cache folder (returned);
-  the paper proxy shares nothing (None)."""
+            gin_file: Optional[str] = None, data_dir: Optional[str] = None,
+            backbone_checkpoint: Optional[str] = None) -> Optional[str]:
+  """Builds what the trials of `proxy` share, if missing: the CPU proxy's cache folder (returned)
+  for its gin config, the user's records in `data_dir` (default: the embedded synthetic data)
+  and `backbone_checkpoint` (default: the backbone pretrained on the proxy's images); the paper
+  proxy shares nothing (None). Leaves the proxy's gin config parsed: `data_bindings` (the label
+  map's num_classes), then `gin_bindings`. ValueError naming the flag, binding, file or
+  checkpoint at fault."""
   files = _gin_files(proxy, gin_file)
   if proxy != 'cpu':
+    if backbone_checkpoint:
+      raise ValueError(f'--backbone_checkpoint is the CPU proxy\'s; --proxy={proxy} trains the '
+                       'whole model (bind RetinaNetTrainer.init_checkpoint to start it from one).')
     return None
-  return feature_cache.prepare(work_dir, files, gin_bindings)
+  bindings = feature_cache.data_bindings(data_dir) + list(gin_bindings)
+  configurables.parse_gin(files, bindings)
+  folder, built = feature_cache.prepare(work_dir, data_dir, backbone_checkpoint)
+  if built:  # The build bound its pretraining's settings.
+    configurables.parse_gin(files, bindings)
+  return folder
 
 
-def _bind_block_specs(block_specs, where: str):
-  """Validates the specs for the parsed config's levels and binds build_retinanet.block_specs;
-  returns them resolved."""
-  min_level, max_level = (factory.model_argument(name) for name in ('min_level', 'max_level'))
+def _resolve_block_specs(block_specs, min_level: int, max_level: int, where: str):
+  """The specs resolved and validated for the levels; ValueError naming them and `where`."""
   try:
     specs = block_specs_lib.resolve(block_specs, min_level, max_level)
     block_specs_lib.validate(specs, min_level, max_level)
   except (ValueError, TypeError, KeyError) as e:
     raise ValueError(f'block_specs {block_specs!r} do not build a P{min_level}-P{max_level} '
                      f'pyramid under {where}: {e}') from e
-  gin.bind_parameter('build_retinanet.block_specs', block_specs_lib.to_config(specs))
   return specs
 
 
@@ -130,54 +172,77 @@ def _builds(proxy: str, where: str):
 def run_trial(block_specs, proxy: str = 'cpu', seed: int = 0,
               work_dir: str = DEFAULT_WORK_DIR, gin_bindings: Sequence[str] = (),
               num_threads: Optional[int] = None, data_dir: Optional[str] = None,
-              gin_file: Optional[str] = None) -> TrialResult:
+              gin_file: Optional[str] = None, backbone_checkpoint: Optional[str] = None,
+              num_seeds: int = 1) -> TrialResult:
   """Trains `block_specs` (rows (level, op, (in0, in1), is_output), or a name of
-  `block_specs.SPECS`) on `proxy` with `seed` and returns what it measured.
+  `block_specs.SPECS`) on `proxy` with seeds seed .. seed + num_seeds - 1 and returns what it
+  measured (several seeds: their mean, each kept, `TrialResult.mean_of`).
 
   work_dir: shared by the trials of a search: the CPU proxy's cache lives in it, and the paper
   proxy's model dirs (kept until their trial ends, so a retried trial resumes). gin_bindings go
-  on top of the proxy's gin file (`gin_file` replaces it). data_dir: the paper proxy's records
-  (`search.heldout`). ValueError naming the gin file and bindings, or the specs, when the proxy
+  on top of the proxy's gin file (`gin_file` replaces it). data_dir: the CPU proxy's converter
+  records (`feature_cache.DATA_RECORDS`; default: the embedded synthetic data), or the paper
+  proxy's split records (`search.heldout`). backbone_checkpoint: the CPU proxy's frozen backbone
+  (see `prepare`). ValueError naming the gin file and bindings, or the specs, when the proxy
   does not build.
   """
   configure_threads(num_threads)
   start = time.perf_counter()
   files = _gin_files(proxy, gin_file)
-  where = f'gin files {list(files)} with bindings {list(gin_bindings)}'
+  if num_seeds < 1:
+    raise ValueError(f'--proxy_seeds must be >= 1, got {num_seeds}.')
+  seeds = [seed + k for k in range(num_seeds)]
   if proxy == 'paper' and not data_dir:
     raise ValueError("proxy 'paper' trains on COCO records: pass data_dir, a folder of "
                      'proxy_train-*/proxy_heldout-* records written by nasfpn_tf.search.heldout.')
-  cache_folder = prepare(proxy, work_dir, gin_bindings, gin_file)
-  config.parse_gin(files, gin_bindings)
-  specs = _bind_block_specs(block_specs, where)
-  # Trials in one process do not pile up models, traced functions and layer names.
-  tf_keras.backend.clear_session()
-  gc.collect()
-  tf_keras.utils.set_random_seed(seed)
+  cache_folder = prepare(proxy, work_dir, gin_bindings, gin_file, data_dir, backbone_checkpoint)
+  bindings = feature_cache.data_bindings(data_dir) + list(gin_bindings) if proxy == 'cpu' else \
+      list(gin_bindings)
+  where = f'gin files {list(files)} with bindings {bindings}'
+  results = []
   if proxy == 'cpu':
-    with _builds(proxy, where):
-      settings = cpu_proxy.CpuProxy()
-      model = cpu_proxy.build_model(settings)
-    measured = cpu_proxy.run(cache_folder, model, settings, seed)
+    task = cpu_proxy.CpuSearchProxy.from_gin(cache_folder)
+    specs = _resolve_block_specs(block_specs, task.model_arguments['min_level'],
+                                 task.model_arguments['max_level'], where)
+    for trial_seed in seeds:
+      seed_start = time.perf_counter()
+      with _builds(proxy, where):
+        model = task.new_model(specs, trial_seed)
+      measured = task.run(model, trial_seed)
+      results.append(_result(model, measured, time.perf_counter() - seed_start))
   else:
+    configurables.parse_gin(files, bindings)
+    specs = _resolve_block_specs(block_specs, factory.model_argument('min_level'),
+                                 factory.model_argument('max_level'), where)
+    gin.bind_parameter('build_retinanet.block_specs', block_specs_lib.to_config(specs))
     for binding, split in (('build_train_dataset.file_pattern', heldout.TRAIN_PREFIX),
                            ('build_eval_dataset.file_pattern', heldout.HELDOUT_PREFIX)):
       gin.bind_parameter(binding, heldout.record_pattern(data_dir, split))
-    trial = json.dumps([block_specs_lib.to_config(specs), seed, list(files),
-                        list(gin_bindings), data_dir])
-    model_dir = os.path.join(work_dir, 'paper_trials',
-                             hashlib.sha256(trial.encode()).hexdigest()[:16])
-    with _builds(proxy, where):
-      trainer = trainer_lib.RetinaNetTrainer(model_dir, distribute.get_strategy('auto'),
-                                             mode='train_and_eval')
-    measured = _train_and_evaluate(trainer)
-    model = trainer.model
-    shutil.rmtree(model_dir, ignore_errors=True)
+    for trial_seed in seeds:
+      seed_start = time.perf_counter()
+      # Trials in one process do not pile up models, traced functions and layer names.
+      tf_keras.backend.clear_session()
+      gc.collect()
+      tf_keras.utils.set_random_seed(trial_seed)
+      trial = json.dumps([block_specs_lib.to_config(specs), trial_seed, list(files),
+                          list(gin_bindings), data_dir])
+      model_dir = os.path.join(work_dir, 'paper_trials',
+                               hashlib.sha256(trial.encode()).hexdigest()[:16])
+      with _builds(proxy, where):
+        trainer = trainer_lib.RetinaNetTrainer(model_dir, distribute.get_strategy('auto'),
+                                               mode='train_and_eval')
+      measured = _train_and_evaluate(trainer)
+      results.append(_result(trainer.model, measured, time.perf_counter() - seed_start))
+      shutil.rmtree(model_dir, ignore_errors=True)
+  return TrialResult.mean_of(results, seeds, time.perf_counter() - start)
+
+
+def _result(model: tf_keras.Model, measured: Dict[str, Any], seconds: float) -> TrialResult:
   return TrialResult(ap=float(measured['ap']), ap50=float(measured['ap50']),
                      flops=model_stats.count_flops(model, list(model.image_size) + [3]),
-                     params=model_stats.count_params(model),
-                     seconds=time.perf_counter() - start, steps=int(measured['steps']),
-                     final_loss=measured['final_loss'])
+                     params=model_stats.count_params(model), seconds=seconds,
+                     steps=int(measured['steps']), final_loss=measured['final_loss'],
+                     heldout_loss=measured.get('heldout_loss'))
 
 
 def _train_and_evaluate(trainer: trainer_lib.RetinaNetTrainer) -> Dict[str, Any]:

@@ -46,7 +46,9 @@ class SearchSettings:
   seed: int = 0
   init_block_specs: Optional[str] = None
   gin_bindings: Sequence[str] = ()
-  data_dir: Optional[str] = None
+  data_dir: Optional[str] = None  # cpu: the user's converter records; paper: its split records
+  backbone_checkpoint: Optional[str] = None  # cpu: the frozen backbone (default: pretrained)
+  proxy_seeds: int = 1  # trainings per architecture (seeds seed..), rewarded their mean
   proxy_dir: Optional[str] = None  # what trials share (the CPU proxy's cache); default DIR/proxy
   cpus_per_trial: float = 2
   gpus_per_trial: float = 0
@@ -55,7 +57,8 @@ class SearchSettings:
   synthetic_seconds: float = 0.0
 
   IDENTITY = ('algorithm', 'proxy', 'reward', 'target_flops', 'space', 'seed',
-              'init_block_specs', 'gin_bindings')
+              'init_block_specs', 'gin_bindings', 'data_dir', 'backbone_checkpoint',
+              'proxy_seeds')
 
   def identity(self) -> Dict[str, Any]:
     identity = {name: getattr(self, name) for name in self.IDENTITY}
@@ -74,8 +77,11 @@ def check_search_dir(settings: SearchSettings, record: bool = True) -> None:
       atomic_write(path, json.dumps(identity, indent=2, sort_keys=True))
     return
   recorded = json.loads(path.read_text())
-  differences = {name: (recorded.get(name), value) for name, value in identity.items()
-                 if recorded.get(name) != value}
+  # A setting newer than the record was at its default then.
+  defaults = {f.name: f.default for f in dataclasses.fields(SearchSettings)}
+  recorded = {name: recorded.get(name, defaults.get(name)) for name in identity}
+  differences = {name: (recorded[name], value) for name, value in identity.items()
+                 if recorded[name] != value}
   if differences:
     listed = '; '.join(f'{name}: recorded {old!r}, asked {new!r}'
                        for name, (old, new) in sorted(differences.items()))
@@ -195,6 +201,7 @@ class ControllerSearcher:
         'key': proposal.key, 'block_specs': specs_lib.to_config(proposal.block_specs),
         'space': s.space.config(), 'proxy': s.proxy, 'seed': s.seed,
         'gin_bindings': list(s.gin_bindings), 'data_dir': s.data_dir,
+        'backbone_checkpoint': s.backbone_checkpoint, 'proxy_seeds': s.proxy_seeds,
         'cpus_per_trial': s.cpus_per_trial, 'synthetic_seconds': s.synthetic_seconds,
         'results_dir': str((self.directory / 'results').resolve()),
         'work_dir': proxy_dir(s)}
@@ -262,7 +269,9 @@ def run_search(settings: SearchSettings, log=print) -> Dict[str, Any]:
     except ValueError as e:
       raise ValueError(f'--init_block_specs={settings.init_block_specs!r} is not in '
                        f'{settings.space!r}: {e}') from e
-  rewards_lib.check(settings.reward, settings.target_flops)
+  rewards_lib.check(settings.reward, settings.target_flops, settings.proxy)
+  if settings.proxy_seeds < 1:
+    raise ValueError(f'--proxy_seeds must be >= 1, got {settings.proxy_seeds}.')
   check_search_dir(settings, record=False)
   started = time.time()
   if settings.proxy != 'synthetic':
@@ -270,7 +279,8 @@ def run_search(settings: SearchSettings, log=print) -> Dict[str, Any]:
     # trials at the same time; it also parses the proxy's gin, so bindings that do not build
     # fail before the search dir records them.
     from nasfpn_tf.search import proxy  # pylint: disable=g-import-not-at-top
-    proxy.prepare(settings.proxy, proxy_dir(settings), settings.gin_bindings)
+    proxy.prepare(settings.proxy, proxy_dir(settings), settings.gin_bindings,
+                  data_dir=settings.data_dir, backbone_checkpoint=settings.backbone_checkpoint)
   check_search_dir(settings)
   searcher = ControllerSearcher(settings, log)
   if not searcher.finished:
@@ -314,7 +324,11 @@ def _run_trials_on_ray(settings: SearchSettings, searcher: ControllerSearcher) -
         train_architecture, {'cpu': settings.cpus_per_trial, 'gpu': settings.gpus_per_trial})
     tune.Tuner(
         trainable,
+        # reuse_actors: a worker process runs trial after trial (the trainable is a plain call
+        # and the proxy clears its session per trial), so only the first pays for its start and
+        # its imports (TensorFlow for a training proxy); see experiments/trial_overhead.py.
         tune_config=tune.TuneConfig(search_alg=_tune_searcher(searcher), num_samples=-1,
+                                    reuse_actors=True,
                                     trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=tune.RunConfig(
             storage_path=str(runs), name=f'run{len(list(runs.glob("run*"))) if runs.exists() else 0}',

@@ -72,4 +72,6 @@ def _run_proxy(config: Dict[str, Any]) -> Dict[str, Any]:
   return proxy.run_trial(
       config['block_specs'], proxy=config['proxy'], seed=config['seed'],
       work_dir=config['work_dir'], gin_bindings=config['gin_bindings'],
-      num_threads=max(1, int(config['cpus_per_trial'])), data_dir=config['data_dir']).to_dict()
+      num_threads=max(1, int(config['cpus_per_trial'])), data_dir=config['data_dir'],
+      backbone_checkpoint=config.get('backbone_checkpoint'),
+      num_seeds=config.get('proxy_seeds', 1)).to_dict()
