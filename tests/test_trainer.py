@@ -1,4 +1,5 @@
-"""RetinaNetTrainer in-process: model-dir outputs, eval wiring, NaN stop, config mismatch, float16."""
+"""RetinaNetTrainer in-process: model-dir outputs, eval wiring, NaN stop, config mismatch, clipping,
+loss scaling."""
 import contextlib
 import io
 import json
@@ -186,22 +187,90 @@ def test_a_non_finite_variable_the_loss_never_reads_stops_at_the_next_log(synthe
   assert read_scalars(tmp_path / 'train')['loss/total_loss'].keys() == {2}
 
 
-def test_float16_scales_the_loss(synthetic_records, tmp_path):
-  # float16 is emulated on CPUs (slow): a 64 px FPN on P3-P6, one step.
-  bindings = tiny_bindings(synthetic_records, train_steps=1, mixed_precision='float16') + [
+def _batch(trainer):
+  """The first batch of `trainer`'s train pipeline: (images, labels)."""
+  return next(trainer.train_iterator())
+
+
+def _one_step(trainer, images, labels):
+  """One optimizer step of `trainer` on this batch (its replica_step, as run_steps calls it);
+  the change of each trainable variable, as float64 arrays."""
+  before = [v.numpy().astype(np.float64) for v in trainer.model.trainable_variables]
+  trainer.strategy.run(trainer.replica_step, args=(images, labels))
+  return [v.numpy().astype(np.float64) - b
+          for v, b in zip(trainer.model.trainable_variables, before)]
+
+
+def _global_norm(arrays):
+  return float(np.sqrt(sum(np.sum(np.square(a, dtype=np.float64)) for a in arrays)))
+
+
+def test_clipping_bounds_the_applied_update(synthetic_records, tmp_path):
+  """SGD's first step is -lr x g (momentum starts at 0); with clip_gradient_norm c the summed
+  gradient is rescaled to norm c first: the update is -lr x g x c / ||g||, g from a tape here."""
+  clip = 0.05
+  trainer = _trainer(tmp_path, tiny_bindings(synthetic_records, train_steps=1,
+                                             clip_gradient_norm=clip))
+  images, labels = _batch(trainer)
+  model, variables = trainer.model, trainer.model.trainable_variables
+  with tf.GradientTape() as tape:  # the loss replica_step minimizes, on one replica
+    total = trainer.loss_fn(model(images, training=True), labels)['total_loss']
+    total += tf.add_n(model.losses)
+  gradients = [g.numpy().astype(np.float64) for g in tape.gradient(total, variables)]
+  norm = _global_norm(gradients)
+  assert norm > 10 * clip  # the clip is active
+  rate = trainer.learning_rate(0)
+  deltas = _one_step(trainer, images, labels)
+  assert _global_norm(deltas) == pytest.approx(rate * clip, rel=1e-4)
+  expected = [-rate * g * clip / norm for g in gradients]
+  # float32 rounding of the weights (~0.1) leaves ~1% noise on a change ~1e-7 per weight.
+  assert _global_norm([d - e for d, e in zip(deltas, expected)]) < 0.02 * rate * clip
+
+
+def test_float16_scales_the_loss_and_unscales_the_gradients(synthetic_records, tmp_path,
+                                                             monkeypatch):
+  """The float16 step multiplies the loss by the dynamic loss scale (2^15 to start) and divides
+  the gradients by it again: its update equals a float32 model's on the same batch and weights
+  (float16 rounding apart), not 2^15 times it or 2^-15 times it; a finite step counts one good
+  step towards growing the scale, which stays 2^15."""
+  # float16 is emulated on CPUs (slow): a 64 px FPN on P3-P6, two steps.
+  bindings = tiny_bindings(synthetic_records, train_steps=2) + [
       'build_retinanet.image_size = (64, 64)', 'build_retinanet.max_level = 6',
       "build_retinanet.block_specs = 'fpn'"]
-  trainer = _trainer(tmp_path, bindings)
+  trainer = _trainer(tmp_path / 'float16',
+                     bindings + ["RetinaNetTrainer.mixed_precision = 'float16'"])
   assert tf_keras.mixed_precision.global_policy().name == 'float32'  # not leaked to later models
-  assert isinstance(trainer.optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
+  optimizer = trainer.optimizer
+  assert isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
   assert trainer.model.get_layer('decoder').compute_dtype == 'float16'
+  assert optimizer.dynamic and float(optimizer.loss_scale) == 2.0**15
+  reference = _trainer(tmp_path / 'float32', bindings)
+  reference.model.set_weights(trainer.model.get_weights())
+  images, labels = _batch(trainer)
+
+  scaled = []
+  get_scaled_loss = optimizer.get_scaled_loss
+
+  def spy(loss):
+    scaled.append((loss, get_scaled_loss(loss)))
+    return scaled[-1][1]
+  monkeypatch.setattr(optimizer, 'get_scaled_loss', spy)
+  deltas = _one_step(trainer, images, labels)
+  [(loss, scaled_loss)] = scaled
+  assert float(scaled_loss) == pytest.approx(float(loss) * 2.0**15, rel=1e-6) and float(loss) > 0
+  expected = _one_step(reference, images, labels)
+  assert _global_norm([d - e for d, e in zip(deltas, expected)]) < 0.05 * _global_norm(expected)
+  assert float(optimizer.loss_scale) == 2.0**15 and int(optimizer.dynamic_counter) == 1
+
   with contextlib.redirect_stdout(io.StringIO()):
-    assert trainer.train() == 1
-  losses = read_scalars(tmp_path / 'train')['loss/total_loss']
-  assert list(losses) == [1] and np.isfinite(losses[1])
+    assert trainer.train() == 2  # the trainer's own compiled loop for the second step
+  losses = read_scalars(tmp_path / 'float16' / 'train')['loss/total_loss']
+  assert np.isfinite(losses[2])
 
 
-def test_bfloat16_dropblock_ramp_steps_per_execution_and_clipping(synthetic_records, tmp_path):
+def test_bfloat16_dropblock_ramp_and_steps_per_execution(synthetic_records, tmp_path):
+  """bfloat16 with DropBlock, 3 steps in one compiled call, clipping on (its effect:
+  test_clipping_bounds_the_applied_update)."""
   bindings = tiny_bindings(synthetic_records, train_steps=3, steps_per_execution=3,
                            log_every_steps=3, mixed_precision='bfloat16', force_bfloat16=True,
                            clip_gradient_norm=0.1) + [
