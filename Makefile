@@ -86,6 +86,9 @@ DEMO_MIN_SCORE ?= 0.4
 DEMO_PREDICT_IMAGES = $(addprefix $(DEMO_DATA)/val/,000000000001.jpg 000000000002.jpg \
   000000000003.jpg 000000000004.jpg)
 DEMO_RECORDS := $(DEMO_DIR)/records
+# Extra arguments of the training run, e.g. DEMO_GIN_ARGS="--gin_bindings='TRAIN_STEPS = 100'".
+DEMO_GIN_ARGS ?=
+DEMO_GIN ?= demo.gin
 # TensorFlow's C++ INFO/WARNING lines (CUDA probing, oneDNN notices) hide the progress lines.
 DEMO_ENV := TF_CPP_MIN_LOG_LEVEL=2
 # Runs a command and prints its wall time: $(call demo_timed,what,command).
@@ -97,9 +100,10 @@ demo: $(STAMP)
 
 demo-steps: $(DEMO_RECORDS)/train-label_map.json $(DEMO_RECORDS)/val-label_map.json
 	$(call demo_timed,train + eval,$(DEMO_ENV) $(PY) -m nasfpn_tf.main --mode=train_and_eval \
-	  --gin_file=demo.gin --model_dir=$(DEMO_DIR) \
+	  --gin_file=$(DEMO_GIN) --model_dir=$(DEMO_DIR) \
 	  --gin_bindings="build_train_dataset.file_pattern = '$(DEMO_RECORDS)/train-*.tfrecord'" \
-	  --gin_bindings="build_eval_dataset.file_pattern = '$(DEMO_RECORDS)/val-*.tfrecord'")
+	  --gin_bindings="build_eval_dataset.file_pattern = '$(DEMO_RECORDS)/val-*.tfrecord'" \
+	  $(DEMO_GIN_ARGS))
 	@$(PY) -c "import json; from nasfpn_tf.evaluation.coco_metrics import format_metrics; \
 	  m = json.load(open('$(DEMO_DIR)/eval_metrics.json')); \
 	  print('COCO box metrics of $(DEMO_DIR) at step', m['step'], 'on the demo val split:'); \

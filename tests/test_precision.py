@@ -53,6 +53,7 @@ def test_accelerators_train_in_bfloat16_whatever_the_host_cpu():
 
 
 def test_flags_are_read_from_proc_cpuinfo(tmp_path, monkeypatch):
+  monkeypatch.delenv(precision.CPU_FLAGS_ENV, raising=False)
   cpuinfo = tmp_path / 'cpuinfo'
   cpuinfo.write_text('processor\t: 0\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n'
                      'flags\t\t: fpu sse2 avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu\n')
@@ -64,7 +65,16 @@ def test_flags_are_read_from_proc_cpuinfo(tmp_path, monkeypatch):
   assert precision.training_precision('bfloat16', accelerator=False)[0] is None
 
 
-def test_this_machines_flags_are_read():
+def test_flags_can_be_injected_to_act_as_another_cpu(monkeypatch):
+  monkeypatch.setenv(precision.CPU_FLAGS_ENV, 'avx2,fma sse2')
+  assert precision.cpu_flags() == frozenset({'avx2', 'fma', 'sse2'})
+  assert precision.training_precision('bfloat16', accelerator=False)[0] is None
+  monkeypatch.setenv(precision.CPU_FLAGS_ENV, 'avx2 amx_bf16')
+  assert precision.training_precision('bfloat16', accelerator=False)[0] == 'bfloat16'
+
+
+def test_this_machines_flags_are_read(monkeypatch):
+  monkeypatch.delenv(precision.CPU_FLAGS_ENV, raising=False)
   if not pathlib.Path('/proc/cpuinfo').is_file():
     pytest.skip('no /proc/cpuinfo on this system')
   assert {'fpu', 'sse2'} <= precision.cpu_flags()
@@ -107,3 +117,20 @@ def test_trainer_proxy_cache_and_benchmark_take_one_decision(synthetic_records, 
   assert proxy_model.get_layer('decoder').dtype_policy.name == policy
   assert feature_cache.cache_key(feature_cache.CpuProxyCache())['trained_in'] == policy
   assert bench_models.fast_precision('auto') == {'mixed_bfloat16': 'bfloat16'}.get(policy, policy)
+
+
+@pytest.mark.parametrize('flags, printed', [('avx2,fma', 'float32'), ('avx512_bf16', 'float32'),
+                                            ('amx_bf16,avx512_bf16', 'bfloat16')])
+def test_the_command_line_prints_the_decision(flags, printed):
+  """What `make demo` reads to choose its budget, in a fresh process on the injected CPU."""
+  import os
+  import subprocess
+  import sys
+  from training_helpers import REPO, SUBPROCESS_TIMEOUT
+  result = subprocess.run(
+      [sys.executable, '-m', 'nasfpn_tf.training.precision'], capture_output=True, text=True,
+      cwd=REPO, timeout=SUBPROCESS_TIMEOUT, check=True,
+      env=dict(os.environ, NASFPN_CPU_FLAGS=flags, CUDA_VISIBLE_DEVICES='',
+               TF_CPP_MIN_LOG_LEVEL='3'))
+  assert result.stdout.strip() == printed
+  assert 'Training precision: ' in result.stderr

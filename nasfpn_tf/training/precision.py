@@ -11,6 +11,7 @@ trains in float32 unless forced, and the run's first line says so:
 Every part that trains (the trainer, the search's CPU proxy and its cache, the experiments and
 the benchmark) takes this one decision, `training_precision`.
 """
+import os
 import pathlib
 from typing import FrozenSet, Optional, Tuple
 
@@ -32,9 +33,19 @@ def _cpuinfo_field(name: str) -> str:
   return ''
 
 
+# Stands in for the CPU's flags (space- or comma-separated), to see what another CPU would get:
+# `ONEDNN_MAX_CPU_ISA=AVX2 NASFPN_CPU_FLAGS=avx2,fma make demo` on an Intel CPU with AMX runs the
+# demo as an AVX2-only CPU (AMD Zen 3) would, kernels and precision.
+CPU_FLAGS_ENV = 'NASFPN_CPU_FLAGS'
+
+
 def cpu_flags() -> FrozenSet[str]:
-  """The CPU's feature flags as Linux lists them ('amx_bf16', 'avx512_bf16', ...); empty where
-  /proc/cpuinfo is not readable (then nothing is assumed about the CPU)."""
+  """The CPU's feature flags as Linux lists them ('amx_bf16', 'avx512_bf16', ...), or those of
+  $NASFPN_CPU_FLAGS where set; empty where /proc/cpuinfo is not readable (then no bfloat16
+  hardware is assumed)."""
+  injected = os.environ.get(CPU_FLAGS_ENV)
+  if injected is not None:
+    return frozenset(injected.replace(',', ' ').split())
   return frozenset(_cpuinfo_field('flags').split())
 
 
@@ -92,3 +103,19 @@ def training_precision(mixed_precision: Optional[str], force_bfloat16: bool = Fa
                 'bfloat16 5-8x slower than float32. Set RetinaNetTrainer.force_bfloat16 = True '
                 'to train in bfloat16 anyway.')
 
+
+
+def main(argv) -> None:
+  """`python -m nasfpn_tf.training.precision [REQUESTED]`: prints what a requested precision
+  (default bfloat16) trains in on this machine, `bfloat16`, `float16` or `float32`, on stdout,
+  and the trainer's line saying why on stderr (`make demo` chooses its budget by it)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  requested = argv[1] if len(argv) > 1 else 'bfloat16'
+  chosen, line = training_precision(None if requested == 'float32' else requested)
+  print(line, file=sys.stderr)
+  print(chosen or 'float32')
+
+
+if __name__ == '__main__':
+  import sys  # pylint: disable=g-import-not-at-top
+  main(sys.argv)
