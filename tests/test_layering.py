@@ -62,7 +62,8 @@ def test_gin_files_import_nothing():
   assert not importing
 
 
-@pytest.mark.parametrize('module', ['nasfpn_tf.decoders.block_specs', 'nasfpn_tf.search.space'])
+@pytest.mark.parametrize('module', ['nasfpn_tf.decoders.block_specs', 'nasfpn_tf.search.space',
+                                    'nasfpn_tf.search.trials'])
 def test_loads_without_tensorflow(module):
   """A fresh Python that imports `module` has imported none of TensorFlow, tf_keras, TFM."""
   code = (f'import sys, {module}; '
