@@ -6,7 +6,7 @@ from official.vision.modeling.decoders import nasfpn as tfm_nasfpn
 
 from nasfpn_tf.compat.tfm_nasfpn import block_specs_from_tfm, load_tfm_weights, pyramid_from_tfm
 from nasfpn_tf.decoders import NASFPN, block_specs
-from nasfpn_tf.layers.merging_cell import MergingCell
+from training_helpers import merging_cells
 
 # C3 16x32 (a 128x256 image): non-square, and divisible down to P7 (1x2).
 SMALL_BACKBONE = {'3': [None, 16, 32, 32], '4': [None, 8, 16, 64], '5': [None, 4, 8, 128]}
@@ -49,10 +49,6 @@ def random_tfm(input_specs=None, **kwargs):
   return decoder
 
 
-def cells(pyramid):
-  return [layer for layer in pyramid.layers if isinstance(layer, MergingCell)]
-
-
 def features(input_specs, batch=3):
   return {level: tf.random.normal([batch, *shape[1:]]) for level, shape in input_specs.items()}
 
@@ -75,7 +71,7 @@ def test_default_nasfpn_matches_tfm(num_repeats):
   assert isinstance(pyramid, NASFPN)
   assert pyramid.block_specs == block_specs.NASFPN
   assert pyramid.get_config()['merge_filters'] is None
-  assert not any(resampler.conv for cell in cells(pyramid) for resampler in cell.resamplers)
+  assert not any(resampler.conv for cell in merging_cells(pyramid) for resampler in cell.resamplers)
   assert pyramid.count_params() == decoder.count_params()
   assert_same_outputs(decoder, pyramid, SMALL_BACKBONE)
 
@@ -88,7 +84,7 @@ def test_other_num_filters_match_tfm(num_repeats, num_filters):
   decoder = random_tfm(num_repeats=num_repeats, num_filters=num_filters)
   pyramid = pyramid_from_tfm(decoder)
   assert pyramid.get_config()['merge_filters'] == 256
-  resamplers = [resampler for cell in cells(pyramid) for resampler in cell.resamplers]
+  resamplers = [resampler for cell in merging_cells(pyramid) for resampler in cell.resamplers]
   assert len(resamplers) == NASFPN_CELL_INPUTS * num_repeats
   assert all(resampler.conv.kernel.shape == (1, 1, num_filters, 256)
              for resampler in resamplers)

@@ -6,7 +6,8 @@ import tf_keras
 
 from nasfpn_tf.decoders import NASFPN, SPECS
 from nasfpn_tf.decoders import block_specs as specs_lib
-from nasfpn_tf.layers import MERGING_CELLS, MergingCell
+from nasfpn_tf.layers import MERGING_CELLS
+from training_helpers import global_policy, merging_cells
 
 
 def input_specs(batch=None, c3=(32, 48), channels=(8, 16, 24)):
@@ -18,10 +19,6 @@ def input_specs(batch=None, c3=(32, 48), channels=(8, 16, 24)):
 def random_inputs(specs, batch=1, seed=0):
   rng = np.random.default_rng(seed)
   return {k: rng.standard_normal([batch, *v[1:]]).astype(np.float32) for k, v in specs.items()}
-
-
-def cells_of(model):
-  return [layer for layer in model.layers if isinstance(layer, MergingCell)]
 
 
 @pytest.mark.parametrize('spec,min_level,max_level,separable', [
@@ -41,7 +38,7 @@ def test_output_shapes_per_spec(spec, min_level, max_level, separable):
     assert outputs[str(level)].shape == (2, 32 // stride, 48 // stride, 16)
     assert tuple(model.output_specs[str(level)]) == (None, 32 // stride, 48 // stride, 16)
   num_cells = len(specs_lib.resolve(spec, min_level, max_level))
-  cells = cells_of(model)
+  cells = merging_cells(model)
   assert len(cells) == num_cells
   conv_type = tf_keras.layers.SeparableConv2D if separable else tf_keras.layers.Conv2D
   assert all(type(cell.conv) is conv_type for cell in cells)
@@ -107,7 +104,7 @@ def test_save_keras_and_reload(tmp_path):
 def test_no_weight_sharing_across_repeats(repeats):
   specs = input_specs()
   model = NASFPN(specs, num_filters=16, num_repeats=repeats)
-  cells = cells_of(model)
+  cells = merging_cells(model)
   assert len(cells) == repeats * len(SPECS['nasfpn'])
   kernels = [w for w in model.trainable_weights if w.name.endswith('conv/kernel:0')
              and '_cell' in w.name]
@@ -118,7 +115,7 @@ def test_no_weight_sharing_across_repeats(repeats):
 
 def test_dangling_rule_on_the_7_cell_spec():
   model = NASFPN(input_specs(), num_filters=16, num_repeats=2)
-  cells = cells_of(model)
+  cells = merging_cells(model)
   for repeat in range(2):
     rows = cells[repeat * 7:(repeat + 1) * 7]
     levels = [cell.input_levels for cell in rows]
@@ -214,16 +211,12 @@ def test_r50_shaped_param_count_matches_model_garden():
 
 
 def test_mixed_float16_outputs():
-  previous = tf_keras.mixed_precision.global_policy()
-  tf_keras.mixed_precision.set_global_policy('mixed_float16')
-  try:
-    specs = input_specs()
+  specs = input_specs()
+  with global_policy('mixed_float16'):
     model = NASFPN(specs, num_filters=16, num_repeats=1, dropblock_keep_prob=0.9)
     outputs = model(random_inputs(specs), training=True)
-    assert all(out.dtype == tf.float16 for out in outputs.values())
-    assert all(np.isfinite(out.numpy()).all() for out in outputs.values())
-  finally:
-    tf_keras.mixed_precision.set_global_policy(previous)
+  assert all(out.dtype == tf.float16 for out in outputs.values())
+  assert all(np.isfinite(out.numpy()).all() for out in outputs.values())
 
 
 def test_inconsistent_input_sizes_name_the_level():

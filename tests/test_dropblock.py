@@ -5,6 +5,7 @@ import tensorflow as tf
 import tf_keras
 
 from nasfpn_tf.layers import DropBlock, set_dropblock_step
+from training_helpers import global_policy
 
 
 def dropped_mask(out):
@@ -119,18 +120,14 @@ def test_no_ramp_is_constant_keep_prob():
 
 
 def test_mixed_float16():
-  previous = tf_keras.mixed_precision.global_policy()
-  tf_keras.mixed_precision.set_global_policy('mixed_float16')
-  try:
+  with global_policy('mixed_float16'):
     layer = DropBlock(keep_prob=0.9, block_size=3)
     out = layer(tf.ones((1, 32, 32, 16), tf.float32), training=True)
-    assert out.dtype == tf.float16
-    mask = dropped_mask(out.numpy())
-    assert mask.any()
-    scale = mask.size / (~mask).sum()
-    np.testing.assert_allclose(out.numpy()[~mask].astype(np.float32), scale, rtol=1e-3)
-  finally:
-    tf_keras.mixed_precision.set_global_policy(previous)
+  assert out.dtype == tf.float16
+  mask = dropped_mask(out.numpy())
+  assert mask.any()
+  scale = mask.size / (~mask).sum()
+  np.testing.assert_allclose(out.numpy()[~mask].astype(np.float32), scale, rtol=1e-3)
 
 
 def test_config_round_trip():
@@ -142,10 +139,12 @@ def test_config_round_trip():
   assert (clone.keep_prob, clone.block_size, clone.ramp_steps, clone.seed) == (0.85, 5, 1000, 3)
 
 
-@pytest.mark.parametrize('kwargs', [dict(keep_prob=0.0), dict(keep_prob=1.5),
-                                    dict(block_size=0)])
-def test_bad_arguments(kwargs):
-  with pytest.raises(ValueError):
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(keep_prob=0.0), r'DropBlock keep_prob must be in \(0, 1\], got 0\.0\.'),
+    (dict(keep_prob=1.5), r'DropBlock keep_prob must be in \(0, 1\], got 1\.5\.'),
+    (dict(block_size=0), r'DropBlock block_size must be >= 1, got 0\.')])
+def test_bad_arguments(kwargs, message):
+  with pytest.raises(ValueError, match=message):
     DropBlock(**kwargs)
 
 

@@ -6,6 +6,7 @@ import tf_keras
 
 from nasfpn_tf.layers import (MERGING_CELLS, GlobalPoolingCell, ResampleToLevel, SumCell,
                               global_pooling)
+from training_helpers import global_policy
 
 
 # ---------------------------------------------------------------- numpy references
@@ -111,19 +112,15 @@ def test_resample_conv_bn_then_pool_matches_numpy():
 
 
 def test_resample_output_dtype_is_compute_dtype_under_mixed_precision():
-  previous = tf_keras.mixed_precision.global_policy()
-  tf_keras.mixed_precision.set_global_policy('mixed_float16')
-  try:
-    x = tf.constant(rand(1, 8, 8, 4))  # float32 input
+  x = tf.constant(rand(1, 8, 8, 4))  # float32 input
+  with global_policy('mixed_float16'):
     for layer in (ResampleToLevel(4, 4, filters=4),   # pass-through: must still cast
                   ResampleToLevel(4, 3, filters=4),
                   ResampleToLevel(3, 5, filters=8)):  # conv + BN path
       out = layer(x)
       assert layer.compute_dtype == 'float16'
       assert out.dtype == tf.float16
-  finally:
-    tf_keras.mixed_precision.set_global_policy(previous)
-  assert tf_keras.mixed_precision.global_policy().name == previous.name
+  assert tf_keras.mixed_precision.global_policy().name == 'float32'  # restored after the block
 
 
 def test_resample_config_round_trip():

@@ -1,8 +1,8 @@
 """What the test files share: tiny-model gin bindings and model config, readers of what training
 writes, the matching of one detector's detections against another's, a SavedModel served in a
 fresh process, the loading of experiment scripts, the lookup of the coco128 sample, a search
-driven without Ray, a mixed-precision policy set for one block, and the deadline of every
-subprocess a test starts."""
+driven without Ray, a mixed-precision policy set for one block, the deadline of every
+subprocess a test starts, and free ports for a server a test starts."""
 import contextlib
 import importlib.util
 import io
@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import pickle
+import socket
 import subprocess
 import sys
 
@@ -332,3 +333,44 @@ def plotted_lines(ax):
   """The (x, y) data of every line of a matplotlib Axes that has data, as float arrays."""
   return [(np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float))
           for line in ax.get_lines() if len(line.get_xdata())]
+
+
+def merging_cells(model):
+  """The MergingCell layers of a pyramid network (ours or its TFM twin), in build order."""
+  from nasfpn_tf.layers import MergingCell  # pylint: disable=import-outside-toplevel
+  return [layer for layer in model.layers if isinstance(layer, MergingCell)]
+
+
+class PortTaken(Exception):
+  """Raised by the `start` of `start_on_free_ports` when another process took one of its ports
+  (`port_taken` of the server's output says so)."""
+
+
+def port_taken(output):
+  """Whether a server's output says it could not bind its port (gRPC, Ray, Python all print
+  'Address already in use')."""
+  return 'address already in use' in (output or '').lower()
+
+
+def start_on_free_ports(start, count=1, attempts=3):
+  """`start(ports)` with `count` distinct TCP ports that were free an instant before; returns
+  what it returns.
+
+  The ports are bound together (port 0 on every interface: they differ, and no other process can
+  take them meanwhile) and released just before `start`, which must bind them itself (a server
+  that takes its ports from a list given in advance, as TF_CONFIG). Another process may still
+  take one in that instant: a `start` that finds a port taken raises `PortTaken` and is called
+  again with new ports, up to `attempts` times.
+  """
+  for attempt in range(attempts):
+    with contextlib.ExitStack() as held:
+      sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+      for s in sockets:
+        s.bind(('', 0))
+      ports = [s.getsockname()[1] for s in sockets]
+    try:
+      return start(ports)
+    except PortTaken:
+      if attempt == attempts - 1:
+        raise
+  raise AssertionError('unreachable')
