@@ -1,8 +1,9 @@
 """The search loop: a controller behind a Ray Tune `Searcher`, its samples in a journal.
 
 The search dir is the whole state of a search:
-- `search.json`: what the search is (space, algorithm, proxy, reward, seed); a rerun with other
-  settings is refused, naming the one that differs.
+- `search.json`: what the search is (`SearchSettings.IDENTITY`: space, algorithm, proxy, reward,
+  seed, data_dir, backbone checkpoint, proxy seeds ...); a rerun with other settings is refused,
+  naming the one that differs (a setting newer than the file counts at its default).
 - `trials.jsonl` (`Journal`): one line per finished sample, the source of truth. The controller's
   state (`controller.pkl`) is saved after each line with the number of lines it has seen; on a
   restart the lines it missed are fed back to it again, so kill -9 anywhere loses nothing.
