@@ -1,14 +1,13 @@
 """The architecture drawing: its graph matches the builder's wiring, and each spec renders."""
 
+import matplotlib.colors
 import pytest
 
 from nasfpn_tf.decoders.block_specs import NASFPN, BlockSpec, resolve
 from nasfpn_tf.visualization import architecture
-from training_helpers import load_experiment
+from training_helpers import load_experiment, read_png, saved_figures
 
 draw_architecture = load_experiment('draw_architecture')
-
-PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
 def test_nasfpn_edges_hand_counted():
@@ -29,12 +28,30 @@ def test_nasfpn_edges_hand_counted():
 @pytest.mark.parametrize('name,min_level,max_level', [
     ('nasfpn', 3, 7), ('nasfpn_lite', 3, 6), ('fpn', 3, 7), ('fpn', 2, 5)])
 def test_draws_png(tmp_path, name, min_level, max_level):
+  """The picture shows a node per input level and cell where node_positions puts it, coloured
+  as input, intermediate or output cell, and an arrow per edge of spec_edges, dangling ones in
+  their own colour."""
   path = tmp_path / f'{name}.png'
-  architecture.draw_spec(resolve(name, min_level, max_level), min_level, max_level,
-                              str(path), title=name)
-  data = path.read_bytes()
-  assert data.startswith(PNG_SIGNATURE)
-  assert 10_000 < len(data) < 2_000_000
+  spec = resolve(name, min_level, max_level)
+  with saved_figures() as figures:
+    architecture.draw_spec(spec, min_level, max_level, str(path), title=name)
+  [figure] = figures
+  width, height = figure.get_size_inches() * 130  # saved at 130 dpi
+  assert read_png(path).shape == (int(height), int(width), 3)  # as matplotlib truncates
+  [ax] = figure.axes
+  num_inputs = max_level - min_level + 1
+  positions = architecture.node_positions(spec, min_level, max_level)
+  assert [tuple(c.get_offsets()[0]) for c in ax.collections] == [tuple(p) for p in positions]
+  expected_colors = [architecture.INPUT_COLOR] * num_inputs + [
+      architecture.OUTPUT_COLOR if cell.is_output else architecture.CELL_COLOR for cell in spec]
+  assert [tuple(c.get_facecolor()[0]) for c in ax.collections] == [
+      matplotlib.colors.to_rgba(color) for color in expected_colors]
+  edges = architecture.spec_edges(spec, min_level, max_level)
+  arrows = [text for text in ax.texts if getattr(text, 'arrow_patch', None) is not None]
+  assert len(arrows) == len(edges)
+  dangling = matplotlib.colors.to_rgba(architecture.DANGLING_COLOR)
+  assert sum(arrow.arrow_patch.get_edgecolor() == dangling for arrow in arrows) == sum(
+      edge.kind == 'dangling' for edge in edges)
 
 
 def test_natural_levels():

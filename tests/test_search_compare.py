@@ -5,7 +5,8 @@ import pytest
 from nasfpn_tf.search import runner
 from nasfpn_tf.search.journal import Journal
 from nasfpn_tf.search.space import SearchSpace
-from training_helpers import drive_in_process, load_experiment
+from training_helpers import (drive_in_process, load_experiment, plotted_lines, read_png,
+                              saved_figures)
 
 search_compare = load_experiment('search_compare')
 SPACE = SearchSpace(num_cells=2, min_level=3, max_level=4)
@@ -27,8 +28,21 @@ def test_rows_and_plot_from_the_journals(tmp_path):
     assert np.isclose(row['moving_average_reward'], np.mean(rewards[-4:]))
     assert row['num_unique'] == len({r['key'] for r in records})
   path = tmp_path / 'compare.png'
-  search_compare.draw(tmp_path, ['random', 'evolution', 'ppo'], 4, str(path))
-  assert path.read_bytes()[:4] == b'\x89PNG'
+  with saved_figures() as figures:
+    search_compare.draw(tmp_path, ['random', 'evolution', 'ppo'], 4, str(path))
+  assert read_png(path).shape == (440, 1320, 3)  # 12 x 4 in at 110 dpi
+  # Three panels, a line per algorithm that ran: best so far, moving average, unique samples.
+  best_ax, average_ax, unique_ax = figures[0].axes
+  for ax in (best_ax, average_ax, unique_ax):
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ['random', 'evolution']
+  for i, algorithm in enumerate(('random', 'evolution')):
+    records = Journal(tmp_path / algorithm / 'trials.jsonl').read()
+    rewards = [r['reward'] for r in records]
+    np.testing.assert_array_equal(plotted_lines(best_ax)[i][1], np.maximum.accumulate(rewards))
+    np.testing.assert_allclose(plotted_lines(average_ax)[i][1][-1], np.mean(rewards[-4:]))
+    np.testing.assert_array_equal(plotted_lines(unique_ax)[i][1],
+                                  [len({r['key'] for r in records[:n]})
+                                   for n in range(1, len(records) + 1)])
 
 
 search_retrain = load_experiment('search_retrain')
@@ -49,8 +63,15 @@ def test_retrain_takes_the_best_line_over_the_searches(tmp_path):
   assert rewards == {r['key']: r['reward'] for r in records}
   rows = [{'name': name, 'AP': 0.1 * i + 0.01 * seed} for i, name in
           enumerate(('searched', 'nasfpn', 'fpn')) for seed in (0, 1)]
-  search_retrain.draw(rows, str(tmp_path / 'retrain.png'))
-  assert (tmp_path / 'retrain.png').read_bytes()[:4] == b'\x89PNG'
+  with saved_figures() as figures:
+    search_retrain.draw(rows, str(tmp_path / 'retrain.png'))
+  assert read_png(tmp_path / 'retrain.png').shape == (440, 550, 3)  # 5 x 4 in at 110 dpi
+  [ax] = figures[0].axes
+  # A bar at each architecture's mean AP over seeds, a point per seed.
+  np.testing.assert_allclose([bar.get_height() for bar in ax.patches], [0.005, 0.105, 0.205])
+  np.testing.assert_allclose([y for _, y in plotted_lines(ax)], [[0, 0.01], [0.1, 0.11],
+                                                                [0.2, 0.21]])
+  assert [t.get_text() for t in ax.get_xticklabels()] == ['searched', 'nasfpn', 'fpn']
 
 
 def test_retrain_refuses_a_dir_without_a_search_or_over_other_levels(tmp_path):
