@@ -14,9 +14,20 @@ def _features(min_level, max_level, channels, batch=1, size=32):
 
 
 def test_params_equal_tfm_head_91_classes_9_anchors_256_filters():
-  ours = RetinaNetHead(3, 7, num_classes=91, num_anchors_per_location=9)
-  ours(_features(3, 7, 256, size=16))
-  assert ours.count_params() == 6_732_375
+  """The paper's head (P3-P7, 4 convs of 256 filters, 91 classes x 9 anchors) and TFM's, built
+  with the same settings: the same weights, shape by shape, 6,732,375 parameters in all."""
+  kwargs = dict(min_level=3, max_level=7, num_classes=91, num_anchors_per_location=9)
+  ours = RetinaNetHead(**kwargs)
+  tfm = dense_prediction_heads.RetinaNetHead(**kwargs, num_convs=4, num_filters=256)
+  features = _features(3, 7, 256, size=16)
+  ours(features)
+  tfm(features)
+  assert [w.shape for w in ours.weights] == [w.shape for w in tfm.weights]
+  # Hand count: 2 branches x 4 shared 3x3 convs (+ bias) and a batch norm (4 values) per level,
+  # then the 3x3 class (91 x 9) and box (4 x 9) convs with bias.
+  convs = 2 * 4 * (9 * 256 * 256 + 256) + 2 * 4 * 5 * 4 * 256
+  outputs = (9 * 256 + 1) * (91 * 9) + (9 * 256 + 1) * (4 * 9)
+  assert ours.count_params() == tfm.count_params() == convs + outputs == 6_732_375
 
 
 @pytest.mark.parametrize('separable', [False, True])
