@@ -265,3 +265,29 @@ def test_the_library_defines_no_flags_of_its_own():
                           check=False, timeout=SUBPROCESS_TIMEOUT,
                           env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'})
   assert result.stdout.strip() == 'ok', result.stderr
+
+
+def test_a_rerun_replaces_its_shards_and_a_failed_one_keeps_them(tmp_path, monkeypatch):
+  """Rerunning with another --num_shards leaves only the new shards under the prefix (training
+  globs `{prefix}-*.tfrecord`); a conversion that fails midway leaves the earlier shards whole
+  and no staging file."""
+  from nasfpn_tf.data import synthetic  # pylint: disable=g-import-not-at-top
+  synthetic.generate(tmp_path / 'raw', num_train=5, num_val=1, image_size=64, seed=0)
+  args = (str(tmp_path / 'raw' / 'annotations' / 'instances_train.json'),
+          str(tmp_path / 'raw' / 'train'), str(tmp_path / 'records' / 'train'))
+  first = create_coco_tfrecord.convert(*args, num_shards=3, num_threads=1)
+  second = create_coco_tfrecord.convert(*args, num_shards=2, num_threads=1)
+  assert second['removed_stale_shards'] == first['shards']
+  assert sorted(tf.io.gfile.glob(str(tmp_path / 'records' / 'train-*.tfrecord'))) == (
+      second['shards'])
+  assert len(_read_all(second)) == 5
+  contents = {path: open(path, 'rb').read() for path in second['shards']}
+
+  def fail(*unused):
+    raise RuntimeError('disk full')
+  monkeypatch.setattr(tfexample, 'encode_example', fail)
+  with pytest.raises(RuntimeError, match='disk full'):
+    create_coco_tfrecord.convert(*args, num_shards=2, num_threads=1)
+  assert sorted(os.listdir(tmp_path / 'records')) == sorted(
+      [os.path.basename(p) for p in second['shards']] + ['train-label_map.json'])
+  assert {path: open(path, 'rb').read() for path in second['shards']} == contents
