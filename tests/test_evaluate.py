@@ -5,10 +5,7 @@ import tensorflow as tf
 
 from nasfpn_tf.data import input_pipeline
 from nasfpn_tf.evaluation import evaluate
-
-MODEL_CONFIG = {'image_size': [128, 128], 'min_level': 3, 'max_level': 7, 'num_classes': 10,
-                'anchor_num_scales': 3, 'anchor_aspect_ratios': [0.5, 1.0, 2.0],
-                'anchor_size': 4.0}
+from training_helpers import TINY_MODEL_CONFIG
 
 
 def _nothing_detected(images):
@@ -19,7 +16,7 @@ def _nothing_detected(images):
 
 
 def _eval_dataset(records, batch_size=2):
-  return input_pipeline.build_eval_dataset(records['val'], batch_size, MODEL_CONFIG)
+  return input_pipeline.build_eval_dataset(records['val'], batch_size, TINY_MODEL_CONFIG)
 
 
 def test_counts_images_and_stops_after_max_batches(synthetic_records):

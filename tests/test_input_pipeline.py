@@ -10,10 +10,8 @@ from nasfpn_tf.models import geometry
 from nasfpn_tf.models.factory import build_retinanet
 from nasfpn_tf.models.geometry import ModelGeometry
 from nasfpn_tf.models.losses import RetinaNetLoss
+from training_helpers import TINY_MODEL_CONFIG
 
-MODEL_CONFIG = {'image_size': [128, 128], 'num_classes': 10, 'min_level': 3, 'max_level': 7,
-                'anchor_num_scales': 3, 'anchor_aspect_ratios': [0.5, 1.0, 2.0],
-                'anchor_size': 4.0}
 NO_AUGMENTATION = dict(aug_scale_min=1.0, aug_scale_max=1.0, flip_prob=0.0)
 
 # (height, width, [(normalized box, class, is_crowd)]): sizes that need scaling up and down.
@@ -86,7 +84,7 @@ def _assert_labels_equal(labels, expected):
 
 
 def test_train_batch_shapes(records):
-  dataset = input_pipeline.build_train_dataset(records, 2, MODEL_CONFIG)
+  dataset = input_pipeline.build_train_dataset(records, 2, TINY_MODEL_CONFIG)
   images, labels = next(iter(dataset))
   assert images.shape == (2, 128, 128, 3) and images.dtype == tf.float32
   assert 0.0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 255.0
@@ -103,7 +101,8 @@ def test_train_batch_shapes(records):
 
 
 def test_train_labels_match_anchor_labeler_without_crowd(first_image):
-  dataset = input_pipeline.build_train_dataset(first_image, 1, MODEL_CONFIG, **NO_AUGMENTATION)
+  dataset = input_pipeline.build_train_dataset(first_image, 1, TINY_MODEL_CONFIG,
+                                               **NO_AUGMENTATION)
   _, labels = next(iter(dataset))
   _assert_labels_equal(labels, _expected_labels(*IMAGES[0]))
   assert 0 < float(tf.reduce_sum(labels['box_weights']))
@@ -112,7 +111,7 @@ def test_train_labels_match_anchor_labeler_without_crowd(first_image):
 def test_train_example_parser_is_the_pipelines_step(first_image):
   """One ordered pass with the public parser gives the labels the pipeline gives (the search
   caches them so)."""
-  parse = input_pipeline.train_example_parser(MODEL_CONFIG, **NO_AUGMENTATION)
+  parse = input_pipeline.train_example_parser(TINY_MODEL_CONFIG, **NO_AUGMENTATION)
   image, labels = parse(next(iter(tf.data.TFRecordDataset(first_image))))
   assert image.shape == (128, 128, 3)
   _assert_labels_equal(tf.nest.map_structure(lambda t: t[None], labels),
@@ -121,8 +120,8 @@ def test_train_example_parser_is_the_pipelines_step(first_image):
 
 def test_forced_flip_mirrors_image_and_boxes(first_image):
   flipped = input_pipeline.build_train_dataset(
-      first_image, 1, MODEL_CONFIG, **dict(NO_AUGMENTATION, flip_prob=1.0))
-  plain = input_pipeline.build_train_dataset(first_image, 1, MODEL_CONFIG, **NO_AUGMENTATION)
+      first_image, 1, TINY_MODEL_CONFIG, **dict(NO_AUGMENTATION, flip_prob=1.0))
+  plain = input_pipeline.build_train_dataset(first_image, 1, TINY_MODEL_CONFIG, **NO_AUGMENTATION)
   (flipped_image, labels), (plain_image, _) = next(iter(flipped)), next(iter(plain))
   _assert_labels_equal(labels, _expected_labels(*IMAGES[0], flip=True))
   info = labels['image_info'][0].numpy()
@@ -132,9 +131,9 @@ def test_forced_flip_mirrors_image_and_boxes(first_image):
 
 
 def test_jitter_keeps_size_and_boxes_inside(records):
-  dataset = input_pipeline.build_train_dataset(records, 4, MODEL_CONFIG, aug_scale_min=0.5,
+  dataset = input_pipeline.build_train_dataset(records, 4, TINY_MODEL_CONFIG, aug_scale_min=0.5,
                                                aug_scale_max=1.5)
-  anchors = ModelGeometry.from_config(MODEL_CONFIG).anchor_boxes()
+  anchors = ModelGeometry.from_config(TINY_MODEL_CONFIG).anchor_boxes()
   flat_anchors = tf.concat([tf.reshape(anchors[str(l)], [-1, 4]) for l in range(3, 8)], 0)
   scales_seen, positives_seen = set(), 0
   for images, labels in dataset.take(3):
@@ -158,7 +157,7 @@ def test_jitter_keeps_size_and_boxes_inside(records):
 
 
 def test_eval_image_info_groundtruth_and_round_trip(records):
-  dataset = input_pipeline.build_eval_dataset(records, 3, MODEL_CONFIG, max_num_instances=5)
+  dataset = input_pipeline.build_eval_dataset(records, 3, TINY_MODEL_CONFIG, max_num_instances=5)
   seen = set()
   for images, labels in dataset:
     assert images.shape[1:] == (128, 128, 3)
@@ -192,7 +191,7 @@ def test_eval_image_info_groundtruth_and_round_trip(records):
 
 
 def test_eval_truncates_extra_instances_with_a_warning(records, capfd):
-  dataset = input_pipeline.build_eval_dataset(records, 4, MODEL_CONFIG, max_num_instances=2)
+  dataset = input_pipeline.build_eval_dataset(records, 4, TINY_MODEL_CONFIG, max_num_instances=2)
   _, labels = next(iter(dataset))
   assert labels['groundtruths']['boxes'].shape == (4, 2, 4)
   assert max(labels['groundtruths']['num_instances'].numpy()) == 2
@@ -203,29 +202,31 @@ def test_input_context_shards_and_splits_batch(records):
   contexts = [tf.distribute.InputContext(2, i, num_replicas_in_sync=2) for i in range(2)]
   shards = []
   for context in contexts:
-    dataset = input_pipeline.build_eval_dataset(records, 4, MODEL_CONFIG, input_context=context)
+    dataset = input_pipeline.build_eval_dataset(records, 4, TINY_MODEL_CONFIG,
+                                                input_context=context)
     batches = list(dataset)
     assert all(images.shape[0] <= 2 for images, _ in batches)
     shards.append({int(s) for _, labels in batches for s in labels['source_id'].numpy()})
   assert not shards[0] & shards[1] and shards[0] | shards[1] == {1, 2, 3, 4}
-  train = input_pipeline.build_train_dataset(records, 4, MODEL_CONFIG, input_context=contexts[0])
+  train = input_pipeline.build_train_dataset(records, 4, TINY_MODEL_CONFIG,
+                                             input_context=contexts[0])
   assert next(iter(train))[0].shape[0] == 2
 
 
 def test_no_matching_files(tmp_path):
   pattern = str(tmp_path / 'missing-*.tfrecord')
   with pytest.raises(ValueError, match='no files match.*missing-'):
-    input_pipeline.build_train_dataset(pattern, 2, MODEL_CONFIG)
+    input_pipeline.build_train_dataset(pattern, 2, TINY_MODEL_CONFIG)
 
 
 def test_empty_dataset(tmp_path):
   pattern = _write(tmp_path / 'empty.tfrecord', [])
   with pytest.raises(ValueError, match='empty dataset.*empty.tfrecord'):
-    input_pipeline.build_eval_dataset(pattern, 2, MODEL_CONFIG)
+    input_pipeline.build_eval_dataset(pattern, 2, TINY_MODEL_CONFIG)
 
 
 def test_image_size_must_divide_by_top_level_stride(records):
-  config = dict(MODEL_CONFIG, image_size=[96, 128])
+  config = dict(TINY_MODEL_CONFIG, image_size=[96, 128])
   with pytest.raises(ValueError, match='multiple of 2\\^max_level = 128'):
     input_pipeline.build_train_dataset(records, 2, config)
 
@@ -233,7 +234,7 @@ def test_image_size_must_divide_by_top_level_stride(records):
 @pytest.mark.parametrize('build', [input_pipeline.build_train_dataset,
                                    input_pipeline.build_eval_dataset])
 def test_class_id_at_or_above_num_classes_fails(records, build):
-  dataset = build(records, 4, dict(MODEL_CONFIG, num_classes=8))
+  dataset = build(records, 4, dict(TINY_MODEL_CONFIG, num_classes=8))
   with pytest.raises(tf.errors.InvalidArgumentError, match='num_classes = 8'):
     for _ in dataset.take(2):
       pass

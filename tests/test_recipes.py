@@ -9,18 +9,9 @@ import pytest
 from nasfpn_tf import config
 from nasfpn_tf.models import factory
 from nasfpn_tf.training import recipes
-from training_helpers import run_main, write_tfm_backbone_checkpoint
+from training_helpers import TINY_MODEL, run_main, write_tfm_backbone_checkpoint
 
 COCO_STEPS_PER_EPOCH = math.ceil(118287 / 64)  # 1849
-TINY_MODEL = [
-    'build_retinanet.image_size = (128, 128)',
-    'build_retinanet.num_classes = 10',
-    "build_retinanet.backbone = 'resnet10'",
-    'build_retinanet.num_filters = 16',
-    'build_retinanet.num_repeats = 1',
-    'build_retinanet.head_num_convs = 1',
-    'build_retinanet.head_num_filters = 16',
-]
 
 
 def test_the_r50_recipe_is_the_papers_run():

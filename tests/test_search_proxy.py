@@ -24,10 +24,7 @@ from nasfpn_tf.search import rewards
 gate = training_helpers.load_experiment('search_proxy_gate')
 
 NUM_IMAGES, NUM_HELDOUT = 24, 8
-TINY_MODEL = ['build_retinanet.image_size = (128, 128)', 'build_retinanet.num_filters = 16',
-              'build_retinanet.num_repeats = 1', 'build_retinanet.head_num_convs = 1',
-              'build_retinanet.head_num_filters = 16']
-TINY_CPU = TINY_MODEL + [
+TINY_CPU = training_helpers.TINY_MODEL + [
     f'CpuProxyCache.num_images = {NUM_IMAGES}', f'CpuProxyCache.num_heldout = {NUM_HELDOUT}',
     'CpuProxyCache.pretrain_steps = 2', 'CpuProxyCache.pretrain_filters = 16',
     'CpuProxyCache.pretrain_batch_size = 2', 'CpuProxy.train_steps = 4',
@@ -141,8 +138,8 @@ def test_paper_proxy_runs_a_few_steps_end_to_end(tmp_path):
   data_dir = str(tmp_path / 'records')
   heldout.make_proxy_records(str(raw / 'annotations' / 'instances_train.json'),
                              str(raw / 'train'), data_dir, num_heldout=4, num_threads=2)
-  bindings = TINY_MODEL + [
-      'build_retinanet.num_classes = 10', 'RetinaNetTrainer.train_steps = 2',
+  bindings = training_helpers.TINY_MODEL + [
+      'RetinaNetTrainer.train_steps = 2',
       'RetinaNetTrainer.global_batch_size = 2', 'RetinaNetTrainer.checkpoint_every_steps = 2',
       'RetinaNetTrainer.log_every_steps = 1', 'RetinaNetTrainer.eval_batch_size = 2',
       'StepDecayWithWarmup.warmup_steps = 1']
@@ -253,8 +250,18 @@ def test_gate_resumes_without_running_a_trial_twice(tmp_path):
   assert summary['kendall_tau_seeds'] == 1.0 and summary['kendall_tau_long'] == 1.0
   assert summary['reward_fpn'] == pytest.approx(0.115)
   assert summary['num_architectures'] == 3 and summary['seconds_per_trial'] == 2.0
-  gate.plot(records, list(archs), [1, 2], 3, 3, str(tmp_path / 'gate.png'))
-  assert (tmp_path / 'gate.png').stat().st_size > 0
+  with training_helpers.saved_figures() as figures:
+    gate.plot(records, list(archs), [1, 2], 3, 3, str(tmp_path / 'gate.png'))
+  assert training_helpers.read_png(tmp_path / 'gate.png').shape == (552, 1200, 3)  # 10x4.6 in
+  # Seed 1's reward against seed 2's, and against the long schedule's (seed 3): the samples in
+  # grey, then FPN and NAS-FPN on their own.
+  seeds_ax, long_ax = figures[0].axes
+  for ax, other_seed in ((seeds_ax, 2), (long_ax, 3)):
+    points = [collection.get_offsets().tolist() for collection in ax.collections]
+    assert points == [
+        [[reward[a] + 0.01, reward[a] + 0.01 * other_seed] for a in archs],
+        [[reward['fpn'] + 0.01, reward['fpn'] + 0.01 * other_seed]],
+        [[reward['nasfpn'] + 0.01, reward['nasfpn'] + 0.01 * other_seed]]]
 
 
 def test_gate_refuses_another_configuration_in_the_same_dir(tmp_path):
