@@ -4,6 +4,7 @@ Logical CPU devices and multi-worker runtimes must be set up before TensorFlow i
 these tests run `python -m nasfpn_tf.main` (or a short script) in subprocesses, with time limits
 and only loopback addresses.
 """
+import contextlib
 import json
 import os
 import pathlib
@@ -12,12 +13,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 import tensorflow as tf
 
-from training_helpers import checkpoint_step, read_scalars, tiny_bindings
+from training_helpers import (PortTaken, checkpoint_step, port_taken, read_scalars,
+                              start_on_free_ports, tiny_bindings)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600  # generous: CI machines can be slow; a hang still ends the test
@@ -97,42 +100,104 @@ def test_mirrored_on_two_cpus_follows_the_single_device_loss(synthetic_records, 
   assert single['loss/total_loss'][3] != single['loss/total_loss'][1]
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
+def _run_two_workers(records, parent, ports):
+  """A two-worker run of `nasfpn_tf.main` on `ports`, into a model dir of its own under
+  `parent` (a try that lost a port leaves its dir behind): (model dir, [(returncode, stdout,
+  stderr)] of the chief and of the other worker). When one fails, the other (which would wait
+  for it until the deadline) is stopped; PortTaken when one could not bind its port (another
+  process took it after it was chosen)."""
+  model_dir = parent / f'run{ports[0]}'
+  command = _main_command(records, model_dir, '--strategy=multi_worker_mirrored', train_steps=2,
+                          checkpoint_every_steps=1, log_every_steps=1)
+  workers = [f'localhost:{port}' for port in ports]
+  with contextlib.ExitStack() as stack:
+    logs = [[stack.enter_context(tempfile.TemporaryFile('w+')) for _ in range(2)]
+            for _ in range(2)]
+    processes = []
+    for index, (stdout, stderr) in enumerate(logs):
+      tf_config = {'cluster': {'worker': workers}, 'task': {'type': 'worker', 'index': index}}
+      processes.append(subprocess.Popen(command, cwd=REPO, stdout=stdout, stderr=stderr,
+                                        text=True, env=dict(ENV, TF_CONFIG=json.dumps(tf_config))))
+    try:
+      deadline = time.monotonic() + TIMEOUT_S
+      while any(p.poll() is None for p in processes):
+        assert time.monotonic() < deadline, f'the two workers ran past {TIMEOUT_S} s'
+        if any(p.poll() for p in processes):  # one failed: the other would wait for it
+          break
+        time.sleep(0.2)
+    finally:
+      for process in processes:
+        if process.poll() is None:
+          process.kill()
+        process.wait()
+    runs = []
+    for process, files in zip(processes, logs):
+      for f in files:
+        f.seek(0)
+      runs.append((process.returncode, *(f.read() for f in files)))
+  if any(code and port_taken(stderr) for code, _, stderr in runs):
+    raise PortTaken(ports)
+  return model_dir, runs
+
+
+def _bind_all(ports):
+  """Binds and listens on `ports` as a server would; PortTaken when one is taken."""
+  servers = []
+  try:
+    for port in ports:
+      server = socket.socket()
+      servers.append(server)
+      server.bind(('', port))
+      server.listen()
+  except OSError as e:
+    for server in servers:
+      server.close()
+    if port_taken(str(e)):
+      raise PortTaken(ports) from e
+    raise
+  return servers
+
+
+def test_free_ports_differ_and_a_start_that_loses_one_is_tried_again():
+  tries, squatters = [], []
+
+  def start(ports):
+    tries.append(ports)
+    if len(tries) == 1:  # another process takes a port in the instant after it was released
+      squatters.append(_bind_all(ports[:1]))
+    return ports, _bind_all(ports)
+
+  ports, servers = start_on_free_ports(start, count=3)
+  for server in servers + [s for group in squatters for s in group]:
+    server.close()
+  assert len(tries) == 2 and ports == tries[1]
+  assert all(len(set(chosen)) == 3 for chosen in tries)
+
+  calls = []
+
+  def always_taken(ports):
+    calls.append(ports)
+    raise PortTaken(ports)
+
+  with pytest.raises(PortTaken):
+    start_on_free_ports(always_taken, attempts=2)
+  assert len(calls) == 2
 
 
 def test_multi_worker_mirrored_two_local_workers_train_and_checkpoint(synthetic_records,
                                                                      tmp_path):
-  workers = [f'localhost:{_free_port()}' for _ in range(2)]
-  command = _main_command(synthetic_records, tmp_path, '--strategy=multi_worker_mirrored',
-                          train_steps=2, checkpoint_every_steps=1, log_every_steps=1)
-  processes = []
-  for index in range(2):
-    tf_config = {'cluster': {'worker': workers}, 'task': {'type': 'worker', 'index': index}}
-    processes.append(subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(ENV, TF_CONFIG=json.dumps(tf_config))))
-  outputs = []
-  try:
-    for process in processes:
-      outputs.append(process.communicate(timeout=TIMEOUT_S))
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
-        process.wait()
-  for process, (stdout, stderr) in zip(processes, outputs):
-    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
-  chief_out, worker_out = outputs[0][0], outputs[1][0]
+  model_dir, runs = start_on_free_ports(
+      lambda ports: _run_two_workers(synthetic_records, tmp_path, ports), count=2)
+  for code, stdout, stderr in runs:
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+  (_, chief_out, _), (_, worker_out, _) = runs
   assert 'with 2 replica(s)' in chief_out
   assert re.findall(r'step (\d)/2 \|', chief_out) == ['1', '2']
   assert 'step ' not in worker_out  # only the chief reports, writes summaries and checkpoints
-  assert tf.train.latest_checkpoint(str(tmp_path)) == str(tmp_path / 'ckpt-2')
-  assert checkpoint_step(str(tmp_path / 'ckpt-2')) == 2
-  assert not list(tmp_path.glob('.worker*'))  # the other worker's scratch saves are gone
-  assert sorted(read_scalars(tmp_path / 'train')['loss/total_loss']) == [1, 2]
+  assert tf.train.latest_checkpoint(str(model_dir)) == str(model_dir / 'ckpt-2')
+  assert checkpoint_step(str(model_dir / 'ckpt-2')) == 2
+  assert not list(model_dir.glob('.worker*'))  # the other worker's scratch saves are gone
+  assert sorted(read_scalars(model_dir / 'train')['loss/total_loss']) == [1, 2]
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(synthetic_records, tmp_path):

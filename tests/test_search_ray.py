@@ -1,46 +1,63 @@
-"""The search on real Ray: kill -9 of the search and of a worker, and a two-node cluster.
+"""The search on real Ray: kill -9 of the search and of a worker, a two-node cluster, and a
+training proxy end to end.
 
-The synthetic proxy (no training, a wait per trial) keeps these to seconds of trial time; each
-test starts its own Ray in its own process group and kills the whole group at the end.
+The synthetic proxy (no training, a wait per trial) keeps the first two to seconds of trial
+time. Each test starts its own Ray in sessions of its own (`_process_group`) and kills them whole
+at the end; a test kills only worker processes of its own sessions, so a test beside it (pytest
+-n 2) keeps its workers. Deadlines are the suite's SUBPROCESS_TIMEOUT: a backstop against a hang
+on a loaded 2-core machine, not a speed check (experiments/trial_overhead.py measures speed).
 """
 import contextlib
 import json
+import math
 import os
 import pathlib
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-import pytest
+import psutil
 
-from nasfpn_tf.search.journal import Journal
+from nasfpn_tf.search.journal import Journal, ResultStore
+from training_helpers import (REPO, SUBPROCESS_TIMEOUT, PortTaken, port_taken,
+                              start_on_free_ports)
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 RAY = str(pathlib.Path(sys.executable).parent / 'ray')
 # `ray start` enables token authentication by default; every client of such a cluster says so.
 ENV = dict(os.environ, RAY_AUTH_MODE='token', RAY_USAGE_STATS_ENABLED='0')
+# What `ray start --head` prints for the other nodes (Ray's Java driver reads the same line).
+HEAD_ADDRESS = re.compile(r"ray start --address='([^']+)'")
 
 
-def _search_command(search_dir, num_trials, *extra, algorithm='random'):
+def _search_command(search_dir, num_trials, *extra, algorithm='random', proxy='synthetic'):
   return [sys.executable, '-m', 'nasfpn_tf.search', f'--search_dir={search_dir}',
-          f'--algorithm={algorithm}', '--proxy=synthetic', f'--num_trials={num_trials}',
-          '--num_cells=5', '--max_level=5', '--cpus_per_trial=1', *extra]
+          f'--algorithm={algorithm}', f'--proxy={proxy}', f'--num_trials={num_trials}',
+          '--num_cells=5', *extra]
 
 
-def _wait_for(condition, timeout, what):
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if condition():
-      return
+def _poll(condition, timeout):
+  """The first truthy value of `condition()` within `timeout` s, else None."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    value = condition()
+    if value:
+      return value
     time.sleep(0.2)
-  raise AssertionError(f'timed out after {timeout} s waiting for {what}')
+  return None
+
+
+def _wait_for(condition, what, timeout=SUBPROCESS_TIMEOUT):
+  value = _poll(condition, timeout)
+  assert value, f'timed out after {timeout} s waiting for {what}'
+  return value
 
 
 @contextlib.contextmanager
 def _process_group(command, **kwargs):
-  """Runs `command` in a new process group (Ray's daemons join it) and kills the group after."""
+  """Runs `command` in a session of its own (Ray's daemons and workers started by it stay in it)
+  and kills the session's process group after."""
   process = subprocess.Popen(command, cwd=REPO, env=ENV, start_new_session=True, **kwargs)
   try:
     yield process
@@ -48,6 +65,19 @@ def _process_group(command, **kwargs):
     with contextlib.suppress(ProcessLookupError):
       os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def _running_trials(sessions):
+  """Pids of the Ray workers of `sessions` (session ids) that are running a trial: Ray titles an
+  actor's process `ray::<class>.<method>` while the method runs, and a trial runs in Tune's
+  `ImplicitFunc.train` (`ray::ImplicitFunc` when its worker waits between trials)."""
+  pids = []
+  for process in psutil.process_iter(['pid', 'cmdline']):
+    with contextlib.suppress(psutil.Error, ProcessLookupError):
+      title = ' '.join(process.info['cmdline'] or [])
+      if title.startswith('ray::ImplicitFunc.train') and os.getsid(process.pid) in sessions:
+        pids.append(process.pid)
+  return pids
 
 
 def _check_complete(search_dir, num_trials):
@@ -58,20 +88,30 @@ def _check_complete(search_dir, num_trials):
   return records
 
 
+def _worker_pids(search_dir):
+  """The worker processes that ran the search's trials (Tune's result.json of each trial)."""
+  return {json.loads(path.read_text().splitlines()[-1])['pid']
+          for path in pathlib.Path(search_dir).glob('ray_results/run*/*/result.json')}
+
+
 def test_kill_minus_9_of_the_search_loses_and_repeats_nothing(tmp_path):
   # PPO, updating every 4 rewards: the kill also lands between policy updates.
   search_dir = tmp_path / 'search'
-  command = _search_command(search_dir, 12, '--synthetic_seconds=1',
+  command = _search_command(search_dir, 12, '--max_level=5', '--cpus_per_trial=1',
+                            '--synthetic_seconds=1',
                             '--gin_bindings=PPOController.batch_size = 4', algorithm='ppo')
   journal = Journal(search_dir / 'trials.jsonl')
   with _process_group(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as search:
-    _wait_for(lambda: len(journal.read()) >= 4, 120, '4 finished samples')
+    _wait_for(lambda: len(journal.read()) >= 4 or search.poll() is not None, '4 samples')
+    assert search.poll() is None, 'the search ended before it could be killed'
     search.send_signal(signal.SIGKILL)
     search.wait()
   before = journal.read()
+  assert 4 <= len(before) < 12, 'the kill must land mid-search'
   stored = {path: path.stat().st_mtime_ns for path in (search_dir / 'results').glob('*.json')}
   finished = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True,
-                            timeout=300, check=True)
+                            timeout=SUBPROCESS_TIMEOUT)
+  assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
   records = _check_complete(search_dir, 12)
   assert records[:len(before)] == before
   # No stored result was trained again (each is written once, by the training worker).
@@ -82,43 +122,136 @@ def test_kill_minus_9_of_the_search_loses_and_repeats_nothing(tmp_path):
   assert summary['best_reward'] == max(r['reward'] for r in records)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
+def _listens(session, port):
+  """Whether a process of `session` listens on TCP `port`."""
+  return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid
+             and os.getsid(c.pid) == session for c in psutil.net_connections('tcp'))
 
 
-def test_a_two_node_cluster_runs_trials_on_both_and_retries_a_killed_worker(tmp_path):
-  port = _free_port()
-  head = [RAY, 'start', '--head', f'--port={port}', '--num-cpus=1', '--include-dashboard=false',
-          '--disable-usage-stats', '--block']
-  with _process_group(head, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
-    address = f'{socket.gethostbyname(socket.gethostname())}:{port}'
-    _wait_for(lambda: subprocess.run([RAY, 'status', f'--address={address}'], env=ENV,
-                                     capture_output=True).returncode == 0, 60, 'the head node')
-    node = [RAY, 'start', f'--address={address}', '--num-cpus=1', '--block']
-    with _process_group(node, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
-      _wait_for(lambda: subprocess.run(
-          [RAY, 'status', f'--address={address}'], env=ENV, capture_output=True,
-          text=True).stdout.count('node_') >= 2, 60, 'the second node')
-      search_dir = tmp_path / 'search'
-      command = _search_command(search_dir, 10, f'--ray_address={address}',
-                                '--synthetic_seconds=3')
-      with _process_group(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True) as search:
-        # Kill one trial's worker process mid-trial; Tune retries the trial.
-        _wait_for(lambda: _trial_workers(), 120, 'a running trial')
-        os.kill(_trial_workers()[0], signal.SIGKILL)
-        output, _ = search.communicate(timeout=300)
-      assert search.returncode == 0, output
+def _start_head(stack, log_dir, ports):
+  """`ray start --head` in a session of its own (entered on `stack`), its Ray Client server on
+  ports[0] (the one port Ray does not choose itself), the cluster's port chosen by Ray
+  (--port=0) and read back from what it prints. Returns (process, address) once the client
+  server listens; PortTaken when its port was taken meanwhile (`--block` then stops the head)."""
+  log = log_dir / f'head-{ports[0]}.log'
+  command = [RAY, 'start', '--head', '--port=0', f'--ray-client-server-port={ports[0]}',
+             '--dashboard-agent-listen-port=0', '--num-cpus=1', '--include-dashboard=false',
+             '--disable-usage-stats', '--block']
+  with open(log, 'w') as output:
+    head = stack.enter_context(_process_group(command, stdout=output, stderr=subprocess.STDOUT))
+
+  def started():
+    if head.poll() is not None:
+      return 'exited'
+    address = HEAD_ADDRESS.search(log.read_text())
+    return address and _listens(head.pid, ports[0]) and address.group(1)
+
+  address = _wait_for(started, 'the head node')
+  if address == 'exited':
+    text = log.read_text()
+    if port_taken(text):
+      raise PortTaken(ports)
+    raise AssertionError(f'ray start --head exited:\n{text[-3000:]}')
+  return head, address
+
+
+def _nodes_up(address):
+  """Number of nodes the cluster at `address` reports (0 while `ray status` fails)."""
+  with contextlib.suppress(subprocess.TimeoutExpired):
+    status = subprocess.run([RAY, 'status', f'--address={address}'], env=ENV,
+                            capture_output=True, text=True, timeout=120)
+    if status.returncode == 0:
+      return status.stdout.count(' node_')
+  return 0
+
+
+def _kill_a_running_trial(sessions, search, errors):
+  """SIGKILLs the worker of a running trial of `sessions`, again while Tune records no trial
+  error (the trial may end between the listing and the kill); returns the number of kills and
+  whether the killed workers had TensorFlow loaded."""
+  kills, tensorflow = 0, False
+  while not errors() and search.poll() is None:
+    assert kills < 3, 'three kills of a running trial and no trial error'
+    pid = _wait_for(lambda: _running_trials(sessions) or search.poll() is not None,
+                    'a running trial')
+    if pid is True:  # the search ended
+      break
+    with contextlib.suppress(psutil.Error):
+      tensorflow |= any('libtensorflow' in m.path for m in psutil.Process(pid[0]).memory_maps())
+    with contextlib.suppress(ProcessLookupError):
+      os.kill(pid[0], signal.SIGKILL)
+      kills += 1
+    _poll(lambda: errors() or search.poll() is not None, 120)
+  return kills, tensorflow
+
+
+def test_a_two_node_cluster_runs_trials_on_both_reuses_workers_and_retries_a_killed_one(
+    tmp_path):
+  search_dir = tmp_path / 'search'
+  with contextlib.ExitStack() as stack:
+    head, address = start_on_free_ports(lambda ports: _start_head(stack, tmp_path, ports))
+    _wait_for(lambda: _nodes_up(address) >= 1, 'the head node')
+    node = stack.enter_context(_process_group(
+        [RAY, 'start', f'--address={address}', '--num-cpus=1', '--dashboard-agent-listen-port=0',
+         '--block'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    _wait_for(lambda: _nodes_up(address) >= 2, 'the second node')
+    # Up to 3 kills, each failing at most one try of one trial: never more than --max_failures.
+    command = _search_command(search_dir, 10, '--max_level=5', '--cpus_per_trial=1',
+                              f'--ray_address={address}', '--synthetic_seconds=3',
+                              '--max_failures=3')
+    with open(tmp_path / 'search.log', 'w') as log:
+      search = stack.enter_context(_process_group(command, stdout=log, stderr=subprocess.STDOUT))
+      errors = lambda: list((search_dir / 'ray_results').glob('run0/*/error.txt'))  # noqa: E731
+      kills, tensorflow = _kill_a_running_trial({head.pid, node.pid}, search, errors)
+      search.wait(timeout=SUBPROCESS_TIMEOUT)
+    assert search.returncode == 0, (tmp_path / 'search.log').read_text()[-3000:]
   records = _check_complete(search_dir, 10)
+  assert errors(), 'no trial saw the killed worker'
+  assert not tensorflow, 'a worker of the synthetic proxy loaded TensorFlow'
+  # Each node has one CPU and a trial takes one, and Tune starts the next trial while one runs:
+  # both nodes run trials at once.
   assert len({r['node_id'] for r in records if not r['cached']}) == 2, 'not both nodes ran trials'
-  errors = list((search_dir / 'ray_results').glob('run0/*/error.txt'))
-  assert errors, 'no trial saw the killed worker'
+  # One worker per node runs trial after trial; a killed one is replaced.
+  assert len(_worker_pids(search_dir)) <= 2 + kills
 
 
-def _trial_workers():
-  """Pids of the worker processes running a trial (Ray names them after the trainable)."""
-  listing = subprocess.run(['ps', '-eo', 'pid,args'], capture_output=True, text=True).stdout
-  return [int(line.split()[0]) for line in listing.splitlines()
-          if 'ray::ImplicitFunc' in line or 'ray::train_architecture' in line]
+# A training proxy at its smallest: 24 synthetic images (8 held out) through a frozen random
+# backbone (no pretraining), 3 steps per trial at 128 px (tests/test_search_proxy.py's TINY_CPU).
+TINY_CPU_PROXY = [
+    'build_retinanet.image_size = (128, 128)', 'build_retinanet.num_filters = 16',
+    'build_retinanet.num_repeats = 1', 'build_retinanet.head_num_convs = 1',
+    'build_retinanet.head_num_filters = 16', 'CpuProxyCache.num_images = 24',
+    'CpuProxyCache.num_heldout = 8', 'CpuProxyCache.pretrain_steps = 0',
+    'CpuProxy.train_steps = 3', 'CpuProxy.batch_size = 2', 'CpuProxy.warmup_steps = 1',
+    'CpuProxy.eval_batch_size = 4']
+
+
+def test_the_cpu_proxy_trains_each_trial_on_ray_end_to_end(tmp_path):
+  """run_search -> proxy.prepare (the cache, in the driver) -> the trainable's run_trial in a
+  Ray worker: the journal, the stored results and the rewards all come from trainings."""
+  search_dir = tmp_path / 'search'
+  # The held-out loss as reward: unlike AP after 3 steps (0 for every candidate), it differs
+  # between architectures.
+  command = _search_command(search_dir, 2, '--cpus_per_trial=2', '--reward=neg_loss',
+                            *(f'--gin_bindings={b}' for b in TINY_CPU_PROXY), proxy='cpu')
+  finished = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True,
+                            timeout=SUBPROCESS_TIMEOUT)
+  assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+  records = _check_complete(search_dir, 2)
+  store = ResultStore(search_dir / 'results')
+  for record in records:
+    result = record['result']
+    assert store.get(record['key']) == result  # what the worker stored is what was journaled
+    # A training's measurements, not the synthetic proxy's {'ap', 'flops': 0}.
+    assert result['steps'] == 3 and math.isfinite(result['final_loss'])
+    assert result['flops'] > 0 and result['params'] > 0 and 0.0 <= result['ap'] <= 1.0
+    assert record['reward'] == -result['heldout_loss'] < 0  # --reward=neg_loss
+    assert record['cached'] or record['seconds'] >= result['seconds'] > 0
+  trained = [r for r in records if not r['cached']]
+  assert len({r['key'] for r in trained}) == len({r['reward'] for r in trained}) == 2
+  # The cache was built once, by the driver (one complete folder, nothing left staging).
+  caches = [p for p in (search_dir / 'proxy' / 'cpu_proxy_cache').iterdir() if p.is_dir()]
+  assert len(caches) == 1 and '.tmp-' not in caches[0].name, caches
+  summary = json.loads(finished.stdout.strip().splitlines()[-1])
+  assert summary['num_trials'] == 2
+  assert summary['best_reward'] == max(r['reward'] for r in records)
