@@ -1,10 +1,12 @@
 """One search trial as Ray Tune runs it: a worker trains one architecture on the proxy task.
 
-`train_architecture` is the Tune trainable. It runs in its own worker process (on any node of
-the cluster), so it sets TensorFlow's thread pools itself (Ray sets only OMP_NUM_THREADS) before
-anything imports TensorFlow, reuses a result that another worker already stored for the same
-architecture key, and stores its own result atomically before reporting it: a driver killed
-after the training finds it there on its next run.
+`train_architecture` is the Tune trainable. It runs in a worker process (on any node of the
+cluster) that Tune reuses for trial after trial, so it sets TensorFlow's thread pools itself
+(Ray sets only OMP_NUM_THREADS; every trial asks for the same count) before anything imports
+TensorFlow, reuses a result that another worker already stored for the same architecture key,
+and stores its own result atomically before reporting it: a driver killed after the training
+finds it there on its next run. This module loads no TensorFlow: a worker of the synthetic proxy
+never does (its trials take a second, not a TensorFlow import).
 """
 import json
 import re
