@@ -1,4 +1,4 @@
-"""The table of one configuration's result (Markdown, the README's format)."""
+"""The table of one configuration's result (Markdown, the format of docs/benchmark.md)."""
 from typing import List, Optional
 
 from bench.op_profile import PROFILE_CATEGORIES, PROFILE_LABELS

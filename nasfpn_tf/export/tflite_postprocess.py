@@ -20,8 +20,8 @@ Differences, all small on a trained model: `DetectionGenerator` keeps the pre_nm
 unclipped boxes, so IoUs of boxes crossing the border differ); TFM clips the decoded log-size at
 log(1000/16), the op does not. `use_regular_nms=False` is the op's fast NMS: one class per anchor
 (its best), class-AGNOSTIC NMS; faster with many classes, but a box suppresses overlapping boxes
-of other classes. Regular NMS is the default for that fidelity; the README's TFLite section has
-what each costs in AP and time.
+of other classes. Regular NMS is the default for that fidelity; docs/benchmark.md, "TFLite latency and the cost
+of quantization", has what each costs in AP and time.
 """
 from typing import Any, Dict, Mapping
 

@@ -21,7 +21,7 @@ _MOBILENETS = {'mobilenetv2': 'MobileNetV2', 'mobilenetv3large': 'MobileNetV3Lar
                'mobilenetv3small': 'MobileNetV3Small'}
 # Our own tf_keras AmoebaNet-D (nasfpn_tf.models.amoebanet), by name -> its size: N normal cells
 # per stack (num_cells = 3N), F filters. The NAS-FPN paper gives neither, and its two AmoebaNet
-# rows imply backbones of different sizes (README, "The AmoebaNet rows"): N=5, F=256 (the
+# rows imply backbones of different sizes (docs/results.md, "The AmoebaNet rows"): N=5, F=256 (the
 # authors' ImageNet flags have N=4) meets FPN AmoebaNet's FLOPs within 1%; N=6, F=224 puts
 # NAS-FPN AmoebaNet's params and FLOPs both within 3.5% (experiments/model_table.py).
 _AMOEBANETS = {'amoebanet_d': dict(num_cells=15, reduction_size=256),
