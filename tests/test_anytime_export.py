@@ -5,12 +5,8 @@ the stock interpreter with builtin ops and the post-processing op only."""
 import contextlib
 import io
 import json
-import os
-import pickle
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,32 +20,13 @@ from nasfpn_tf.export import tflite_runtime
 from nasfpn_tf.export.saved_model import load_model
 from nasfpn_tf.training import trainer as trainer_lib
 from nasfpn_tf.utils import model_stats
-from test_export_saved_model import REPO, assert_same_detections, keras_detections, run_main
-from training_helpers import pairwise_iou, read_scalars, spread_scores, tiny_bindings
+from training_helpers import assert_same_detections, keras_detections, pairwise_iou
+from training_helpers import read_scalars, records_and_encoded_images, run_main
+from training_helpers import serve_in_fresh_process, spread_scores, tiny_bindings
 
 ANYTIME = ['build_retinanet.num_repeats = 2', 'build_retinanet.anytime = True',
            # A near-untrained model: keep every candidate so there are detections to compare.
            'build_retinanet.pre_nms_score_threshold = 0.0', 'build_retinanet.max_detections = 20']
-
-# Runs in a fresh Python: every exit signature of the SavedModel on the pickled inputs.
-_SERVE_EXITS = r'''
-import pickle, sys
-import tensorflow as tf
-
-export_dir, inputs_path, outputs_path = sys.argv[1:]
-with open(inputs_path, 'rb') as f:
-  inputs = pickle.load(f)
-signatures = tf.saved_model.load(export_dir).signatures
-out = {'names': sorted(signatures)}
-for k in inputs['exits']:
-  for name, key, value in ((f'serving_exit_{k}', 'images', inputs['images']),
-                           (f'serving_exit_{k}_encoded_image', 'encoded_image', inputs['jpegs'])):
-    outputs = signatures[name](**{key: tf.constant(value)})
-    out[name] = {key: value.numpy() for key, value in outputs.items()}
-with open(outputs_path, 'wb') as f:
-  pickle.dump(out, f)
-'''
-
 
 @pytest.fixture(scope='module')
 def trained(synthetic_records, tmp_path_factory):
@@ -99,22 +76,17 @@ def test_every_exit_signature_serves_in_a_fresh_process(trained, synthetic_recor
                                 f'--export_dir={export_dir}').splitlines()[-1])
   assert summary['signatures']['serving_exit_1'] == 'images'
   assert summary['signatures']['serving_exit_2_encoded_image'] == 'encoded_image'
-  examples = [record.numpy() for record in
-              tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(synthetic_records['val'])))]
-  jpegs = [tf.train.Example.FromString(record).features.feature[tfexample.ENCODED].bytes_list
-           .value[0] for record in examples]
+  examples, jpegs = records_and_encoded_images(synthetic_records['val'])
   decoded = [tfexample.decode_example(record)['image'].numpy() for record in examples]
   images = np.stack([decoded[0], decoded[0][:, ::-1]])
-  with open(tmp_path / 'inputs.pkl', 'wb') as f:
-    pickle.dump({'exits': [1, 2], 'images': images, 'jpegs': jpegs}, f)
-  subprocess.run([sys.executable, '-c', _SERVE_EXITS, str(export_dir), str(tmp_path / 'inputs.pkl'),
-                  str(tmp_path / 'outputs.pkl')], check=True, cwd=REPO, timeout=300,
-                 env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
-  with open(tmp_path / 'outputs.pkl', 'rb') as f:
-    served = pickle.load(f)
+  served = serve_in_fresh_process(export_dir, [
+      (name, name, {key: value}) for k in (1, 2)
+      for name, key, value in ((f'serving_exit_{k}', 'images', images),
+                               (f'serving_exit_{k}_encoded_image', 'encoded_image', jpegs))],
+      tmp_path)
   assert {'serving_default', 'serving_encoded_image', 'serving_tf_example', 'serving_exit_1',
           'serving_exit_1_encoded_image', 'serving_exit_2',
-          'serving_exit_2_encoded_image'} == set(served['names'])
+          'serving_exit_2_encoded_image'} == set(served['inputs'])
   model = load_model(str(model_dir))[0]
   size = model.image_size
   for k in (1, 2):

@@ -3,18 +3,13 @@ trained Keras model detects through every signature; bad model dirs and images f
 import contextlib
 import io
 import json
-import os
 import pathlib
-import pickle
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
 import pytest
 import tensorflow as tf
-from official.vision.ops import preprocess_ops
 
 from nasfpn_tf import config
 from nasfpn_tf.data import input_pipeline
@@ -22,81 +17,18 @@ from nasfpn_tf.data import tfexample
 from nasfpn_tf.export import saved_model
 from nasfpn_tf.models import geometry
 from nasfpn_tf.training import trainer as trainer_lib
-from training_helpers import match_detections, run_main
+from training_helpers import assert_same_detections, keras_detections
+from training_helpers import records_and_encoded_images, run_main, serve_in_fresh_process
 from training_helpers import spread_scores
 from training_helpers import tiny_bindings
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 MAX_DETECTIONS = 20
-
-# Runs in a fresh Python: loads the SavedModel and calls each signature on the pickled inputs.
-_SERVE = r'''
-import pickle, sys
-import tensorflow as tf
-
-export_dir, inputs_path, outputs_path = sys.argv[1:]
-with open(inputs_path, 'rb') as f:
-  inputs = pickle.load(f)
-signatures = tf.saved_model.load(export_dir).signatures
-
-
-def run(name, **kwargs):
-  outputs = signatures[name](**{key: tf.constant(value) for key, value in kwargs.items()})
-  return {key: value.numpy() for key, value in outputs.items()}
-
-
-out = {'inputs': {name: {key: (spec.dtype.name, spec.shape.as_list())
-                         for key, spec in function.structured_input_signature[1].items()}
-                  for name, function in signatures.items()}}
-out['images'] = run('serving_default', images=inputs['images'])
-out['other_size'] = run('serving_default', images=inputs['other_size'])
-out['encoded'] = run('serving_encoded_image', encoded_image=inputs['encoded'])
-out['examples'] = run('serving_tf_example', serialized_example=inputs['examples'])
-out['errors'] = []
-for data in inputs['corrupt']:
-  try:
-    run('serving_encoded_image', encoded_image=[inputs['encoded'][0], data])
-    out['errors'].append(None)
-  except tf.errors.InvalidArgumentError as e:
-    out['errors'].append(e.message)
-out['after_errors'] = run('serving_encoded_image', encoded_image=inputs['encoded'][:1])
-with open(outputs_path, 'wb') as f:
-  pickle.dump(out, f)
-'''
-
-
 
 
 def _encode(image: np.ndarray, mode: str, file_format: str) -> bytes:
   out = io.BytesIO()
   Image.fromarray(image).convert(mode).save(out, format=file_format)
   return out.getvalue()
-
-
-def keras_detections(detect, size, images):
-  """The eval path, one image at a time: eval preprocessing, `detect`, to_original_image."""
-  outputs = []
-  for image in images:
-    inputs, image_info = preprocess_ops.resize_and_crop_image(tf.constant(image), size,
-                                                              padded_size=size)
-    detections = detect(inputs[None])
-    detections['detection_boxes'] = geometry.to_original_image(
-        detections['detection_boxes'], image_info[None])
-    outputs.append({key: value.numpy() for key, value in detections.items()})
-  return {key: np.concatenate([o[key] for o in outputs]) for key in outputs[0]}
-
-
-def assert_same_detections(actual, expected, what):
-  """Per image: as many detections, each expected one matched by its own actual one
-  (`match_detections`)."""
-  np.testing.assert_array_equal(actual['num_detections'], expected['num_detections'], what)
-  for i, count in enumerate(expected['num_detections']):
-    assert count > 0, f'{what}: image {i} has no detections to compare'
-    missing, _ = match_detections(expected, actual, i)
-    assert not missing, (f'{what}: image {i}: no match for classes '
-                         f'{expected["detection_classes"][i, missing]} scores '
-                         f'{expected["detection_scores"][i, missing]} boxes '
-                         f'{expected["detection_boxes"][i, missing]}')
 
 
 @pytest.fixture(scope='module')
@@ -124,25 +56,24 @@ def served(exported, synthetic_records, tmp_path_factory):
   """Every signature's answers from a fresh process, and the Keras model's on the same inputs."""
   _, export_dir, _, model = exported
   root = tmp_path_factory.mktemp('served')
-  examples = [record.numpy() for record in
-              tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(synthetic_records['val'])))]
+  examples, jpegs = records_and_encoded_images(synthetic_records['val'])
   images = [tfexample.decode_example(record)['image'].numpy() for record in examples]
   assert len({image.shape for image in images}) > 1  # the bytes batch mixes sizes
   gray = _encode(images[0], 'L', 'JPEG')
   rgba = _encode(images[1], 'RGBA', 'PNG')
-  jpegs = [tf.train.Example.FromString(record).features.feature[tfexample.ENCODED].bytes_list
-           .value[0] for record in examples]
   encoded = jpegs + [gray, rgba]
   same_size = np.stack([images[0], images[0][:, ::-1]])
-  inputs = {'images': same_size, 'other_size': images[1][None], 'encoded': encoded,
-            'examples': examples, 'corrupt': [b'not an image', encoded[0][:200]]}
-  with open(root / 'inputs.pkl', 'wb') as f:
-    pickle.dump(inputs, f)
-  subprocess.run([sys.executable, '-c', _SERVE, str(export_dir), str(root / 'inputs.pkl'),
-                  str(root / 'outputs.pkl')], check=True, cwd=REPO, timeout=300,
-                 env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
-  with open(root / 'outputs.pkl', 'rb') as f:
-    outputs = pickle.load(f)
+  outputs = serve_in_fresh_process(export_dir, [
+      ('images', 'serving_default', {'images': same_size}),
+      ('other_size', 'serving_default', {'images': images[1][None]}),
+      ('encoded', 'serving_encoded_image', {'encoded_image': encoded}),
+      ('examples', 'serving_tf_example', {'serialized_example': examples}),
+      # A bad image among good ones fails the call, and the next call serves again.
+      ('not_an_image', 'serving_encoded_image', {'encoded_image': [encoded[0], b'not an image']}),
+      ('truncated', 'serving_encoded_image', {'encoded_image': [encoded[0], encoded[0][:200]]}),
+      ('after_errors', 'serving_encoded_image', {'encoded_image': encoded[:1]}),
+  ], root, may_fail=('not_an_image', 'truncated'))
+  outputs['errors'] = [outputs.pop('not_an_image'), outputs.pop('truncated')]
 
   size = model.image_size
   detect = tf.function(model.detect, input_signature=[tf.TensorSpec([None] + size + [3])])
