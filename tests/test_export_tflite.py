@@ -10,7 +10,6 @@ import json
 from typing import NamedTuple
 import warnings
 
-from absl import flags
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -19,7 +18,6 @@ from official.vision.ops import box_ops
 from tensorflow.core.framework import attr_value_pb2
 
 from nasfpn_tf import config
-from nasfpn_tf import main
 from nasfpn_tf import predict
 from nasfpn_tf.data import input_pipeline
 from nasfpn_tf.export import tflite
@@ -28,12 +26,11 @@ from nasfpn_tf.export import tflite_runtime
 from nasfpn_tf.export.saved_model import load_model
 from nasfpn_tf.models.postprocess import DetectionGenerator
 from nasfpn_tf.training import trainer as trainer_lib
-from training_helpers import match_detections
+from training_helpers import match_detections, run_main
 from training_helpers import pairwise_iou
 from training_helpers import spread_scores
 from training_helpers import tiny_bindings
 
-FLAGS = flags.FLAGS
 
 # Room for every detection: no image reaches the max_detections cut, where a quantized file's
 # rounding would pick which detections are cut.
@@ -359,18 +356,14 @@ def test_int8_takes_uint8_pixels_keeps_the_postprocessing_in_float_and_detects_l
 
 
 def test_main_int8_with_float_input_fast_nms_and_other_calibration_records(
-    model_dir, keras_model, synthetic_records, val_images, tmp_path, capsys):
+    model_dir, keras_model, synthetic_records, val_images, tmp_path):
   path = str(tmp_path / 'int8_float_io.tflite')
-  FLAGS.unparse_flags()
-  try:
-    main.main(FLAGS([
-        'main.py', '--mode=export_tflite', f'--model_dir={model_dir}', f'--tflite_path={path}',
-        '--quantization=int8', '--notflite_uint8_input', '--tflite_fast_nms',
-        f'--representative_file_pattern={synthetic_records["val"]}',
-        '--num_representative_images=2', f'--gin_bindings={ROOM[0]}']))
-  finally:
-    FLAGS.unparse_flags()
-  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  printed = run_main(
+      '--mode=export_tflite', f'--model_dir={model_dir}', f'--tflite_path={path}',
+      '--quantization=int8', '--notflite_uint8_input', '--tflite_fast_nms',
+      f'--representative_file_pattern={synthetic_records["val"]}',
+      '--num_representative_images=2', f'--gin_bindings={ROOM[0]}')
+  summary = json.loads(printed.strip().splitlines()[-1])
   assert summary['representative_file_pattern'] == synthetic_records['val']
   assert summary['int8_io'] is False
   assert summary['inputs']['images']['dtype'] == 'float32'
