@@ -7,7 +7,6 @@ and only loopback addresses.
 import contextlib
 import json
 import os
-import pathlib
 import re
 import signal
 import socket
@@ -19,11 +18,10 @@ import time
 import pytest
 import tensorflow as tf
 
-from training_helpers import (PortTaken, checkpoint_step, port_taken, read_scalars,
-                              start_on_free_ports, tiny_bindings)
+from training_helpers import (REPO, SUBPROCESS_TIMEOUT, TINY_MODEL_CONFIG, PortTaken,
+                              checkpoint_step, port_taken, read_scalars, start_on_free_ports,
+                              tiny_bindings)
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TIMEOUT_S = 600  # generous: CI machines can be slow; a hang still ends the test
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
 
 # One process, 2 logical CPUs: the same 3 global batches of 4 images train a single-device
@@ -37,11 +35,8 @@ from nasfpn_tf import config
 from nasfpn_tf.data import input_pipeline
 from nasfpn_tf.training.trainer import RetinaNetTrainer
 
-bindings, model_dirs = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+bindings, model_dirs, model_config = (json.loads(arg) for arg in sys.argv[1:])
 config.parse_gin([], bindings)
-model_config = {'image_size': [128, 128], 'num_classes': 10, 'min_level': 3, 'max_level': 7,
-                'anchor_num_scales': 3, 'anchor_aspect_ratios': [0.5, 1.0, 2.0],
-                'anchor_size': 4.0}
 batches = list(input_pipeline.build_train_dataset(global_batch_size=4,
                                                   model_config=model_config).take(3))
 fixed = tf.data.Dataset.from_tensor_slices(
@@ -63,7 +58,7 @@ for name in ('one_device', 'mirrored'):
 '''
 
 
-def _run(args, timeout=TIMEOUT_S, **kwargs):
+def _run(args, timeout=SUBPROCESS_TIMEOUT, **kwargs):
   result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env=kwargs.pop('env', ENV), **kwargs)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -88,7 +83,7 @@ def test_mirrored_on_two_cpus_follows_the_single_device_loss(synthetic_records, 
       'build_train_dataset.aug_scale_max = 1.0']
   model_dirs = {name: str(tmp_path / name) for name in ('one_device', 'mirrored')}
   result = _run([sys.executable, '-c', _MIRRORED_VS_SINGLE, json.dumps(bindings),
-                 json.dumps(model_dirs)])
+                 json.dumps(model_dirs), json.dumps(TINY_MODEL_CONFIG)])
   assert 'one_device replicas 1' in result.stdout and 'mirrored replicas 2' in result.stdout
   single = read_scalars(tmp_path / 'one_device' / 'train')
   mirrored = read_scalars(tmp_path / 'mirrored' / 'train')
@@ -119,9 +114,9 @@ def _run_two_workers(records, parent, ports):
       processes.append(subprocess.Popen(command, cwd=REPO, stdout=stdout, stderr=stderr,
                                         text=True, env=dict(ENV, TF_CONFIG=json.dumps(tf_config))))
     try:
-      deadline = time.monotonic() + TIMEOUT_S
+      deadline = time.monotonic() + SUBPROCESS_TIMEOUT
       while any(p.poll() is None for p in processes):
-        assert time.monotonic() < deadline, f'the two workers ran past {TIMEOUT_S} s'
+        assert time.monotonic() < deadline, f'the two workers ran past {SUBPROCESS_TIMEOUT} s'
         if any(p.poll() for p in processes):  # one failed: the other would wait for it
           break
         time.sleep(0.2)
@@ -206,7 +201,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(synthetic_records, tmp_pa
   process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env=ENV)
   try:
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
     while not (tmp_path / 'checkpoint').exists():
       assert process.poll() is None, 'training ended before its first checkpoint'
       assert time.monotonic() < deadline, 'no checkpoint within the time limit'
