@@ -39,16 +39,13 @@ from nasfpn_tf.search.journal import Journal
 from nasfpn_tf.search.space import SearchSpace
 
 NUM_IMAGES, NUM_HELDOUT = 24, 8
-TINY_MODEL = ['build_retinanet.image_size = (128, 128)', 'build_retinanet.num_filters = 16',
-              'build_retinanet.num_repeats = 1', 'build_retinanet.head_num_convs = 1',
-              'build_retinanet.head_num_filters = 16']
 TINY_STEPS = ['CpuProxyCache.pretrain_steps = 2', 'CpuProxyCache.pretrain_filters = 16',
               'CpuProxyCache.pretrain_batch_size = 2', 'CpuProxy.train_steps = 4',
               'CpuProxy.batch_size = 2', 'CpuProxy.warmup_steps = 1',
               # 3 held-out batches (3, 3, 2 images): the held-out loss must not depend on them.
               'CpuProxy.eval_batch_size = 3']
-TINY = TINY_MODEL + TINY_STEPS + [f'CpuProxyCache.num_images = {NUM_IMAGES}',
-                                  f'CpuProxyCache.num_heldout = {NUM_HELDOUT}']
+TINY = training_helpers.TINY_NETWORK + TINY_STEPS + [
+    f'CpuProxyCache.num_images = {NUM_IMAGES}', f'CpuProxyCache.num_heldout = {NUM_HELDOUT}']
 
 
 def _coco_subset(root: pathlib.Path, coco128: pathlib.Path, num_images: int) -> str:
@@ -234,7 +231,7 @@ def test_bad_input_is_named_before_any_trial(coco_records, tmp_path):
   # Too few images for the default split (400 of 2000 held out: 5 of 24).
   with pytest.raises(ValueError, match=r'24 images are too few .*holds out 5 of 24 \('
                      r'CpuProxyCache.num_heldout = 400 of CpuProxyCache.num_images = 2000\)'):
-    prepare(TINY_MODEL, data_dir=data_dir)
+    prepare(training_helpers.TINY_NETWORK, data_dir=data_dir)
   assert not [p for p in (tmp_path / 'work' / feature_cache.CACHES_DIR).iterdir() if p.is_dir()]
   # No records, a file that is no TFRecord, a record that is no tf.Example.
   empty = tmp_path / 'empty'
@@ -258,8 +255,8 @@ def test_bad_input_is_named_before_any_trial(coco_records, tmp_path):
   # Checkpoints: none there; one whose backbone does not fit (MobileNetV2, the proxy's ResNet-10).
   with pytest.raises(ValueError, match=r'--backbone_checkpoint=.*nowhere: .*no checkpoint'):
     prepare(TINY, data_dir=data_dir, backbone_checkpoint=str(tmp_path / 'nowhere'))
-  configurables.parse_gin(['search_proxy_cpu.gin'], TINY_MODEL + ['build_retinanet.backbone = '
-                                                                  "'mobilenetv2'"])
+  configurables.parse_gin(['search_proxy_cpu.gin'], training_helpers.TINY_NETWORK + [
+      "build_retinanet.backbone = 'mobilenetv2'"])
   tf.train.Checkpoint(model=factory.build_retinanet()).save(str(tmp_path / 'mnv2' / 'ckpt'))
   with pytest.raises(ValueError, match=r"(?s)--backbone_checkpoint=.*mnv2 does not fit the proxy's "
                      r"backbone \(build_retinanet.backbone = 'resnet10'\): .*nothing was loaded.*"
