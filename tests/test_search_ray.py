@@ -1,5 +1,5 @@
-"""The search on real Ray: kill -9 of the search and of a worker, a two-node cluster, and a
-training proxy end to end.
+"""The search on real Ray: kill -9 of the search, a cluster of two nodes with kill -9 of a
+worker, and a training proxy end to end.
 
 The synthetic proxy (no training, a wait per trial) keeps the first two to seconds of trial
 time. Each test starts its own Ray in sessions of its own (`_process_group`) and kills them whole
@@ -135,7 +135,7 @@ def _start_head(stack, log_dir, ports):
   server listens; PortTaken when its port was taken meanwhile (`--block` then stops the head)."""
   log = log_dir / f'head-{ports[0]}.log'
   command = [RAY, 'start', '--head', '--port=0', f'--ray-client-server-port={ports[0]}',
-             '--dashboard-agent-listen-port=0', '--num-cpus=1', '--include-dashboard=false',
+             '--dashboard-agent-listen-port=0', '--num-cpus=0', '--include-dashboard=false',
              '--disable-usage-stats', '--block']
   with open(log, 'w') as output:
     head = stack.enter_context(_process_group(command, stdout=output, stderr=subprocess.STDOUT))
@@ -185,8 +185,11 @@ def _kill_a_running_trial(sessions, search, errors):
   return kills, tensorflow
 
 
-def test_a_two_node_cluster_runs_trials_on_both_reuses_workers_and_retries_a_killed_one(
+def test_a_cluster_runs_trials_on_its_joined_node_reuses_a_worker_and_retries_a_killed_one(
     tmp_path):
+  # The head has no CPU for trials, the node that joins it one: every trial runs there, one at a
+  # time. (With a CPU on each, which nodes get trials is up to timing: Tune moves a trial that
+  # waits for a new worker to the idle worker of a finished trial.)
   search_dir = tmp_path / 'search'
   with contextlib.ExitStack() as stack:
     head, address = start_on_free_ports(lambda ports: _start_head(stack, tmp_path, ports))
@@ -208,11 +211,9 @@ def test_a_two_node_cluster_runs_trials_on_both_reuses_workers_and_retries_a_kil
   records = _check_complete(search_dir, 10)
   assert errors(), 'no trial saw the killed worker'
   assert not tensorflow, 'a worker of the synthetic proxy loaded TensorFlow'
-  # Each node has one CPU and a trial takes one, and Tune starts the next trial while one runs:
-  # both nodes run trials at once.
-  assert len({r['node_id'] for r in records if not r['cached']}) == 2, 'not both nodes ran trials'
-  # One worker per node runs trial after trial; a killed one is replaced.
-  assert len(_worker_pids(search_dir)) <= 2 + kills
+  assert len({r['node_id'] for r in records if not r['cached']}) == 1
+  # One worker runs trial after trial; a killed one is replaced.
+  assert len(_worker_pids(search_dir)) <= 1 + kills
 
 
 # A training proxy at its smallest: 24 synthetic images (8 held out) through a frozen random
