@@ -22,9 +22,10 @@ and per code version, measured apart in fresh processes of that version:
 - `driver_per_sample_s[algorithm]`: the searcher's own work per sample without Ray (propose,
   journal line with fsync, controller state, progress line and drawings), as
   `training_helpers.drive_in_process` drives it.
-The last line sums it up: overhead per sample before and after, their ratio, and what is left
-after taking off the driver's share and the worker imports (Ray and Tune: actor and placement
-group per trial, result passing).
+The last line sums it up: overhead per sample before and after and their ratio, beside the
+parts measured apart (the driver's work per sample; the worker imports spread over the samples by
+workers started per sample). The parts are measured in other processes at other moments: on a
+machine whose load changes they show sizes, not terms that add up to the overhead.
 """
 import json
 import os
@@ -196,8 +197,8 @@ def measure(output_dir: pathlib.Path) -> List[Dict[str, Any]]:
 
 
 def summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
-  """Mean overhead per sample of each version and algorithm, the ratio, and what is left after
-  the driver's own work and the worker imports (per worker started, spread over the samples)."""
+  """Mean overhead per sample of each version and algorithm, the ratio, and the parts measured
+  apart: the driver's own work, the worker imports per worker started spread over the samples."""
   imports = {r['version']: r for r in rows if 'import_trials_s' in r}
   out = {}
   for algorithm in FLAGS.algorithms:
@@ -213,9 +214,6 @@ def summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
           'worker_imports_s': round(workers_per_sample * (info['import_trials_s']
                                                           + info['import_ray_tune_s']), 3),
           'workers_per_sample': round(workers_per_sample, 2)}
-      parts = out[f'{algorithm}_{version}']
-      parts['ray_tune_rest_s'] = round(overhead - parts['driver_s'] - parts['worker_imports_s'],
-                                       3)
     out[f'{algorithm}_before_over_after'] = round(
         out[f'{algorithm}_before']['overhead_per_sample_s']
         / max(out[f'{algorithm}_after']['overhead_per_sample_s'], 1e-3), 1)
