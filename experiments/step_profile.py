@@ -14,7 +14,6 @@ time where the two cores run ops side by side.
 """
 import collections
 import re
-import pathlib
 import shutil
 import sys
 import tempfile
@@ -24,8 +23,8 @@ from absl import app
 from absl import flags
 
 import tensorflow as tf
-from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
+from bench import op_profile
 from nasfpn_tf import config
 from nasfpn_tf.training import distribute
 from nasfpn_tf.training import precision
@@ -37,11 +36,6 @@ flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings.')
 flags.DEFINE_integer('warmup_steps', 5, 'Untraced steps first (tracing, warm caches).')
 flags.DEFINE_integer('steps', 10, 'Traced steps.')
 flags.DEFINE_integer('top', 15, 'Op types listed.')
-flags.DEFINE_bool('dump_names', False, 'Print every traced op name and type.')
-
-# Executor and thread-pool events that enclose or schedule the ops they run: not ops.
-_NOT_OPS = ('Process', 'Start', 'Run', 'ExecutorState::Process', 'ExecutorState::ProcessAsync')
-
 
 def _part(name: str) -> str:
   """The model part of an op (forward or gradient): 'backbone', 'decoder', 'head', 'optimizer'
@@ -56,27 +50,16 @@ def _part(name: str) -> str:
 
 
 def op_seconds(logdir: str):
-  """({op type: seconds}, {model part: seconds}) of the ops the executor ran."""
+  """({op type: seconds}, {model part: seconds}, {op: seconds}) of the ops the executor ran."""
   by_type, by_part, by_op = collections.Counter(), collections.Counter(), collections.Counter()
-  for path in pathlib.Path(logdir).rglob('*.xplane.pb'):
-    space = xplane_pb2.XSpace()
-    space.ParseFromString(path.read_bytes())
-    for plane in space.planes:
-      for line in plane.lines:
-        if not line.name.startswith('tf_Compute'):
-          continue
-        for event in line.events:
-          name = plane.event_metadata[event.metadata_id].name
-          op_name, _, op_type = name.rpartition(':')
-          op_type = op_type.replace('_MklNative', '').replace('_Mkl', '')
-          if not op_name or op_type in _NOT_OPS or name.startswith('ThreadpoolListener'):
-            continue
-          if FLAGS.dump_names:
-            print(op_name, op_type)
-          seconds = event.duration_ps * 1e-12
-          by_type[op_type] += seconds
-          by_part[_part(op_name)] += seconds
-          by_op[f'{op_name.replace("while/body/_1/", "")} ({op_type})'] += seconds
+  for name, seconds in op_profile.executor_events(logdir):
+    op = op_profile.op_name_and_type(name)
+    if op is None:
+      continue
+    op_name, op_type = op[0], op[1].replace('_MklNative', '').replace('_Mkl', '')
+    by_type[op_type] += seconds
+    by_part[_part(op_name)] += seconds
+    by_op[f'{op_name.replace("while/body/_1/", "")} ({op_type})'] += seconds
   return by_type, by_part, by_op
 
 

@@ -2,7 +2,7 @@
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import tensorflow as tf
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
@@ -24,27 +24,37 @@ def op_category(op_type: str) -> str:
   return 'rest'
 
 
-def _op_seconds_by_category(logdir: str) -> Dict[str, float]:
-  """Sums the durations of the TF ops the executor ran (events 'name:Type' on the tf_Compute
-  threads) by category; an async op's launch (our XLA-compiled focal loss) counts as 'rest'."""
-  seconds = dict.fromkeys(PROFILE_CATEGORIES, 0.0)
+def executor_events(logdir: str) -> Iterator[Tuple[str, float]]:
+  """(name, seconds) of every event on the executor's threads (tf_Compute) in a trace."""
   for path in pathlib.Path(logdir).rglob('*.xplane.pb'):
     space = xplane_pb2.XSpace()
     space.ParseFromString(path.read_bytes())
     for plane in space.planes:
       for line in plane.lines:
-        if not line.name.startswith('tf_Compute'):
-          continue
-        for event in line.events:
-          name = plane.event_metadata[event.metadata_id].name
-          op_type = name.rsplit(':', 1)[-1]
-          if name == 'ExecutorState::ProcessAsync::Start':
-            category = 'rest'
-          elif ':' in name and '::' not in name and not op_type.startswith(' '):
-            category = op_category(op_type)
-          else:
-            continue  # Executor bookkeeping, or XLA's own events inside its launch.
-          seconds[category] += event.duration_ps * 1e-12
+        if line.name.startswith('tf_Compute'):
+          for event in line.events:
+            yield plane.event_metadata[event.metadata_id].name, event.duration_ps * 1e-12
+
+
+def op_name_and_type(event_name: str) -> Optional[Tuple[str, str]]:
+  """(op name, op type) of an executor event that is a TF op ('name:Type'), None for executor
+  bookkeeping and XLA's own events inside its launch."""
+  op_name, _, op_type = event_name.rpartition(':')
+  if op_name and '::' not in event_name and not op_type.startswith(' '):
+    return op_name, op_type
+  return None
+
+
+def _op_seconds_by_category(logdir: str) -> Dict[str, float]:
+  """Sums the durations of the TF ops the executor ran (events 'name:Type' on the tf_Compute
+  threads) by category; an async op's launch (our XLA-compiled focal loss) counts as 'rest'."""
+  seconds = dict.fromkeys(PROFILE_CATEGORIES, 0.0)
+  for name, duration in executor_events(logdir):
+    op = op_name_and_type(name)
+    if name == 'ExecutorState::ProcessAsync::Start':
+      seconds['rest'] += duration
+    elif op is not None:
+      seconds[op_category(op[1])] += duration
   return seconds
 
 
