@@ -6,7 +6,6 @@ package beyond pytest (Bazel's hub has only the pinned ones).
 """
 import itertools
 import operator
-import pathlib
 import re
 
 import pytest

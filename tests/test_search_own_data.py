@@ -2,7 +2,6 @@
 several seeds) and the errors that name bad input before any trial."""
 import ast
 import collections
-import contextlib
 import dataclasses
 import json
 import os
@@ -401,20 +400,8 @@ def test_a_search_on_the_users_records_resumes_after_kill_minus_9(coco_records, 
   env = dict(os.environ, RAY_USAGE_STATS_ENABLED='0')
   journal = Journal(search_dir / 'trials.jsonl')
 
-  @contextlib.contextmanager
-  def session():
-    """The command in a session of its own, killed whole (Ray's daemons too) at the end."""
-    process = subprocess.Popen(command, cwd=training_helpers.REPO, env=env,
-                               start_new_session=True, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    try:
-      yield process
-    finally:
-      with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-      process.wait()
-
-  with session() as search:
+  with training_helpers.own_session(command, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True) as search:
     deadline = time.monotonic() + training_helpers.SUBPROCESS_TIMEOUT
     while not journal.read() and search.poll() is None and time.monotonic() < deadline:
       time.sleep(0.5)
@@ -423,7 +410,8 @@ def test_a_search_on_the_users_records_resumes_after_kill_minus_9(coco_records, 
     os.killpg(search.pid, signal.SIGKILL)
   before = journal.read()
   assert 1 <= len(before) < 3, 'the kill must land mid-search'
-  with session() as search:
+  with training_helpers.own_session(command, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True) as search:
     output, _ = search.communicate(timeout=training_helpers.SUBPROCESS_TIMEOUT)
     assert search.returncode == 0, output[-3000:]
   records = journal.read()

@@ -21,7 +21,7 @@ import time
 import psutil
 
 from nasfpn_tf.search.journal import Journal, ResultStore
-from training_helpers import (REPO, SUBPROCESS_TIMEOUT, PortTaken, port_taken,
+from training_helpers import (REPO, SUBPROCESS_TIMEOUT, PortTaken, own_session, port_taken,
                               start_on_free_ports)
 
 RAY = str(pathlib.Path(sys.executable).parent / 'ray')
@@ -54,17 +54,10 @@ def _wait_for(condition, what, timeout=SUBPROCESS_TIMEOUT):
   return value
 
 
-@contextlib.contextmanager
 def _process_group(command, **kwargs):
-  """Runs `command` in a session of its own (Ray's daemons and workers started by it stay in it)
-  and kills the session's process group after."""
-  process = subprocess.Popen(command, cwd=REPO, env=ENV, start_new_session=True, **kwargs)
-  try:
-    yield process
-  finally:
-    with contextlib.suppress(ProcessLookupError):
-      os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+  """`command` in a session of its own with the Ray environment of these tests, killed whole
+  after (`training_helpers.own_session`)."""
+  return own_session(command, env=ENV, **kwargs)
 
 
 def _running_trials(sessions):

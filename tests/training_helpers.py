@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -376,3 +377,17 @@ def start_on_free_ports(start, count=1, attempts=3):
       if attempt == attempts - 1:
         raise
   raise AssertionError('unreachable')
+
+
+@contextlib.contextmanager
+def own_session(command, env=None, **kwargs):
+  """Runs `command` (Popen keyword arguments in `kwargs`) from the repository in a session of its
+  own, so that what it starts (Ray's daemons and workers) stays in its process group, and kills
+  the whole group after: a test never leaves, nor kills, another test's processes."""
+  process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, **kwargs)
+  try:
+    yield process
+  finally:
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
