@@ -70,8 +70,8 @@ $(UV):
 # -> drawn predictions, each phase timed.
 # Generation and conversion are file targets under $(DEMO_DIR), skipped when their outputs exist.
 # Training always runs and resumes from the last checkpoint in $(DEMO_DIR): on a finished run it
-# is already at train_steps, so a rerun only evaluates again (under a minute); an interrupted one
-# goes on where it stopped. DEMO_IMAGE_SIZE is the synthetic images' nominal side; it must stay
+# is already at train_steps, so a rerun evaluates, exports over the earlier exports and draws
+# again (about a minute); an interrupted one goes on where it stopped. DEMO_IMAGE_SIZE is the synthetic images' nominal side; it must stay
 # build_retinanet.image_size of demo.gin (object sizes scale with it).
 DEMO_IMAGE_SIZE ?= 256
 DEMO_NUM_TRAIN ?= 2000
