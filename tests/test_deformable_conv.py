@@ -1,13 +1,12 @@
 """deform_conv2d and DeformableConv2D (DCNv2) against a loop-by-loop NumPy reference, plain
 convolution at zero offsets, numerical gradients, config / SavedModel round trips, TFLite with
 built-in ops only, and argument errors."""
-import os
-
 import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras
 
+import training_helpers
 from nasfpn_tf.export import tflite_runtime
 from nasfpn_tf.layers.deformable_conv import DeformableConv2D, deform_conv2d
 
@@ -298,12 +297,7 @@ def test_tflite_builtin_ops_only_matches_keras():
                              rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(
-    os.environ.get('ONEDNN_MAX_CPU_ISA', '').upper() in {
-        'SSE41', 'AVX', 'AVX2', 'AVX2_VNNI', 'AVX512_CORE', 'AVX512_CORE_VNNI'},
-    reason='oneDNN held below AVX512-BF16 (ONEDNN_MAX_CPU_ISA, the AVX2 emulation) on a CPU with '
-           'bfloat16 hardware crashes in a bfloat16 matmul (segmentation fault, seen on Sapphire '
-           'Rapids with ONEDNN_MAX_CPU_ISA=AVX2): an artefact of the emulation, not of the layer')
+@training_helpers.HALF_PRECISION_HELD_BACK
 def test_mixed_precision_computes_in_bfloat16_near_float32():
   x = random_case(10, hw=(8, 8))[0]
   layer = DeformableConv2D(6, 3, deformable_groups=2)

@@ -17,6 +17,7 @@ from nasfpn_tf.evaluation.coco_metrics import METRIC_NAMES
 from nasfpn_tf.layers.dropblock import DropBlock
 from nasfpn_tf.models.retinanet import RetinaNet
 from nasfpn_tf.training import trainer as trainer_lib
+import training_helpers
 from training_helpers import checkpoint_step, read_scalars, tiny_bindings
 
 
@@ -227,6 +228,7 @@ def test_clipping_bounds_the_applied_update(synthetic_records, tmp_path):
   assert _global_norm([d - e for d, e in zip(deltas, expected)]) < 0.02 * rate * clip
 
 
+@training_helpers.HALF_PRECISION_HELD_BACK
 def test_float16_scales_the_loss_and_unscales_the_gradients(synthetic_records, tmp_path,
                                                              monkeypatch):
   """The float16 step multiplies the loss by the dynamic loss scale (2^15 to start) and divides
@@ -268,6 +270,7 @@ def test_float16_scales_the_loss_and_unscales_the_gradients(synthetic_records, t
   assert np.isfinite(losses[2])
 
 
+@training_helpers.HALF_PRECISION_HELD_BACK
 def test_bfloat16_dropblock_ramp_and_steps_per_execution(synthetic_records, tmp_path):
   """bfloat16 with DropBlock, 3 steps in one compiled call, clipping on (its effect:
   test_clipping_bounds_the_applied_update)."""
