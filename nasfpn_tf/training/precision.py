@@ -13,6 +13,7 @@ the benchmark) takes this one decision, `training_precision`.
 """
 import os
 import pathlib
+import sys
 from typing import FrozenSet, Optional, Tuple
 
 import tensorflow as tf
@@ -109,7 +110,6 @@ def main(argv) -> None:
   """`python -m nasfpn_tf.training.precision [REQUESTED]`: prints what a requested precision
   (default bfloat16) trains in on this machine, `bfloat16`, `float16` or `float32`, on stdout,
   and the trainer's line saying why on stderr (`make demo` chooses its budget by it)."""
-  import sys  # pylint: disable=g-import-not-at-top
   requested = argv[1] if len(argv) > 1 else 'bfloat16'
   chosen, line = training_precision(None if requested == 'float32' else requested)
   print(line, file=sys.stderr)
@@ -117,5 +117,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  import sys  # pylint: disable=g-import-not-at-top
   main(sys.argv)
