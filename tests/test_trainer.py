@@ -228,6 +228,47 @@ def test_clipping_bounds_the_applied_update(synthetic_records, tmp_path):
   assert _global_norm([d - e for d, e in zip(deltas, expected)]) < 0.02 * rate * clip
 
 
+def test_adamw_first_step_is_the_sign_step_plus_decoupled_decay_off_norms_and_biases(
+    synthetic_records, tmp_path):
+  """AdamW's first step, by hand: with m = (1 - b1) g and v = (1 - b2) g^2 after one gradient,
+  Keras's bias-corrected update is lr g / (|g| + eps / sqrt(1 - b2)), and the decoupled decay
+  subtracts lr x wd x w first, except from batch-norm gammas/betas and biases."""
+  decay = 0.5
+  bindings = [b for b in tiny_bindings(synthetic_records, train_steps=1, optimizer='adamw',
+                                       weight_decay=decay)
+              if 'l2_weight_decay' not in b]  # AdamW decays the weights itself
+  trainer = _trainer(tmp_path, bindings)
+  optimizer = trainer.optimizer
+  assert isinstance(optimizer, tf_keras.optimizers.AdamW)
+  images, labels = _batch(trainer)
+  model, variables = trainer.model, trainer.model.trainable_variables
+  with tf.GradientTape() as tape:
+    total = trainer.loss_fn(model(images, training=True), labels)['total_loss']
+  gradients = [g.numpy().astype(np.float64) for g in tape.gradient(total, variables)]
+  weights = [v.numpy().astype(np.float64) for v in variables]
+  rate = float(trainer.learning_rate(0))
+  deltas = _one_step(trainer, images, labels)
+  eps = optimizer.epsilon / np.sqrt(1.0 - optimizer.beta_2)
+  decayed = 0
+  for variable, g, w, delta in zip(variables, gradients, weights, deltas):
+    exempt = any(key in variable.name for key in ('gamma', 'beta', 'bias'))
+    decayed += not exempt
+    expected = -rate * g / (np.abs(g) + eps) - (0.0 if exempt else rate * decay * w)
+    np.testing.assert_allclose(delta, expected, atol=2e-3 * rate, err_msg=variable.name)
+  assert 0 < decayed < len(variables)  # kernels decay, norms and biases do not
+
+
+@pytest.mark.parametrize('binding, message', [
+    ("RetinaNetTrainer.optimizer = 'adam'",
+     "RetinaNetTrainer.optimizer = 'adam' is not one of ['sgd', 'adamw']"),
+    ('RetinaNetTrainer.weight_decay = 1e-4', "RetinaNetTrainer.weight_decay = 0.0001 needs "
+     "optimizer = 'adamw'"),
+])
+def test_bad_optimizer_bindings_name_the_binding(synthetic_records, tmp_path, binding, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    _trainer(tmp_path, tiny_bindings(synthetic_records) + [binding])
+
+
 @training_helpers.HALF_PRECISION_HELD_BACK
 def test_float16_scales_the_loss_and_unscales_the_gradients(synthetic_records, tmp_path,
                                                              monkeypatch):
