@@ -28,6 +28,7 @@ from nasfpn_tf.models import factory
 from nasfpn_tf.models.losses import RetinaNetLoss
 from nasfpn_tf.search import configurables
 from nasfpn_tf.search import cpu_proxy
+from nasfpn_tf.search import cache_inputs
 from nasfpn_tf.search import feature_cache
 from nasfpn_tf.search import heldout
 from nasfpn_tf.search import proxy
@@ -281,9 +282,9 @@ def test_the_cache_key_holds_the_data_and_the_checkpoint_by_content(coco_records
   def path(data=None, backbone=None):
     return feature_cache.cache_path('w', feature_cache.cache_key(settings, data, backbone))
 
-  mine = feature_cache.data_fingerprint(data_dir, memo)
-  copied = feature_cache.data_fingerprint(_copy_records(data_dir, tmp_path / 'copy'), memo)
-  fewer = feature_cache.data_fingerprint(
+  mine = cache_inputs.data_fingerprint(data_dir, memo)
+  copied = cache_inputs.data_fingerprint(_copy_records(data_dir, tmp_path / 'copy'), memo)
+  fewer = cache_inputs.data_fingerprint(
       _copy_records(data_dir, tmp_path / 'fewer', keep=lambda n: '00001-of' not in n), memo)
   # One byte changed in the middle, the size kept.
   edited_dir = _copy_records(data_dir, tmp_path / 'edited')
@@ -291,7 +292,7 @@ def test_the_cache_key_holds_the_data_and_the_checkpoint_by_content(coco_records
   content = bytearray(shard.read_bytes())
   content[len(content) // 2] ^= 1
   shard.write_bytes(bytes(content))
-  edited = feature_cache.data_fingerprint(edited_dir, memo)
+  edited = cache_inputs.data_fingerprint(edited_dir, memo)
   assert path(mine) == path(copied)  # the content counts, not where it lies
   assert len({path(), path(mine), path(fewer), path(edited)}) == 4
   assert 'data' not in feature_cache.cache_key(settings)  # the synthetic key stays as it was
@@ -300,7 +301,7 @@ def test_the_cache_key_holds_the_data_and_the_checkpoint_by_content(coco_records
     tf_keras.utils.set_random_seed(seed)
     prefix = tf.train.Checkpoint(v=tf.Variable(tf.random.normal([3]))).write(
         str(tmp_path / f'ckpt{seed}' / 'ckpt'))
-    checkpoints.append(feature_cache.checkpoint_fingerprint(prefix, memo))
+    checkpoints.append(cache_inputs.checkpoint_fingerprint(prefix, memo))
   assert len({path(mine), path(mine, checkpoints[0]), path(mine, checkpoints[1])}) == 3
 
 

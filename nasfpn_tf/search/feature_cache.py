@@ -22,10 +22,9 @@ backbone checkpoint, hashed into its folder name):
              the backbone comes from a checkpoint);
   cache.json the settings, sizes, timings and the held-out AP of the pretraining model.
 
-The data and the checkpoint enter the key by content (each file's name, size and SHA-256), not by
-path: a copied data dir finds its cache, and edited records or another checkpoint never do.
-Digests are remembered per (path, size, mtime) in `DIGESTS_FILE` beside the caches, so a trial
-does not hash the data again.
+The data and the checkpoint enter the key by content (`cache_inputs`: each file's name, size and
+SHA-256), not by path: a copied data dir finds its cache, and edited records or another checkpoint
+never do. The arrays' layout and dtypes are `feature_arrays`'.
 
 The folder appears complete or not at all (`utils.files.atomic_directory`), files are added to it
 only whole (`utils.files.atomic_write`), and one process builds it while the others wait on a lock
@@ -42,7 +41,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import gin
 import numpy as np
@@ -50,11 +49,12 @@ import tensorflow as tf
 import tf_keras
 
 from nasfpn_tf.data import input_pipeline
-from nasfpn_tf.data import label_map
 from nasfpn_tf.data import synthetic
 from nasfpn_tf.evaluation import evaluate
 from nasfpn_tf.models import backbones
 from nasfpn_tf.models import factory
+from nasfpn_tf.search import cache_inputs
+from nasfpn_tf.search import feature_arrays
 from nasfpn_tf.search import heldout
 from nasfpn_tf.training import distribute
 from nasfpn_tf.training import init_checkpoint
@@ -68,17 +68,8 @@ CACHE_FILE = 'cache.json'
 HEAD_FILE = 'head.npz'
 HELDOUT_TARGETS_FILE = os.path.join('features', 'heldout_targets.npz')
 CACHES_DIR = 'cpu_proxy_cache'
-DIGESTS_FILE = 'digests.json'
-# The user's converter records in --data_dir: the training split only (never the evaluation one).
-DATA_RECORDS = 'train-*.tfrecord'
 # Fewest images either split may hold (held-out AP on fewer is not a reward).
 MIN_SPLIT_IMAGES = 8
-FEATURE_DTYPE = np.float16
-# Labels kept narrow in memory; trials cast them back for the loss. Class ids take int8 up to
-# 127 and int16 beyond (`_label_dtype`).
-_LABEL_DTYPES = {'cls_targets': np.int8, 'box_targets': np.float16, 'cls_weights': np.float16,
-                 'box_weights': np.float16}
-_BATCH = 32
 
 
 @gin.configurable
@@ -134,94 +125,6 @@ def pretrain_overrides(settings: CpuProxyCache) -> Dict[str, Any]:
           'head_use_separable_conv': False}
 
 
-# The data and the backbone checkpoint.
-
-
-def data_pattern(data_dir: str) -> str:
-  """The converter records of `data_dir` that the proxy reads (its training split)."""
-  return os.path.join(data_dir, DATA_RECORDS)
-
-
-def _data_files(data_dir: str) -> List[str]:
-  paths = heldout.record_files(data_pattern(data_dir))
-  if not paths:
-    raise ValueError(
-        f'--data_dir={data_dir}: no records {data_pattern(data_dir)} there; convert your COCO '
-        'json and images with `python -m nasfpn_tf.data.create_coco_tfrecord '
-        f'--output_prefix={os.path.join(data_dir, "train")} ...` (the proxy holds out part of '
-        'these training images; it never reads an evaluation split).')
-  return paths
-
-
-def data_bindings(data_dir: Optional[str]) -> List[str]:
-  """The gin bindings the user's data implies, to parse before the user's own (which win):
-  `build_retinanet.num_classes` = the label map's largest category id + 1 (ids are kept raw, 0
-  is background). None without data_dir, or without a label map beside the records (then the
-  records' ids are checked against the bound num_classes when the cache is built)."""
-  if data_dir is None:
-    return []
-  _data_files(data_dir)
-  path = label_map.find_records_label_map(data_pattern(data_dir))
-  if path is None:
-    return []
-  ids = label_map.read_label_map(path)
-  if not ids or min(ids) < 1:
-    raise ValueError(f'label map {path}: category ids must be >= 1 (0 is background), got '
-                     f'{sorted(ids)[:10]}.')
-  return [f'build_retinanet.num_classes = {max(ids) + 1}']
-
-
-def _digest(path: str, memo_dir: str) -> str:
-  """SHA-256 of the file at `path`, remembered in `memo_dir`/DIGESTS_FILE per (path, size,
-  mtime): a file rewritten in place gets a new mtime, and so a new digest."""
-  stat = os.stat(path)
-  memo_key = f'{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}'
-  memo_path = os.path.join(memo_dir, DIGESTS_FILE)
-  memo = {}
-  if os.path.exists(memo_path):
-    try:
-      with open(memo_path, encoding='utf-8') as f:
-        memo = json.load(f)
-    except (OSError, ValueError):
-      memo = {}  # Unreadable: hashed again and rewritten.
-  if memo_key not in memo:
-    sha = hashlib.sha256()
-    with open(path, 'rb') as f:
-      for chunk in iter(lambda: f.read(1 << 22), b''):
-        sha.update(chunk)
-    memo[memo_key] = sha.hexdigest()
-    files.atomic_write(memo_path, json.dumps(memo, indent=0, sort_keys=True))
-  return memo[memo_key]
-
-
-def _fingerprint(paths, memo_dir: str) -> List[List[Any]]:
-  return [[os.path.basename(p), os.path.getsize(p), _digest(p, memo_dir)] for p in sorted(paths)]
-
-
-def data_fingerprint(data_dir: str, memo_dir: str) -> Dict[str, Any]:
-  """What the cache key holds of the user's data: name, size and SHA-256 of every record file
-  the proxy reads and of the label map beside them."""
-  fingerprint = {'records': _fingerprint(_data_files(data_dir), memo_dir)}
-  path = label_map.find_records_label_map(data_pattern(data_dir))
-  fingerprint['label_map'] = _fingerprint([path], memo_dir)[0] if path else None
-  return fingerprint
-
-
-def resolve_checkpoint(path: str) -> str:
-  """The checkpoint prefix `path` (a prefix, a TF Model Garden checkpoint folder or a nasfpn_tf
-  model dir) names; ValueError naming --backbone_checkpoint when there is none."""
-  try:
-    return init_checkpoint.resolve(path)
-  except init_checkpoint.InitCheckpointError as e:
-    raise ValueError(f'--backbone_checkpoint={path}: {e}') from e
-
-
-def checkpoint_fingerprint(path: str, memo_dir: str) -> Dict[str, Any]:
-  """What the cache key holds of a backbone checkpoint: its files' names, sizes and SHA-256."""
-  prefix = resolve_checkpoint(path)
-  return {'files': _fingerprint(tf.io.gfile.glob(prefix + '.*'), memo_dir)}
-
-
 # The key and the folder.
 
 
@@ -258,13 +161,14 @@ def prepare(work_dir: str, data_dir: Optional[str] = None,
   settings = CpuProxyCache()
   memo_dir = os.path.join(work_dir, CACHES_DIR)
   tf.io.gfile.makedirs(memo_dir)
-  data = data_fingerprint(data_dir, memo_dir) if data_dir else None
-  backbone = checkpoint_fingerprint(backbone_checkpoint, memo_dir) if backbone_checkpoint else None
+  data = cache_inputs.data_fingerprint(data_dir, memo_dir) if data_dir else None
+  backbone = (cache_inputs.checkpoint_fingerprint(backbone_checkpoint, memo_dir)
+              if backbone_checkpoint else None)
   key = cache_key(settings, data, backbone)
   path = cache_path(work_dir, key)
   model_config = {name: factory.model_argument(name) for name in factory.MODEL_ARGUMENTS}
   if data_dir:
-    _check_label_map(data_dir, model_config['num_classes'])
+    cache_inputs.check_label_map(data_dir, model_config['num_classes'])
   built = False
   with open(path + '.lock', 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
@@ -279,24 +183,13 @@ def prepare(work_dir: str, data_dir: Optional[str] = None,
   return path, built
 
 
-def _check_label_map(data_dir: str, num_classes: int) -> None:
-  path = label_map.find_records_label_map(data_pattern(data_dir))
-  if path is None:
-    return
-  largest = max(label_map.read_label_map(path))
-  if largest >= num_classes:
-    raise ValueError(f'build_retinanet.num_classes = {num_classes} is bound, but the label map '
-                     f'{path} has category id {largest}: bind at least {largest + 1}, or leave '
-                     'it unbound (the label map then sets it).')
-
-
 def _say(message: str) -> None:
   print(f'[cpu proxy cache {time.strftime("%H:%M:%S")}] {message}', flush=True)
 
 
 def _user_records(records: str, settings: CpuProxyCache, data_dir: str) -> Dict[str, int]:
   """The user's records split into `records` (proxy_train / proxy_heldout); {split: images}."""
-  pattern = data_pattern(data_dir)
+  pattern = cache_inputs.data_pattern(data_dir)
   num_records = heldout.count_records(pattern, factory.model_argument('num_classes'))
   used, held = split_sizes(settings, num_records)
   _say(f'{num_records} images in {pattern}: {held} held out for the reward, '
@@ -352,19 +245,18 @@ def _build(folder: str, settings: CpuProxyCache, key, data_dir: Optional[str],
     return model.backbone(normalize(images), training=False)
 
   heldout_pattern = heldout.record_pattern(records, heldout.HELDOUT_PREFIX)
+  heldout_dataset = input_pipeline.build_eval_dataset(heldout_pattern, feature_arrays.BATCH,
+                                                      model_config)
   pretrain_ap = None
   if not backbone_checkpoint:  # A checkpoint's backbone comes without a trained head.
-    pretrain_ap = evaluate.evaluate_detector(
-        tf.function(model.detect),
-        input_pipeline.build_eval_dataset(heldout_pattern, _BATCH, model_config)).metrics['AP']
-  splits = {
-      'train': _anchor_labeled(train_pattern, model_config),
-      'heldout': input_pipeline.build_eval_dataset(heldout_pattern, _BATCH, model_config),
-  }
+    pretrain_ap = evaluate.evaluate_detector(tf.function(model.detect),
+                                             heldout_dataset).metrics['AP']
+  splits = {'train': feature_arrays.anchor_labeled(train_pattern, model_config),
+            'heldout': heldout_dataset}
   sizes = {}
   tf.io.gfile.makedirs(os.path.join(folder, 'features'))
   for split, dataset in splits.items():
-    arrays = _features_and_labels(extract, dataset, model_config['num_classes'])
+    arrays = feature_arrays.features_and_labels(extract, dataset, model_config['num_classes'])
     sizes[split] = len(next(iter(arrays.values())))
     np.savez(os.path.join(folder, 'features', f'{split}.npz'), **arrays)
   if not backbone_checkpoint:
@@ -381,22 +273,11 @@ def _build(folder: str, settings: CpuProxyCache, key, data_dir: Optional[str],
   _say(f'Cache built in {seconds["total"]:.0f} s: {sizes}, {ap_note}.')
 
 
-def _anchor_labeled(file_pattern: str, model_config) -> tf.data.Dataset:
-  """(image, anchor labels) batches of the records, in `heldout.record_files` order: the train
-  pipeline's step without augmentation."""
-  parse = input_pipeline.train_example_parser(model_config, aug_scale_min=1.0, aug_scale_max=1.0,
-                                              flip_prob=0.0, source=file_pattern)
-  return tf.data.TFRecordDataset(heldout.record_files(file_pattern)).map(parse).batch(_BATCH)
-
-
 def _write_heldout_targets(path: str, model_config) -> None:
   """features/heldout_targets.npz: the held-out images' anchor labels, in heldout.npz's order
   (checked by source id), for the held-out loss."""
   pattern = heldout.record_pattern(os.path.join(path, 'records'), heldout.HELDOUT_PREFIX)
-  batches = [_flatten({'targets': {k: v for k, v in labels.items() if k != 'image_info'}})
-             for _, labels in _anchor_labeled(pattern, model_config)]
-  arrays = _narrow({key: np.concatenate([b[key] for b in batches]) for key in batches[0]},
-                   model_config['num_classes'])
+  arrays = feature_arrays.anchor_targets(pattern, model_config)
   with np.load(os.path.join(path, 'features', 'heldout.npz')) as cached:
     cached_ids = [int(i) for i in cached['labels/source_id']]
   if heldout.records_image_ids(pattern) != tuple(cached_ids):
@@ -440,57 +321,6 @@ def _pretrained_model(model_dir: str, settings: CpuProxyCache):
   return trainer.model
 
 
-def _features_and_labels(extract, dataset: tf.data.Dataset,
-                         num_classes: int) -> Dict[str, np.ndarray]:
-  """{'features/<level>': [N, h, w, c] float16, 'labels/<key>/...': [N, ...]} over `dataset`."""
-  batches = []
-  for images, labels in dataset:
-    features = {level: tf.cast(f, tf.float32).numpy() for level, f in extract(images).items()}
-    batches.append(_flatten({'features': features, 'labels': labels}))
-  arrays = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
-  for key, value in arrays.items():
-    if key.startswith('features/'):
-      if not np.all(np.isfinite(value.astype(FEATURE_DTYPE))):
-        raise ValueError(f'backbone features {key} overflow float16: the cache cannot hold them.')
-      arrays[key] = value.astype(FEATURE_DTYPE)
-  return _narrow(arrays, num_classes)
-
-
-def _narrow(arrays: Dict[str, np.ndarray], num_classes: int) -> Dict[str, np.ndarray]:
-  """Anchor labels (keys '<group>/<label>/...') in `_LABEL_DTYPES`; class ids in int8, or int16
-  beyond 127 classes."""
-  for key, value in arrays.items():
-    name = key.split('/')[1]
-    if name in _LABEL_DTYPES:
-      dtype = _LABEL_DTYPES[name]
-      if name == 'cls_targets' and num_classes > np.iinfo(np.int8).max:
-        dtype = np.int16
-      arrays[key] = value.astype(dtype)
-  return arrays
-
-
-def _flatten(nest, prefix: str = '') -> Dict[str, np.ndarray]:
-  if isinstance(nest, Mapping):
-    flat = {}
-    for key, value in nest.items():
-      flat.update(_flatten(value, f'{prefix}{key}/'))
-    return flat
-  array = np.asarray(nest)
-  # Strings (source ids) as fixed-width bytes: npz reads object arrays only through pickle.
-  return {prefix[:-1]: array.astype(np.bytes_) if array.dtype == object else array}
-
-
-def _unflatten(flat: Mapping[str, np.ndarray]) -> Dict[str, Any]:
-  nest = {}
-  for key, value in flat.items():
-    *parents, leaf = key.split('/')
-    node = nest
-    for parent in parents:
-      node = node.setdefault(parent, {})
-    node[leaf] = value
-  return nest
-
-
 @functools.lru_cache(maxsize=1)
 def load(path: str) -> Dict[str, Any]:
   """{'train': {'features': {level: tensor}, 'labels': {...}}, 'heldout': {'features', 'labels',
@@ -503,7 +333,7 @@ def load(path: str) -> Dict[str, Any]:
     with np.load(os.path.join(path, 'features', name)) as arrays:
       # Tensors made once: trials that copied the arrays anew each leaked them (~1 GB a trial).
       loaded.setdefault(split, {}).update(
-          _unflatten({key: tf.constant(arrays[key]) for key in arrays.files}))
+          feature_arrays.unflatten({key: tf.constant(arrays[key]) for key in arrays.files}))
   with tf.io.gfile.GFile(os.path.join(path, CACHE_FILE)) as f:
     loaded['info'] = json.load(f)
   loaded['head'] = None

@@ -38,6 +38,7 @@ import tf_keras
 
 from nasfpn_tf.decoders import block_specs as block_specs_lib
 from nasfpn_tf.models import factory
+from nasfpn_tf.search import cache_inputs
 from nasfpn_tf.search import configurables
 from nasfpn_tf.search import cpu_proxy
 from nasfpn_tf.search import feature_cache
@@ -141,7 +142,7 @@ def prepare(proxy: str = 'cpu', work_dir: str = DEFAULT_WORK_DIR, gin_bindings=(
       raise ValueError(f'--backbone_checkpoint is the CPU proxy\'s; --proxy={proxy} trains the '
                        'whole model (bind RetinaNetTrainer.init_checkpoint to start it from one).')
     return None
-  bindings = feature_cache.data_bindings(data_dir) + list(gin_bindings)
+  bindings = cache_inputs.data_bindings(data_dir) + list(gin_bindings)
   configurables.parse_gin(files, bindings)
   folder, built = feature_cache.prepare(work_dir, data_dir, backbone_checkpoint)
   if built:  # The build bound its pretraining's settings.
@@ -181,7 +182,7 @@ def run_trial(block_specs, proxy: str = 'cpu', seed: int = 0,
   work_dir: shared by the trials of a search: the CPU proxy's cache lives in it, and the paper
   proxy's model dirs (kept until their trial ends, so a retried trial resumes). gin_bindings go
   on top of the proxy's gin file (`gin_file` replaces it). data_dir: the CPU proxy's converter
-  records (`feature_cache.DATA_RECORDS`; default: the embedded synthetic data), or the paper
+  records (`cache_inputs.DATA_RECORDS`; default: the embedded synthetic data), or the paper
   proxy's split records (`search.heldout`). backbone_checkpoint: the CPU proxy's frozen backbone
   (see `prepare`). ValueError naming the gin file and bindings, or the specs, when the proxy
   does not build.
@@ -196,7 +197,7 @@ def run_trial(block_specs, proxy: str = 'cpu', seed: int = 0,
     raise ValueError("proxy 'paper' trains on COCO records: pass data_dir, a folder of "
                      'proxy_train-*/proxy_heldout-* records written by nasfpn_tf.search.heldout.')
   cache_folder = prepare(proxy, work_dir, gin_bindings, gin_file, data_dir, backbone_checkpoint)
-  bindings = feature_cache.data_bindings(data_dir) + list(gin_bindings) if proxy == 'cpu' else \
+  bindings = cache_inputs.data_bindings(data_dir) + list(gin_bindings) if proxy == 'cpu' else \
       list(gin_bindings)
   where = f'gin files {list(files)} with bindings {bindings}'
   results = []
