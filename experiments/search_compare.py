@@ -26,6 +26,7 @@ from nasfpn_tf.search.journal import Journal
 from nasfpn_tf.search.progress import moving_average
 from nasfpn_tf.search.runner import SearchSettings, run_search
 from nasfpn_tf.search.trials import PROXIES
+from nasfpn_tf.search import search_dir as search_dir_lib
 
 FLAGS = flags.FLAGS
 
@@ -49,7 +50,7 @@ def compare_rows(output_dir: pathlib.Path, algorithms: Sequence[str],
   """One row per algorithm, from its journal."""
   rows = []
   for algorithm in algorithms:
-    records = Journal(output_dir / algorithm / 'trials.jsonl').read()
+    records = Journal(output_dir / algorithm / search_dir_lib.TRIALS_FILE).read()
     if not records:
       continue
     best = max(records, key=lambda r: r['reward'])
@@ -67,7 +68,7 @@ def draw(output_dir: pathlib.Path, algorithms: Sequence[str], window: int, path:
   fig = Figure(figsize=(12, 4))
   best_ax, average_ax, unique_ax = fig.subplots(1, 3)
   for algorithm in algorithms:
-    records = Journal(output_dir / algorithm / 'trials.jsonl').read()
+    records = Journal(output_dir / algorithm / search_dir_lib.TRIALS_FILE).read()
     if not records:
       continue
     rewards = [r['reward'] for r in records]
@@ -98,7 +99,7 @@ def main(argv):
           search_dir=str(output_dir / algorithm), algorithm=algorithm,
           num_trials=min(budget, FLAGS.num_trials), proxy=FLAGS.proxy, seed=FLAGS.seed,
           gin_bindings=tuple(FLAGS.gin_bindings), cpus_per_trial=FLAGS.cpus_per_trial,
-          proxy_dir=str(output_dir / 'proxy')))
+          proxy_dir=str(output_dir / search_dir_lib.PROXY_DIR)))
       draw(output_dir, FLAGS.algorithms, FLAGS.window, str(output_dir / 'search_compare.png'))
   for row in compare_rows(output_dir, FLAGS.algorithms, FLAGS.window):
     print(json.dumps(row), flush=True)

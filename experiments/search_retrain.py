@@ -32,6 +32,7 @@ from nasfpn_tf.models.retinanet import RetinaNet  # noqa: E402
 from nasfpn_tf.search.journal import Journal  # noqa: E402
 from nasfpn_tf.search.progress import block_specs_binding  # noqa: E402
 from nasfpn_tf.search.space import SearchSpace  # noqa: E402
+from nasfpn_tf.search import search_dir as search_dir_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 BASELINES = ('nasfpn', 'fpn')
@@ -55,7 +56,7 @@ def best_record(search_dirs: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, f
   """The best journal line over `search_dirs`, and {key: proxy reward} of every sample."""
   records = []
   for search_dir in search_dirs:
-    search_json = pathlib.Path(search_dir) / 'search.json'
+    search_json = pathlib.Path(search_dir) / search_dir_lib.IDENTITY_FILE
     if not search_json.exists():
       raise ValueError(f'--search_dirs: {search_dir} holds no search ({search_json} is missing).')
     levels = {k: v for k, v in json.loads(search_json.read_text())['space'].items()
@@ -63,7 +64,7 @@ def best_record(search_dirs: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, f
     if levels != DEMO_LEVELS:
       raise ValueError(f'--search_dirs: {search_dir} searched levels {levels}; demo.gin trains '
                        f'{DEMO_LEVELS}.')
-    records += Journal(pathlib.Path(search_dir) / 'trials.jsonl').read()
+    records += Journal(pathlib.Path(search_dir) / search_dir_lib.TRIALS_FILE).read()
   if not records:
     raise ValueError(f'--search_dirs {list(search_dirs)}: no finished trial in their journals.')
   return max(records, key=lambda r: r['reward']), {r['key']: r['reward'] for r in records}

@@ -5,6 +5,7 @@ import pytest
 from nasfpn_tf.search import runner
 from nasfpn_tf.search.journal import Journal
 from nasfpn_tf.search.space import SearchSpace
+from nasfpn_tf.search import search_dir as search_dir_lib
 from training_helpers import (drive_in_process, load_experiment, plotted_lines, read_png,
                               saved_figures)
 
@@ -21,7 +22,7 @@ def test_rows_and_plot_from_the_journals(tmp_path):
   rows = search_compare.compare_rows(tmp_path, ['random', 'evolution', 'ppo'], window=4)
   assert [row['algorithm'] for row in rows] == ['random', 'evolution']  # ppo never ran
   for row, num_trials in zip(rows, (12, 9)):
-    records = Journal(tmp_path / row['algorithm'] / 'trials.jsonl').read()
+    records = Journal(tmp_path / row['algorithm'] / search_dir_lib.TRIALS_FILE).read()
     rewards = [r['reward'] for r in records]
     assert row['num_trials'] == num_trials
     assert row['best_reward'] == max(rewards)
@@ -36,7 +37,7 @@ def test_rows_and_plot_from_the_journals(tmp_path):
   for ax in (best_ax, average_ax, unique_ax):
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ['random', 'evolution']
   for i, algorithm in enumerate(('random', 'evolution')):
-    records = Journal(tmp_path / algorithm / 'trials.jsonl').read()
+    records = Journal(tmp_path / algorithm / search_dir_lib.TRIALS_FILE).read()
     rewards = [r['reward'] for r in records]
     np.testing.assert_array_equal(plotted_lines(best_ax)[i][1], np.maximum.accumulate(rewards))
     np.testing.assert_allclose(plotted_lines(average_ax)[i][1][-1], np.mean(rewards[-4:]))
@@ -58,7 +59,7 @@ def test_retrain_takes_the_best_line_over_the_searches(tmp_path):
     drive_in_process(runner.ControllerSearcher(settings, log=lambda line: None))
     dirs.append(settings.search_dir)
   best, rewards = search_retrain.best_record(dirs)
-  records = [r for d in dirs for r in Journal(f'{d}/trials.jsonl').read()]
+  records = [r for d in dirs for r in Journal(f'{d}/{search_dir_lib.TRIALS_FILE}').read()]
   assert best['reward'] == max(r['reward'] for r in records)
   assert rewards == {r['key']: r['reward'] for r in records}
   rows = [{'name': name, 'AP': 0.1 * i + 0.01 * seed} for i, name in

@@ -37,6 +37,7 @@ from nasfpn_tf.search import runner
 from nasfpn_tf.search import trials
 from nasfpn_tf.search.journal import Journal
 from nasfpn_tf.search.space import SearchSpace
+from nasfpn_tf.search import search_dir as search_dir_lib
 
 NUM_IMAGES, NUM_HELDOUT = 24, 8
 TINY_STEPS = ['CpuProxyCache.pretrain_steps = 2', 'CpuProxyCache.pretrain_filters = 16',
@@ -201,7 +202,7 @@ def test_proxy_seeds_journal_each_seed_and_reward_their_mean(coco_records, coco_
   searcher.complete('t0', {'result_json': json.dumps(result), 'reused': False, 'seconds': 1.0},
                     error=False)
   (record,) = [json.loads(line) for line in
-               (tmp_path / 'search' / 'trials.jsonl').read_text().splitlines()]
+               (tmp_path / 'search' / search_dir_lib.TRIALS_FILE).read_text().splitlines()]
   seeds = record['result']['seeds']
   assert [s['seed'] for s in seeds] == [4, 5]
   assert record['reward'] == pytest.approx(-np.mean([s['heldout_loss'] for s in seeds]))
@@ -270,7 +271,7 @@ def test_bad_input_is_named_before_any_trial(coco_records, tmp_path):
                                    proxy_dir=str(tmp_path / 'work'))
   with pytest.raises(ValueError, match='does not parse'):
     runner.run_search(settings)
-  assert not (tmp_path / 'search' / 'search.json').exists()
+  assert not (tmp_path / 'search' / search_dir_lib.IDENTITY_FILE).exists()
 
 
 def test_the_cache_key_holds_the_data_and_the_checkpoint_by_content(coco_records, tmp_path):
@@ -343,10 +344,10 @@ def test_a_resume_with_other_data_is_refused_and_old_records_resume(tmp_path):
     with pytest.raises(ValueError, match=rf'holds another search .*{name}: recorded'):
       runner.check_search_dir(dataclasses.replace(base, **change))
   # A search.json written before these settings existed resumes with their defaults.
-  recorded = json.loads((tmp_path / 'search.json').read_text())
+  recorded = json.loads((tmp_path / search_dir_lib.IDENTITY_FILE).read_text())
   for name in ('data_dir', 'backbone_checkpoint', 'proxy_seeds'):
     del recorded[name]
-  (tmp_path / 'search.json').write_text(json.dumps(recorded))
+  (tmp_path / search_dir_lib.IDENTITY_FILE).write_text(json.dumps(recorded))
   runner.check_search_dir(dataclasses.replace(base, data_dir=None))
   with pytest.raises(ValueError, match='data_dir: recorded None'):
     runner.check_search_dir(base)
@@ -399,7 +400,7 @@ def test_a_search_on_the_users_records_resumes_after_kill_minus_9(coco_records, 
              f'--data_dir={coco_records["data_dir"]}', f'--proxy_dir={work_dir}',
              '--cpus_per_trial=2', *(f'--gin_bindings={b}' for b in TINY)]
   env = dict(os.environ, RAY_USAGE_STATS_ENABLED='0')
-  journal = Journal(search_dir / 'trials.jsonl')
+  journal = Journal(search_dir / search_dir_lib.TRIALS_FILE)
 
   with training_helpers.own_session(command, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True) as search:
@@ -423,5 +424,5 @@ def test_a_search_on_the_users_records_resumes_after_kill_minus_9(coco_records, 
     assert record['reward'] == -record['result']['heldout_loss']  # --reward=neg_loss
   assert sorted(p.name for p in (pathlib.Path(work_dir) / feature_cache.CACHES_DIR).iterdir()) \
       == caches
-  recorded = json.loads((search_dir / 'search.json').read_text())
+  recorded = json.loads((search_dir / search_dir_lib.IDENTITY_FILE).read_text())
   assert recorded['data_dir'] == coco_records['data_dir'] and recorded['reward'] == 'neg_loss'

@@ -21,6 +21,7 @@ import time
 import psutil
 
 from nasfpn_tf.search.journal import Journal, ResultStore
+from nasfpn_tf.search import search_dir as search_dir_lib
 from training_helpers import (REPO, SUBPROCESS_TIMEOUT, PortTaken, own_session, port_taken,
                               start_on_free_ports)
 
@@ -74,7 +75,7 @@ def _running_trials(sessions):
 
 
 def _check_complete(search_dir, num_trials):
-  records = Journal(pathlib.Path(search_dir) / 'trials.jsonl').read()
+  records = Journal(pathlib.Path(search_dir) / search_dir_lib.TRIALS_FILE).read()
   assert [r['trial'] for r in records] == list(range(num_trials))
   trained = [r['key'] for r in records if not r['cached']]
   assert len(trained) == len(set(trained)), 'a key was trained twice'
@@ -84,7 +85,8 @@ def _check_complete(search_dir, num_trials):
 def _worker_pids(search_dir):
   """The worker processes that ran the search's trials (Tune's result.json of each trial)."""
   return {json.loads(path.read_text().splitlines()[-1])['pid']
-          for path in pathlib.Path(search_dir).glob('ray_results/run*/*/result.json')}
+          for path in pathlib.Path(search_dir).glob(
+              f'{search_dir_lib.RAY_RESULTS_DIR}/run*/*/result.json')}
 
 
 def test_kill_minus_9_of_the_search_loses_and_repeats_nothing(tmp_path):
@@ -93,7 +95,7 @@ def test_kill_minus_9_of_the_search_loses_and_repeats_nothing(tmp_path):
   command = _search_command(search_dir, 12, '--max_level=5', '--cpus_per_trial=1',
                             '--synthetic_seconds=1',
                             '--gin_bindings=PPOController.batch_size = 4', algorithm='ppo')
-  journal = Journal(search_dir / 'trials.jsonl')
+  journal = Journal(search_dir / search_dir_lib.TRIALS_FILE)
   with _process_group(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as search:
     _wait_for(lambda: len(journal.read()) >= 4 or search.poll() is not None, '4 samples')
     assert search.poll() is None, 'the search ended before it could be killed'
@@ -101,7 +103,8 @@ def test_kill_minus_9_of_the_search_loses_and_repeats_nothing(tmp_path):
     search.wait()
   before = journal.read()
   assert 4 <= len(before) < 12, 'the kill must land mid-search'
-  stored = {path: path.stat().st_mtime_ns for path in (search_dir / 'results').glob('*.json')}
+  stored = {path: path.stat().st_mtime_ns
+            for path in (search_dir / search_dir_lib.RESULTS_DIR).glob('*.json')}
   finished = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True,
                             timeout=SUBPROCESS_TIMEOUT)
   assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
@@ -197,7 +200,8 @@ def test_a_cluster_runs_trials_on_its_joined_node_reuses_a_worker_and_retries_a_
                               '--max_failures=3')
     with open(tmp_path / 'search.log', 'w') as log:
       search = stack.enter_context(_process_group(command, stdout=log, stderr=subprocess.STDOUT))
-      errors = lambda: list((search_dir / 'ray_results').glob('run0/*/error.txt'))  # noqa: E731
+      errors = lambda: list(  # noqa: E731
+          (search_dir / search_dir_lib.RAY_RESULTS_DIR).glob('run0/*/error.txt'))
       kills, tensorflow = _kill_a_running_trial({head.pid, node.pid}, search, errors)
       search.wait(timeout=SUBPROCESS_TIMEOUT)
     assert search.returncode == 0, (tmp_path / 'search.log').read_text()[-3000:]
@@ -232,7 +236,7 @@ def test_the_cpu_proxy_trains_each_trial_on_ray_end_to_end(tmp_path):
                             timeout=SUBPROCESS_TIMEOUT)
   assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
   records = _check_complete(search_dir, 2)
-  store = ResultStore(search_dir / 'results')
+  store = ResultStore(search_dir / search_dir_lib.RESULTS_DIR)
   for record in records:
     result = record['result']
     assert store.get(record['key']) == result  # what the worker stored is what was journaled
@@ -244,7 +248,8 @@ def test_the_cpu_proxy_trains_each_trial_on_ray_end_to_end(tmp_path):
   trained = [r for r in records if not r['cached']]
   assert len({r['key'] for r in trained}) == len({r['reward'] for r in trained}) == 2
   # The cache was built once, by the driver (one complete folder, nothing left staging).
-  caches = [p for p in (search_dir / 'proxy' / 'cpu_proxy_cache').iterdir() if p.is_dir()]
+  caches = [p for p in (search_dir / search_dir_lib.PROXY_DIR / 'cpu_proxy_cache').iterdir()
+            if p.is_dir()]
   assert len(caches) == 1 and '.tmp-' not in caches[0].name, caches
   summary = json.loads(finished.stdout.strip().splitlines()[-1])
   assert summary['num_trials'] == 2

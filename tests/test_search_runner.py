@@ -12,6 +12,7 @@ from nasfpn_tf.decoders import block_specs as specs_lib
 from nasfpn_tf.search import controllers, progress, runner
 from nasfpn_tf.search.journal import Journal, ResultStore
 from nasfpn_tf.search.space import SearchSpace
+from nasfpn_tf.search import search_dir as search_dir_lib
 from training_helpers import drive_in_process, plotted_lines, read_png, saved_figures
 
 # 2 output cells over P3-P4: few enough keys (28) that random search repeats them.
@@ -19,7 +20,7 @@ SMALL = SearchSpace(num_cells=2, min_level=3, max_level=4)
 
 
 def test_journal_cuts_a_torn_last_line_and_appends_after_it(tmp_path):
-  journal = Journal(tmp_path / 'trials.jsonl')
+  journal = Journal(tmp_path / search_dir_lib.TRIALS_FILE)
   journal.append({'trial': 0})
   journal.append({'trial': 1})
   with open(journal.path, 'ab') as f:
@@ -32,14 +33,14 @@ def test_journal_cuts_a_torn_last_line_and_appends_after_it(tmp_path):
 
 
 def test_journal_refuses_a_broken_line_that_is_not_the_last(tmp_path):
-  path = tmp_path / 'trials.jsonl'
+  path = tmp_path / search_dir_lib.TRIALS_FILE
   path.write_text('{"trial": 0}\nnot json\n{"trial": 2}\n')
   with pytest.raises(ValueError, match='line 2 is not JSON'):
     Journal(path).read()
 
 
 def test_result_store_round_trip(tmp_path):
-  store = ResultStore(tmp_path / 'results')
+  store = ResultStore(tmp_path / search_dir_lib.RESULTS_DIR)
   assert store.get('4:sum:0,1') is None
   store.put('4:sum:0,1', {'ap': 0.25})
   assert store.get('4:sum:0,1') == {'ap': 0.25}
@@ -66,7 +67,7 @@ def test_every_sample_is_journaled_once_and_each_key_trained_once(tmp_path):
   runner.check_search_dir(settings)
   searcher = runner.ControllerSearcher(settings, log=lambda line: None)
   drive_in_process(searcher, result_fn=lambda space, specs: _result_of_key(space.key(specs)))
-  records = Journal(tmp_path / 'search' / 'trials.jsonl').read()
+  records = Journal(tmp_path / 'search' / search_dir_lib.TRIALS_FILE).read()
   assert [r['trial'] for r in records] == list(range(40))
   trained = [r['key'] for r in records if not r['cached']]
   assert len(trained) == len(set(trained)) == len({r['key'] for r in records})
@@ -84,7 +85,7 @@ def test_every_sample_is_journaled_once_and_each_key_trained_once(tmp_path):
 def test_a_restart_continues_without_losing_or_repeating_a_sample(tmp_path, algorithm):
   settings = _settings(tmp_path, algorithm=algorithm)
   runner.check_search_dir(settings)
-  state_path = tmp_path / 'search' / 'controller.pkl'
+  state_path = tmp_path / 'search' / search_dir_lib.CONTROLLER_FILE
   saved_states = []  # the controller's state file after each journal line
   first = runner.ControllerSearcher(
       settings, log=lambda line: saved_states.append(state_path.read_bytes()))
@@ -99,7 +100,7 @@ def test_a_restart_continues_without_losing_or_repeating_a_sample(tmp_path, algo
   assert second.records == done
   assert pickle.loads(state_path.read_bytes())['num_records'] == len(done)
   drive_in_process(second)
-  records = Journal(tmp_path / 'search' / 'trials.jsonl').read()
+  records = Journal(tmp_path / 'search' / search_dir_lib.TRIALS_FILE).read()
   assert [r['trial'] for r in records] == list(range(40))
   assert records[:len(done)] == done
   if algorithm == 'ppo':
@@ -123,7 +124,7 @@ def test_a_search_dir_of_another_search_is_refused(tmp_path):
 def test_best_gin_binds_the_best_table(tmp_path):
   record = {'trial': 4, 'reward': 0.5, 'key': SearchSpace().key(specs_lib.NASFPN),
             'block_specs': specs_lib.to_config(specs_lib.NASFPN)}
-  path = tmp_path / 'best.gin'
+  path = tmp_path / search_dir_lib.BEST_GIN
   path.write_text(progress.best_gin(record, SearchSpace().config()))
   try:
     config.parse_gin([str(path)])
@@ -163,7 +164,8 @@ def test_outputs_are_written(tmp_path):
   directory = tmp_path / 'search'
   # The last picture drawn is the summary's: every sample's reward, the best so far, the count
   # of unique architectures against all samples.
-  assert read_png(directory / 'search_progress.png').shape == (440, 1100, 3)  # 10 x 4 in, 110 dpi
+  # 10 x 4 in, 110 dpi
+  assert read_png(directory / search_dir_lib.PROGRESS_PNG).shape == (440, 1100, 3)
   reward_ax, unique_ax = figures[-1].axes
   rewards = [r['reward'] for r in records]
   samples = np.arange(1, 11)
@@ -173,13 +175,14 @@ def test_outputs_are_written(tmp_path):
   np.testing.assert_array_equal(best_line[1], np.maximum.accumulate(rewards))
   unique = [len({r['key'] for r in records[:i]}) for i in samples]
   np.testing.assert_array_equal(plotted_lines(unique_ax)[0][1], unique)
-  assert f"reward {best['reward']:.4f}" in (directory / 'best.gin').read_text()
+  assert f"reward {best['reward']:.4f}" in (directory / search_dir_lib.BEST_GIN).read_text()
   improvements, best_so_far = 0, -1.0
   for record in records:
     if record['reward'] > best_so_far:
       improvements, best_so_far = improvements + 1, record['reward']
-  assert len(list((directory / 'architectures').glob('*.png'))) == improvements
-  assert json.loads((directory / 'search.json').read_text())['space'] == SMALL.config()
+  assert len(list((directory / search_dir_lib.ARCHITECTURES_DIR).glob('*.png'))) == improvements
+  assert json.loads((directory / search_dir_lib.IDENTITY_FILE).read_text())['space'] \
+      == SMALL.config()
 
 
 def test_an_unreachable_ray_address_is_named_at_once():

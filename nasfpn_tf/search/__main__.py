@@ -21,13 +21,16 @@ from absl import app, flags
 from nasfpn_tf.search import configurables
 from nasfpn_tf.search.controllers import CONTROLLERS
 from nasfpn_tf.search import rewards
+from nasfpn_tf.search import search_dir as search_dir_lib
 from nasfpn_tf.search.runner import SearchSettings, run_search
 from nasfpn_tf.search.space import SearchSpace
 from nasfpn_tf.search.trials import PROXIES
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('search_dir', None, 'Where the search keeps its journal, state and results; '
-                    'an existing one is resumed.', required=True)
+flags.DEFINE_string('search_dir', None, 'Where the search keeps its journal '
+                    f'({search_dir_lib.TRIALS_FILE}), state and results, and writes '
+                    f'{search_dir_lib.BEST_GIN} and {search_dir_lib.PROGRESS_PNG}; an existing one '
+                    'is resumed.', required=True)
 flags.DEFINE_enum('algorithm', 'ppo', sorted(CONTROLLERS), 'The controller: the paper\'s RNN '
                   'trained with PPO, regularized evolution, or random search.')
 flags.DEFINE_integer('num_trials', 100, 'Samples in all, duplicates included (each key is '
@@ -48,8 +51,9 @@ flags.DEFINE_string('backbone_checkpoint', None, '--proxy=cpu: the frozen backbo
                     'build_retinanet.backbone. Default: the backbone is pretrained on the '
                     'proxy\'s training images (CpuProxyCache.pretrain_steps).')
 flags.DEFINE_string('proxy_dir', None, 'What the trials share, such as the CPU proxy\'s cached '
-                    'backbone features; default SEARCH_DIR/proxy. Point searches on the same proxy '
-                    'to one dir to build it once.')
+                    'backbone features; default '
+                    f'SEARCH_DIR/{search_dir_lib.PROXY_DIR}. Point searches on the same proxy to '
+                    'one dir to build it once.')
 flags.DEFINE_enum('reward', 'ap', list(rewards.KINDS), 'ap: the paper\'s; ap_flops: AP x '
                   '(FLOPs/--target_flops)^w, to aim at a compute budget; neg_loss: NAS-FCOS\'s '
                   'negative held-out focal + box loss (--proxy=cpu).')

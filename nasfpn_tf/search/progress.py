@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from nasfpn_tf.decoders import block_specs as specs_lib
+from nasfpn_tf.search import search_dir as search_dir_lib
 from nasfpn_tf.utils.files import atomic_write
 from nasfpn_tf.visualization.architecture import draw_spec
 
@@ -120,8 +121,8 @@ class Progress:
 
   def _write_best(self) -> None:
     space = self.settings.space
-    atomic_write(self.directory / 'best.gin', best_gin(self.best, space.config()))
-    drawing = (self.directory / 'architectures' /
+    atomic_write(self.directory / search_dir_lib.BEST_GIN, best_gin(self.best, space.config()))
+    drawing = (self.directory / search_dir_lib.ARCHITECTURES_DIR /
                f"trial{trial_number(self.best):05d}_reward{self.best['reward']:.4f}.png")
     drawing.parent.mkdir(parents=True, exist_ok=True)
     draw_spec(specs_lib.resolve(self.best['block_specs']), space.min_level, space.max_level,
@@ -131,7 +132,7 @@ class Progress:
   def draw(self) -> None:
     if self.records:
       draw_search_progress(
-          self.records, str(self.directory / 'search_progress.png'),
+          self.records, str(self.directory / search_dir_lib.PROGRESS_PNG),
           f'{self.settings.algorithm} search, {self.settings.proxy} proxy, '
           f'{len(self.records)} samples')
 

@@ -28,6 +28,7 @@ from nasfpn_tf.decoders import block_specs as specs_lib
 from nasfpn_tf.search import controllers as controllers_lib
 from nasfpn_tf.search import progress as progress_lib
 from nasfpn_tf.search import rewards as rewards_lib
+from nasfpn_tf.search import search_dir as search_dir_lib
 from nasfpn_tf.search.journal import Journal, ResultStore
 from nasfpn_tf.search.space import SearchSpace
 from nasfpn_tf.search.trials import PROXIES, train_architecture
@@ -70,24 +71,9 @@ class SearchSettings:
 
 def check_search_dir(settings: SearchSettings, record: bool = True) -> None:
   """Refuses a search dir that holds another search; with `record`, writes `search.json` in a
-  new one."""
-  path = pathlib.Path(settings.search_dir) / 'search.json'
-  identity = settings.identity()
-  if not path.exists():
-    if record:
-      atomic_write(path, json.dumps(identity, indent=2, sort_keys=True))
-    return
-  recorded = json.loads(path.read_text())
-  # A setting newer than the record was at its default then.
+  new one (`search_dir.check_identity`; a setting newer than the file counts at its default)."""
   defaults = {f.name: f.default for f in dataclasses.fields(SearchSettings)}
-  recorded = {name: recorded.get(name, defaults.get(name)) for name in identity}
-  differences = {name: (recorded[name], value) for name, value in identity.items()
-                 if recorded[name] != value}
-  if differences:
-    listed = '; '.join(f'{name}: recorded {old!r}, asked {new!r}'
-                       for name, (old, new) in sorted(differences.items()))
-    raise ValueError(f'{settings.search_dir} holds another search ({path}): {listed}. Use a new '
-                     '--search_dir, or the settings it was started with.')
+  search_dir_lib.check_identity(settings.search_dir, settings.identity(), record, defaults)
 
 
 class ControllerSearcher:
@@ -99,8 +85,8 @@ class ControllerSearcher:
   def __init__(self, settings: SearchSettings, log=print):
     self.settings = settings
     self.directory = pathlib.Path(settings.search_dir)
-    self.journal = Journal(self.directory / 'trials.jsonl')
-    self.results = ResultStore(self.directory / 'results')
+    self.journal = Journal(self.directory / search_dir_lib.TRIALS_FILE)
+    self.results = ResultStore(self.directory / search_dir_lib.RESULTS_DIR)
     self.log = log
     self.controller = controllers_lib.make_controller(
         settings.algorithm, settings.space, seed=settings.seed,
@@ -115,7 +101,7 @@ class ControllerSearcher:
   # State.
 
   def _state_path(self) -> pathlib.Path:
-    return self.directory / 'controller.pkl'
+    return self.directory / search_dir_lib.CONTROLLER_FILE
 
   def _restore_controller(self) -> None:
     """Loads the saved state, then feeds back the journal lines it had not seen."""
@@ -172,7 +158,8 @@ class ControllerSearcher:
     if error or not metrics or 'result_json' not in metrics:
       self.failed.append(trial_id)
       self.log(f'trial {trial_id} ({proposal.key}) failed after {self.settings.max_failures} '
-               'retries; the search stops (its log is under ray_results/ in the search dir).')
+               f'retries; the search stops (its log is under {search_dir_lib.RAY_RESULTS_DIR}/ in '
+               'the search dir).')
       return
     result = json.loads(metrics['result_json'])
     self._record(proposal, result, seconds=metrics['seconds'], cached=metrics['reused'],
@@ -204,14 +191,14 @@ class ControllerSearcher:
         'gin_bindings': list(s.gin_bindings), 'data_dir': s.data_dir,
         'backbone_checkpoint': s.backbone_checkpoint, 'proxy_seeds': s.proxy_seeds,
         'cpus_per_trial': s.cpus_per_trial, 'synthetic_seconds': s.synthetic_seconds,
-        'results_dir': str((self.directory / 'results').resolve()),
+        'results_dir': str((self.directory / search_dir_lib.RESULTS_DIR).resolve()),
         'work_dir': proxy_dir(s)}
 
 
 def proxy_dir(settings: SearchSettings) -> str:
   """Where the trials' shared proxy files live (absolute: workers run elsewhere)."""
-  return str(pathlib.Path(settings.proxy_dir or pathlib.Path(settings.search_dir, 'proxy'))
-             .resolve())
+  default = pathlib.Path(settings.search_dir, search_dir_lib.PROXY_DIR)
+  return str(pathlib.Path(settings.proxy_dir or default).resolve())
 
 
 def _proposal(record: Dict[str, Any]) -> controllers_lib.Proposal:
@@ -320,7 +307,7 @@ def _run_trials_on_ray(settings: SearchSettings, searcher: ControllerSearcher) -
     raise ValueError(f'--ray_address={settings.ray_address!r}: could not join the Ray cluster '
                      f'there: {e}') from e
   try:
-    runs = pathlib.Path(settings.search_dir, 'ray_results').resolve()
+    runs = pathlib.Path(settings.search_dir, search_dir_lib.RAY_RESULTS_DIR).resolve()
     trainable = tune.with_resources(
         train_architecture, {'cpu': settings.cpus_per_trial, 'gpu': settings.gpus_per_trial})
     tune.Tuner(
