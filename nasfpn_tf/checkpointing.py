@@ -29,8 +29,9 @@ MODEL_CONFIGURABLE = 'build_retinanet'
 
 
 # Arguments a model config leaves out at these defaults (RetinaNet.get_config omits the anytime
-# ones of a plain model, so records of before them stay equal).
-OMITTED_DEFAULTS = {'anytime': False, 'anytime_shared_head': True, 'anytime_loss_weights': None}
+# ones of a plain model and soft_nms_sigma when off, so records of before them stay equal).
+OMITTED_DEFAULTS = {'anytime': False, 'anytime_shared_head': True, 'anytime_loss_weights': None,
+                    'soft_nms_sigma': 0.0}
 
 
 class CheckpointMismatchError(ValueError):

@@ -14,6 +14,10 @@ evaluation does it. Writes into --output_dir:
                    else the image's position in the input order, from 1;
   one image per input, of the same name (PNG stays PNG, other formats become JPEG), with the
                    boxes of score >= --min_score drawn, with class name and score.
+--soft_nms_sigma=S post-processes a model dir's detections with Gaussian Soft-NMS
+(`build_retinanet.soft_nms_sigma`, nasfpn_tf/models/postprocess.py); a SavedModel has the
+post-processing it was exported with (export with that gin binding for Soft-NMS), a .tflite has
+TFLite's hard-NMS op only.
 Unreadable images are skipped with a message on stderr and counted in the summary (a JSON line
 on stdout). Exit status 1, with a message, for bad flags, a model that cannot be loaded, or no
 readable image.
@@ -53,6 +57,10 @@ _LABEL_MAP = flags.DEFINE_string(
     'label_map', None, 'JSON {"category id": "name"} for the drawn names; default: the one the '
     'model carries (SavedModel assets/label_map.json, <stem>.labels.json beside a .tflite, the '
     'label map beside a model dir\'s records), else the category ids.')
+_SOFT_NMS_SIGMA = flags.DEFINE_float(
+    'soft_nms_sigma', None, 'For a model dir: Gaussian Soft-NMS with this sigma instead of its '
+    'recorded post-processing (0: hard NMS). A SavedModel keeps what it was exported with, a '
+    '.tflite has hard NMS only: both refuse the flag.')
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 RESULTS_FILE = 'detections.json'
@@ -105,8 +113,11 @@ def _saved_model_detector(path: str) -> Tuple[Detector, Dict[int, str]]:
   return lambda image: _numpy(signature(images=tf.constant(image[None]))), label_map
 
 
-def _model_dir_detector(path: str) -> Tuple[Detector, Dict[int, str]]:
-  model, _, _ = saved_model.load_model(path)
+def _model_dir_detector(path: str,
+                        soft_nms_sigma: Optional[float] = None) -> Tuple[Detector, Dict[int, str]]:
+  bindings = ([] if soft_nms_sigma is None else
+              [f'build_retinanet.soft_nms_sigma = {float(soft_nms_sigma)!r}'])
+  model, _, _ = saved_model.load_model(path, bindings)
   module = saved_model.DetectionModule(model)
   label_map, _ = saved_model.model_label_map(model.get_config()['num_classes'])
   return lambda image: _numpy(module.detect_images(image[None])), label_map
@@ -133,16 +144,29 @@ def _tflite_detector(path: str) -> Tuple[Detector, Dict[int, str]]:
   return detect, label_map
 
 
-def load_detector(path: str) -> Tuple[Detector, Dict[int, str]]:
-  """(detector, label map {id: name}) of a SavedModel folder, .tflite file or model dir."""
+def load_detector(path: str,
+                  soft_nms_sigma: Optional[float] = None) -> Tuple[Detector, Dict[int, str]]:
+  """(detector, label map {id: name}) of a SavedModel folder, .tflite file or model dir;
+  `soft_nms_sigma` (model dirs only) overrides the model's post-processing."""
+  if soft_nms_sigma is not None and soft_nms_sigma < 0:
+    raise ValueError(f'--soft_nms_sigma={soft_nms_sigma}: give a number >= 0 (0: hard NMS).')
   if path.endswith('.tflite'):
     if not os.path.isfile(path):
       raise ValueError(f'--model={path}: no such file.')
+    if soft_nms_sigma:
+      raise ValueError(f'--soft_nms_sigma: --model={path} is a .tflite file, whose built-in '
+                       'TFLite_Detection_PostProcess op has hard NMS only (no Soft-NMS); use the '
+                       'SavedModel or the model dir.')
     return _tflite_detector(path)
   if os.path.isfile(os.path.join(path, 'saved_model.pb')):
+    if soft_nms_sigma is not None:
+      raise ValueError(f'--soft_nms_sigma: --model={path} is a SavedModel, whose '
+                       'post-processing was fixed at export; export it with --gin_bindings='
+                       f"'build_retinanet.soft_nms_sigma = {soft_nms_sigma}', or give the model "
+                       'dir.')
     return _saved_model_detector(path)
   if os.path.isdir(path):
-    return _model_dir_detector(path)  # Its errors say what the model dir lacks.
+    return _model_dir_detector(path, soft_nms_sigma)  # Its errors say what the model dir lacks.
   raise ValueError(f'--model={path}: not a SavedModel folder, a .tflite file or a model dir.')
 
 
@@ -195,7 +219,8 @@ def _output_name(path: str, taken: Set[str]) -> str:
 
 
 def predict(model: str, inputs: Sequence[str], output_dir: str, min_score: float = 0.3,
-            label_map_path: Optional[str] = None) -> Dict[str, object]:
+            label_map_path: Optional[str] = None,
+            soft_nms_sigma: Optional[float] = None) -> Dict[str, object]:
   """Runs the model on the images, writes detections.json and the drawn images into
   `output_dir`; returns the summary. Raises ValueError for bad arguments (naming the flag)."""
   paths = list_images(inputs)
@@ -204,7 +229,7 @@ def predict(model: str, inputs: Sequence[str], output_dir: str, min_score: float
   if inside:
     raise ValueError(f'--output_dir={output_dir} holds input images ({inside[0]}, ...): the drawn '
                      'images would overwrite them; choose another folder.')
-  detect, label_map = load_detector(model)
+  detect, label_map = load_detector(model, soft_nms_sigma)
   if label_map_path:
     label_map = label_map_lib.read_label_map(label_map_path)
   os.makedirs(output_dir, exist_ok=True)
@@ -242,7 +267,7 @@ def main(argv):
   tf.get_logger().setLevel('WARNING')
   try:
     summary = predict(_MODEL.value, _INPUT.value, _OUTPUT_DIR.value, _MIN_SCORE.value,
-                      _LABEL_MAP.value)
+                      _LABEL_MAP.value, _SOFT_NMS_SIGMA.value)
   except ValueError as e:
     sys.exit(f'nasfpn_tf.predict: error: {e}')
   print(json.dumps(summary), flush=True)

@@ -22,6 +22,8 @@ log(1000/16), the op does not. `use_regular_nms=False` is the op's fast NMS: one
 (its best), class-AGNOSTIC NMS; faster with many classes, but a box suppresses overlapping boxes
 of other classes. Regular NMS is the default for that fidelity; docs/benchmark.md, "TFLite latency and the cost
 of quantization", has what each costs in AP and time.
+Soft-NMS (`build_retinanet.soft_nms_sigma` > 0) is not there: the op has hard NMS only, and the
+file keeps the op (the stock runtime's, no Flex ops), so such a model's export fails, saying so.
 """
 from typing import Any, Dict, Mapping
 
@@ -47,8 +49,15 @@ def anchors_center_size(geometry: ModelGeometry) -> np.ndarray:
 
 
 def postprocess_attributes(model: RetinaNet, use_regular_nms: bool = True) -> Dict[str, Any]:
-  """The op's attributes from the model config (`build_retinanet` post-processing bindings)."""
+  """The op's attributes from the model config (`build_retinanet` post-processing bindings).
+  Raises ValueError for a Soft-NMS config, which the op cannot do."""
   config = model.get_config()
+  if config.get('soft_nms_sigma'):
+    raise ValueError(
+        f'build_retinanet.soft_nms_sigma = {config["soft_nms_sigma"]}: the TFLite file keeps '
+        f'TFLite\'s built-in {POSTPROCESS_OP} op, which has hard NMS only (no Soft-NMS). Export '
+        "with --gin_bindings='build_retinanet.soft_nms_sigma = 0' for hard NMS in the .tflite, "
+        'or serve the SavedModel (--mode=export_saved_model), which does Soft-NMS.')
   return {
       'max_detections': int(config['max_detections']),
       'max_classes_per_detection': 1,

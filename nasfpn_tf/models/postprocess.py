@@ -11,6 +11,15 @@ per 640px R-50 image on 2 CPU cores). Here the work scales with the kept candida
    R-50 levels): ~12 ms per image in all, about as fast as shifting boxes by class and running
    `non_max_suppression_padded` (batched or per image), and exact, where the shift costs float32
    precision at large offsets.
+Soft-NMS (`soft_nms_sigma` > 0, off by default): step 3 becomes Gaussian Soft-NMS (Bodla et al.
+2017), `tf.image.non_max_suppression_with_scores(..., soft_nms_sigma=sigma)` once per image:
+instead of being removed, every box overlapping a kept one of its class has its score multiplied
+by exp(-IoU^2 / (2 sigma)) (TF's convention: the paper's exp(-IoU^2 / s) is sigma = s / 2), and
+drops out once its score falls below `pre_nms_score_threshold`. `nms_iou_threshold` does not
+apply (no hard cut). Classes stay apart by shifting each class's boxes by class x (max(H, W) + 1)
+pixels: boxes of different classes never overlap (float32 at the largest shift, 91 classes at
+640 px: 1/256 px). Detections carry their decayed scores. Off, the code path is the hard NMS
+above, untouched.
 """
 from typing import Dict, Mapping, Sequence
 
@@ -33,15 +42,17 @@ class DetectionGenerator(tf_keras.layers.Layer):
 
   def __init__(self, image_size: Sequence[int], num_classes: int, pre_nms_top_k: int = 1000,
                pre_nms_score_threshold: float = 0.05, nms_iou_threshold: float = 0.5,
-               max_detections: int = 100, **kwargs):
+               max_detections: int = 100, soft_nms_sigma: float = 0.0, **kwargs):
     kwargs.setdefault('trainable', False)
     super().__init__(**kwargs)
+    check_soft_nms_sigma(soft_nms_sigma)
     self.image_size = [int(s) for s in image_size]
     self.num_classes = num_classes
     self.pre_nms_top_k = pre_nms_top_k
     self.pre_nms_score_threshold = pre_nms_score_threshold
     self.nms_iou_threshold = nms_iou_threshold
     self.max_detections = max_detections
+    self.soft_nms_sigma = float(soft_nms_sigma)
 
   def _level_candidates(self, logits, deltas, anchors):
     """Top-k (anchor, class) pairs of one level: boxes [B, k, 4], scores [B, k], classes [B, k].
@@ -79,6 +90,9 @@ class DetectionGenerator(tf_keras.layers.Layer):
     # A box clipped to the point (0, 0, 0, 0) (it lay wholly above-left of the image) has no
     # area and can only be a false positive; TFM's NMS never outputs such boxes: neither here.
     scores = tf.where(tf.reduce_any(boxes > 0.0, axis=-1), scores, 0.0)
+    if self.soft_nms_sigma:
+      return soft_nms(boxes, scores, classes, self.image_size, self.max_detections,
+                      self.pre_nms_score_threshold, self.soft_nms_sigma)
     # One NMS op for the batch and all classes; each candidate scores only for its own class.
     class_scores = tf.one_hot(classes - 1, self.num_classes - 1) * scores[..., None]
     nms_boxes, nms_scores, nms_classes, num_detections = tf.image.combined_non_max_suppression(
@@ -97,7 +111,45 @@ class DetectionGenerator(tf_keras.layers.Layer):
     return {**super().get_config(), 'image_size': list(self.image_size),
             'num_classes': self.num_classes, 'pre_nms_top_k': self.pre_nms_top_k,
             'pre_nms_score_threshold': self.pre_nms_score_threshold,
-            'nms_iou_threshold': self.nms_iou_threshold, 'max_detections': self.max_detections}
+            'nms_iou_threshold': self.nms_iou_threshold, 'max_detections': self.max_detections,
+            'soft_nms_sigma': self.soft_nms_sigma}
+
+
+def check_soft_nms_sigma(sigma: float, name: str = 'build_retinanet.soft_nms_sigma') -> None:
+  """Raises ValueError naming `name` unless `sigma` is a finite number >= 0 (0: hard NMS)."""
+  if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma < np.inf:
+    raise ValueError(f'{name} = {sigma!r}: give a number >= 0 (0: hard NMS, the default; '
+                     'Soft-NMS papers use 0.25-0.5 in this convention, exp(-IoU^2 / (2 sigma))).')
+
+
+def soft_nms(boxes: tf.Tensor, scores: tf.Tensor, classes: tf.Tensor, image_size: Sequence[int],
+             max_detections: int, score_threshold: float, sigma: float) -> Dict[str, tf.Tensor]:
+  """Class-aware Gaussian Soft-NMS of candidates boxes [B, N, 4] (input pixels, clipped to
+  `image_size`), scores [B, N], classes [B, N] (ids >= 1): `DetectionGenerator`'s outputs, the
+  best `max_detections` per image by decayed score (see the module docstring)."""
+  shift = float(max(image_size) + 1)
+
+  def one_image(inputs):
+    image_boxes, image_scores, image_classes = inputs
+    shifted = image_boxes + tf.cast(image_classes, tf.float32)[:, None] * shift
+    # iou_threshold 1.0: no hard cut, whatever the op does with it under Soft-NMS.
+    kept, kept_scores = tf.image.non_max_suppression_with_scores(
+        shifted, image_scores, max_output_size=max_detections, iou_threshold=1.0,
+        score_threshold=score_threshold, soft_nms_sigma=sigma)
+    count = tf.shape(kept)[0]
+    pad = max_detections - count
+    return (tf.pad(tf.gather(image_boxes, kept), [[0, pad], [0, 0]]),
+            tf.pad(kept_scores, [[0, pad]]),
+            tf.pad(tf.gather(image_classes, kept), [[0, pad]]), count)
+
+  nms_boxes, nms_scores, nms_classes, num_detections = tf.map_fn(
+      one_image, (boxes, scores, tf.cast(classes, tf.int32)),
+      fn_output_signature=(tf.TensorSpec([max_detections, 4], tf.float32),
+                           tf.TensorSpec([max_detections], tf.float32),
+                           tf.TensorSpec([max_detections], tf.int32),
+                           tf.TensorSpec([], tf.int32)))
+  return {'detection_boxes': nms_boxes, 'detection_scores': nms_scores,
+          'detection_classes': nms_classes, 'num_detections': num_detections}
 
 
 def sorted_detection_rows(detections: Mapping[str, tf.Tensor], index: int) -> np.ndarray:

@@ -10,6 +10,7 @@ from nasfpn_tf.decoders import block_specs as block_specs_lib
 from nasfpn_tf.models import backbones
 from nasfpn_tf.models.geometry import ModelGeometry
 from nasfpn_tf.models.head import RetinaNetHead
+from nasfpn_tf.models.postprocess import check_soft_nms_sigma
 from nasfpn_tf.models.postprocess import DetectionGenerator
 
 
@@ -25,6 +26,7 @@ class RetinaNet(tf_keras.Model):
   post-processing. `geometry` is its `ModelGeometry` (input size, levels, anchors);
   `anchor_boxes` {level: [h, w, A*4]} are its TFM `Anchor` boxes in input pixels, what the
   training labeler needs. `num_classes` counts background (class 0, never predicted).
+  `soft_nms_sigma` > 0 post-processes with Gaussian Soft-NMS instead of NMS (`postprocess`).
   `activation` is the pyramid's and head's (TFM backbones keep their own). `l2_weight_decay`
   adds TFM's L2 kernel regularizer (weight_decay / 2 * sum w^2) to backbone, pyramid and head.
   `merge_filters` is the pyramid's (`NASFPN`): None merges at `num_filters` as the paper; TF
@@ -64,6 +66,7 @@ class RetinaNet(tf_keras.Model):
                pre_nms_score_threshold: float = 0.05,
                nms_iou_threshold: float = 0.5,
                max_detections: int = 100,
+               soft_nms_sigma: float = 0.0,
                activation: str = 'relu',
                use_sync_bn: bool = False,
                norm_momentum: float = 0.99,
@@ -74,6 +77,7 @@ class RetinaNet(tf_keras.Model):
                anytime_loss_weights: Optional[Sequence[float]] = None,
                **kwargs):
     _check_anytime(anytime, anytime_shared_head, anytime_loss_weights, num_repeats)
+    check_soft_nms_sigma(soft_nms_sigma)
     geometry = ModelGeometry(image_size, min_level, max_level, anchor_num_scales,
                              anchor_aspect_ratios, anchor_size)
     config = {k: v for k, v in locals().items()
@@ -124,7 +128,8 @@ class RetinaNet(tf_keras.Model):
     self.detection_generator = DetectionGenerator(
         image_size, num_classes, pre_nms_top_k=pre_nms_top_k,
         pre_nms_score_threshold=pre_nms_score_threshold, nms_iou_threshold=nms_iou_threshold,
-        max_detections=max_detections, name='detection_generator')
+        max_detections=max_detections, soft_nms_sigma=soft_nms_sigma,
+        name='detection_generator')
     self.geometry = geometry
     self.anchor_boxes = geometry.anchor_boxes()
     # Early-exit models by exit, built on first use; a plain holder, so that checkpoints and
@@ -197,6 +202,8 @@ class RetinaNet(tf_keras.Model):
     if not self.anytime:  # A plain model's config is what it was before anytime models.
       for name in ANYTIME_ARGUMENTS:
         del config[name]
+    if not config['soft_nms_sigma']:  # Nor is a hard-NMS model's (Soft-NMS came later).
+      del config['soft_nms_sigma']
     return config
 
   @classmethod
