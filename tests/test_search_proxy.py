@@ -1,4 +1,5 @@
-"""The search's proxy tasks (nasfpn_tf.search.proxy), rewards and the proxy gate's logic."""
+"""The search's proxy tasks (nasfpn_tf.search.proxy) and rewards; the proxy gate is
+test_search_proxy_gate.py's."""
 import json
 import math
 import os
@@ -15,13 +16,10 @@ import training_helpers
 from nasfpn_tf import config
 from nasfpn_tf.data import synthetic
 from nasfpn_tf.data import tfexample
-from nasfpn_tf.decoders import block_specs as block_specs_lib
 from nasfpn_tf.search import feature_cache
 from nasfpn_tf.search import heldout
 from nasfpn_tf.search import proxy
 from nasfpn_tf.search import rewards
-
-gate = training_helpers.load_experiment('search_proxy_gate')
 
 NUM_IMAGES, NUM_HELDOUT = 24, 8
 TINY_CPU = training_helpers.TINY_MODEL + [
@@ -190,82 +188,3 @@ def test_rewards_by_hand():
     rewards.reward(result, 'latency')
   with pytest.raises(ValueError, match='--target_flops must be > 0'):
     rewards.reward(result, 'ap_flops', target_flops=0)
-
-
-def test_kendall_tau_by_hand_with_ties_and_against_scipy():
-  assert gate.kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
-  assert gate.kendall_tau([1, 2, 3], [3, 2, 1]) == -1.0
-  # Pairs: 4 concordant, 2 tied (one in x, one in y): tau-b = 4 / sqrt(5 * 5).
-  assert gate.kendall_tau([1, 2, 2, 3], [1, 2, 3, 3]) == pytest.approx(0.8)
-  assert math.isnan(gate.kendall_tau([1, 1, 1], [1, 2, 3]))
-  from scipy import stats  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  x, y = rng.integers(0, 5, 30), rng.integers(0, 5, 30)
-  assert gate.kendall_tau(x, y) == pytest.approx(stats.kendalltau(x, y).statistic)
-
-
-def test_gate_samples_are_in_the_search_space_and_distinct():
-  archs = gate.architectures(num_random=12, sample_seed=0)
-  assert len(archs) == 14 and len({gate._canonical(r) for r in archs.values()}) == 14
-  for name, rows in archs.items():
-    specs = block_specs_lib.resolve(rows, 3, 7)
-    block_specs_lib.validate(specs, 3, 7)
-    if name.startswith('random'):
-      assert len(specs) == 7
-      assert all(s.level > 3 for s in specs[:2]) and not any(s.is_output for s in specs[:2])
-      assert sorted(s.level for s in specs[2:]) == [3, 4, 5, 6, 7]
-
-
-def test_gate_resumes_without_running_a_trial_twice(tmp_path):
-  archs = {'fpn': [], 'nasfpn': [], 'random_00': []}
-  trials = gate.plan(archs, seeds=[1, 2], long_seed=3)
-  assert len(trials) == 9 and len({t.key for t in trials}) == 9
-  reward = {'fpn': 0.1, 'nasfpn': 0.3, 'random_00': 0.2}
-  calls = []
-
-  class Killed(Exception):
-    pass
-
-  killed = []
-
-  def trial_fn(trial):
-    calls.append(trial.key)
-    if len(calls) == 5 and not killed:
-      killed.append(trial.key)
-      raise Killed  # the process dies mid-trial
-    return {'reward': reward[trial.arch] + 0.01 * trial.seed, 'seconds': 2.0}
-
-  with pytest.raises(Killed):
-    gate.run_gate(str(tmp_path), trials, trial_fn, long_factor=3, say=lambda m: None)
-  assert len(gate.read_records(str(tmp_path))) == 4
-  calls.clear()
-  lines = []
-  records = gate.run_gate(str(tmp_path), trials, trial_fn, long_factor=3, say=lines.append)
-  assert calls == [t.key for t in trials[4:]]
-  assert lines[0] == '9 trials, 4 already done.' and lines[-1].startswith('trial 9/9 |')
-  on_disk = gate.read_records(str(tmp_path))
-  assert on_disk == records and sorted((r['arch'], r['seed'], r['schedule']) for r in on_disk) \
-      == sorted(t.key for t in trials)
-  summary = gate.summarize(records, list(archs), [1, 2], 3)
-  assert summary['kendall_tau_seeds'] == 1.0 and summary['kendall_tau_long'] == 1.0
-  assert summary['reward_fpn'] == pytest.approx(0.115)
-  assert summary['num_architectures'] == 3 and summary['seconds_per_trial'] == 2.0
-  with training_helpers.saved_figures() as figures:
-    gate.plot(records, list(archs), [1, 2], 3, 3, str(tmp_path / 'gate.png'))
-  assert training_helpers.read_png(tmp_path / 'gate.png').shape == (552, 1200, 3)  # 10x4.6 in
-  # Seed 1's reward against seed 2's, and against the long schedule's (seed 3): the samples in
-  # grey, then FPN and NAS-FPN on their own.
-  seeds_ax, long_ax = figures[0].axes
-  for ax, other_seed in ((seeds_ax, 2), (long_ax, 3)):
-    points = [collection.get_offsets().tolist() for collection in ax.collections]
-    assert points == [
-        [[reward[a] + 0.01, reward[a] + 0.01 * other_seed] for a in archs],
-        [[reward['fpn'] + 0.01, reward['fpn'] + 0.01 * other_seed]],
-        [[reward['nasfpn'] + 0.01, reward['nasfpn'] + 0.01 * other_seed]]]
-
-
-def test_gate_refuses_another_configuration_in_the_same_dir(tmp_path):
-  gate.check_config(str(tmp_path), {'long_factor': 3, 'seeds': [1, 2]})
-  gate.check_config(str(tmp_path), {'long_factor': 3, 'seeds': [1, 2]})
-  with pytest.raises(ValueError, match=r"other settings \(\['long_factor'\]"):
-    gate.check_config(str(tmp_path), {'long_factor': 2, 'seeds': [1, 2]})
