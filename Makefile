@@ -17,7 +17,7 @@ DEMO_DIR ?= runs/demo
 # 2 cores finish sooner than one.
 TEST_WORKERS ?= 2
 
-.PHONY: demo demo-steps search-demo test clean lock
+.PHONY: demo demo-steps search-demo test clean lock mediapipe-venv
 
 # The venv's interpreter (.venv's own once it exists) must be a supported version: otherwise one
 # line says which it found and what to run instead, before anything is created.
@@ -56,15 +56,34 @@ LOCK_ARGS := setup.py --extra test -c constraints.txt --python-platform linux \
 lock: | $(UV)
 	mkdir -p requirements
 	for v in $(PYTHON_VERSIONS); do \
-	  args="$(LOCK_ARGS) --python-version $$v -o requirements/lock-py$$v.txt"; \
-	  $(UV) pip compile --quiet $$args \
-	    --custom-compile-command "make lock, which runs uv $(UV_VERSION): uv pip compile $$args" \
-	    || exit 1; \
+	  for args in "$(LOCK_ARGS) --python-version $$v -o requirements/lock-py$$v.txt" \
+	      "$(MEDIAPIPE_LOCK_ARGS) --python-version $$v -o requirements/mediapipe-lock-py$$v.txt"; do \
+	    $(UV) pip compile --quiet $$args \
+	      --custom-compile-command "make lock, which runs uv $(UV_VERSION): uv pip compile $$args" \
+	      || exit 1; \
+	  done; \
 	done
 
 $(UV):
 	$(PYTHON) -m venv build/uv
 	build/uv/bin/pip install uv==$(UV_VERSION)
+
+# make mediapipe-venv: MediaPipe Tasks, whose ObjectDetector tests/test_tflite_metadata.py runs on
+# an exported .tflite, in a venv of its own: no mediapipe release installs beside this stack's
+# TensorFlow (docs/mediapipe.md). Its lock (requirements/mediapipe-lock-py3.X.txt, from
+# requirements/mediapipe.in) is installed as is, then checked, as the main one is. The test skips
+# without it.
+MEDIAPIPE_VENV := .venv-mediapipe
+MEDIAPIPE_STAMP := $(MEDIAPIPE_VENV)/.installed
+MEDIAPIPE_LOCK_ARGS := requirements/mediapipe.in --python-platform linux
+mediapipe-venv: $(MEDIAPIPE_STAMP)
+
+$(MEDIAPIPE_STAMP): requirements/mediapipe.in $(PYTHON_VERSIONS:%=requirements/mediapipe-lock-py%.txt) | $(STAMP)
+	test -x $(MEDIAPIPE_VENV)/bin/python || $(PY) -m venv $(MEDIAPIPE_VENV)
+	v=$$($(MEDIAPIPE_VENV)/bin/python -c '$(PRINT_VERSION)') && \
+	  $(MEDIAPIPE_VENV)/bin/python -m pip install --no-deps -r requirements/mediapipe-lock-py$${v%.*}.txt
+	$(MEDIAPIPE_VENV)/bin/python -m pip check
+	touch $(MEDIAPIPE_STAMP)
 
 # make demo: embedded dataset -> TFRecords -> train + COCO eval of gin_configs/demo.gin -> exports
 # -> drawn predictions, each phase timed.
@@ -150,4 +169,4 @@ test: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --durations=15 tests
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(MEDIAPIPE_VENV) runs .pytest_cache

@@ -93,6 +93,11 @@ _TFLITE_FAST_NMS = flags.DEFINE_bool(
     'tflite_fast_nms', False, 'For --mode=export_tflite: the post-processing op\'s fast NMS (one '
     'class per anchor, class-agnostic suppression) instead of the regular per-class NMS that '
     'matches the SavedModel; faster on phones, slightly different detections.')
+_TFLITE_METADATA = flags.DEFINE_bool(
+    'tflite_metadata', True, 'For --mode=export_tflite: write the TFLite metadata that MediaPipe '
+    "Tasks' ObjectDetector needs (labels from the label map, input normalization, output "
+    'roles; docs/mediapipe.md) into the file; the TFLite interpreter ignores it. '
+    '--notflite_metadata: the bare model.')
 _TFLITE_EXIT = flags.DEFINE_integer(
     'tflite_exit', None, 'For --mode=export_tflite of an anytime model '
     '(build_retinanet.anytime = True): the exit k the file stops at, computing only the first k '
@@ -160,6 +165,9 @@ def _export() -> None:
     if _TFLITE_EXIT.value is not None:
       raise ValueError('--tflite_exit is for --mode=export_tflite; the SavedModel holds every '
                        'exit (signatures serving_exit_<k>).')
+    if flags.FLAGS['tflite_metadata'].present:
+      raise ValueError('--tflite_metadata is for --mode=export_tflite; a SavedModel carries '
+                       'its label map in its assets.')
     if not _EXPORT_DIR.value:
       raise ValueError('--mode=export_saved_model needs --export_dir.')
     summary = saved_model.export_saved_model(_MODEL_DIR.value, _EXPORT_DIR.value,
@@ -175,7 +183,7 @@ def _export() -> None:
         num_representative_images=_NUM_REPRESENTATIVE_IMAGES.value,
         int8_io=_TFLITE_UINT8_INPUT.value, use_regular_nms=not _TFLITE_FAST_NMS.value,
         gin_bindings=_GIN_BINDINGS.value, label_map_path=_EXPORT_LABEL_MAP.value,
-        num_repeats=_TFLITE_EXIT.value)
+        num_repeats=_TFLITE_EXIT.value, metadata=_TFLITE_METADATA.value)
   print(json.dumps(summary, default=str), flush=True)
 
 

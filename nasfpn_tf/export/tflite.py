@@ -3,7 +3,9 @@
 The file runs in the stock TFLite interpreter: every op is a TFLite builtin except the
 post-processing, `TFLite_Detection_PostProcess` (`tflite_postprocess`: how it is wired and how
 it compares with `model.detect`). Its input and outputs, and running it: `tflite_runtime`. Its
-label names: `<stem>.labels.json` beside it (`data.label_map.write_tflite_labels`).
+label names: `<stem>.labels.json` beside it (`data.label_map.write_tflite_labels`) and, with the
+TFLite metadata that MediaPipe Tasks' ObjectDetector needs (`metadata=True`, the default),
+labels.txt inside the file (`tflite_metadata`).
 
 int8: the network is quantized to int8 (`TFLITE_BUILTINS_INT8`), calibrated on images of the
 training records preprocessed as evaluation does; the sigmoid scores and box deltas are
@@ -17,6 +19,7 @@ import tensorflow as tf
 
 from nasfpn_tf.data import input_pipeline
 from nasfpn_tf.data import label_map as label_map_lib
+from nasfpn_tf.export import tflite_metadata
 from nasfpn_tf.export import tflite_postprocess
 from nasfpn_tf.export import tflite_runtime
 from nasfpn_tf.export.saved_model import load_model, model_label_map
@@ -130,12 +133,18 @@ def export_model_tflite(model: RetinaNet, tflite_path: str, quantization: str = 
                         representative_data: Optional[Iterable[np.ndarray]] = None,
                         int8_io: bool = True, use_regular_nms: bool = True,
                         label_map: Optional[Mapping[int, str]] = None,
-                        num_repeats: Optional[int] = None) -> Dict[str, Any]:
+                        num_repeats: Optional[int] = None,
+                        metadata: bool = True) -> Dict[str, Any]:
   """`convert`s a built model (exit `num_repeats`, None: the last) and writes it to
   `tflite_path`, with `<stem>.labels.json` beside it (`label_map` {class id: name}; names null
-  without one). Returns the summary of `export_tflite`."""
+  without one) and, with `metadata`, MediaPipe ObjectDetector metadata inside it
+  (`tflite_metadata.with_metadata`: the labels, input normalization, output roles). Returns the
+  summary of `export_tflite`."""
   content = convert(model, quantization, representative_data, int8_io, use_regular_nms,
                     num_repeats)
+  if metadata:
+    content = tflite_metadata.with_metadata(content, label_map or {},
+                                            model.get_config()['num_classes'] - 1)
   files.atomic_write(tflite_path, content)
   labels_file = label_map_lib.tflite_labels_path(tflite_path)
   label_map_lib.write_tflite_labels(labels_file, model.get_config()['num_classes'],
@@ -150,6 +159,7 @@ def export_model_tflite(model: RetinaNet, tflite_path: str, quantization: str = 
       'exit': num_repeats or model.num_repeats,
       'postprocess': tflite_postprocess.postprocess_attributes(model, use_regular_nms),
       'labels': labels_file,
+      'metadata': 'mediapipe_object_detector' if metadata else None,
       'ops': sorted({op['op_name'] for op in ops}),
       'custom_ops': sorted(set(tflite_runtime.custom_op_names(content))),
       **tflite_runtime.io_details(content),
@@ -161,7 +171,7 @@ def export_tflite(model_dir: str, tflite_path: str, quantization: str = 'float32
                   num_representative_images: int = 100, int8_io: bool = True,
                   use_regular_nms: bool = True, gin_bindings: Sequence[str] = (),
                   label_map_path: Optional[str] = None,
-                  num_repeats: Optional[int] = None) -> Dict[str, Any]:
+                  num_repeats: Optional[int] = None, metadata: bool = True) -> Dict[str, Any]:
   """Writes the TFLite model of `model_dir`'s last checkpoint (built from its operative config)
   to `tflite_path`, and `<stem>.labels.json` beside it; returns a summary: path, size_bytes,
   quantization, int8_io, image_size, exit, postprocess (the op's attributes), labels, ops,
@@ -174,6 +184,7 @@ def export_tflite(model_dir: str, tflite_path: str, quantization: str = 'float32
   .pre_nms_score_threshold for the op; network changes fail the restore). `label_map_path`: a
   {"id": "name"} JSON, default the one beside the records (see saved_model.model_label_map).
   `num_repeats`: the exit of an anytime model the file stops at (None: the last).
+  `metadata`: write the TFLite metadata MediaPipe Tasks' ObjectDetector needs (`tflite_metadata`).
   Like saved_model.load_model, it leaves the model dir's operative config parsed in gin.
   """
   if quantization not in QUANTIZATIONS:
@@ -197,7 +208,7 @@ def export_tflite(model_dir: str, tflite_path: str, quantization: str = 'float32
                                                  model.get_config(), num_representative_images)
   label_map, _ = model_label_map(model.get_config()['num_classes'], label_map_path)
   summary = export_model_tflite(model, tflite_path, quantization, representative_data, int8_io,
-                                use_regular_nms, label_map, num_repeats)
+                                use_regular_nms, label_map, num_repeats, metadata)
   summary.update(checkpoint=checkpoint, step=step)
   if quantization == 'int8':
     summary['representative_file_pattern'] = representative_file_pattern
