@@ -13,6 +13,7 @@ import gin
 import tensorflow as tf
 from official.vision.ops import anchor, box_ops, preprocess_ops
 
+from nasfpn_tf.data import sampling as sampling_lib
 from nasfpn_tf.data import tfexample
 from nasfpn_tf.models import geometry as geometry_lib
 from nasfpn_tf.models.geometry import ModelGeometry
@@ -144,8 +145,15 @@ def build_train_dataset(file_pattern: str,
                         match_threshold: float = 0.5,
                         unmatched_threshold: float = 0.5,
                         shuffle_buffer_size: int = 1000,
-                        cycle_length: int = 16) -> tf.data.Dataset:
+                        cycle_length: int = 16,
+                        sampling: str = 'uniform',
+                        repeat_threshold: Optional[float] = None,
+                        sampling_seed: int = 0) -> tf.data.Dataset:
   """Endless, shuffled, augmented (images, labels) batches for RetinaNet training.
+
+  Images: every one once per pass with `sampling` 'uniform'; 'class_balanced' or
+  'repeat_factor' (with `repeat_threshold`, LVIS's t, default 0.001) draw rare classes' images
+  more often, each pass's draw fixed by `sampling_seed` (`nasfpn_tf.data.sampling`).
 
   Per image (the paper's recipe, TFM's retinanet parser): random horizontal flip with
   `flip_prob`; multiscale jitter: the image is resized to fit `image_size` scaled by a random
@@ -163,8 +171,14 @@ def build_train_dataset(file_pattern: str,
   """
   parse = train_example_parser(model_config, aug_scale_min, aug_scale_max, flip_prob,
                                match_threshold, unmatched_threshold, source=file_pattern)
-  dataset = _records(file_pattern, input_context, training=True, cycle_length=cycle_length)
-  dataset = dataset.shuffle(shuffle_buffer_size).repeat()
+  sampling_lib.check_sampling(sampling, repeat_threshold, sampling_seed)
+  if sampling == 'uniform':
+    dataset = _records(file_pattern, input_context, training=True, cycle_length=cycle_length)
+    dataset = dataset.shuffle(shuffle_buffer_size).repeat()
+  else:  # Endless already: pass after pass of sampled records.
+    dataset = sampling_lib.sampled_records(_list_files(file_pattern), sampling, input_context,
+                                           sampling_seed, repeat_threshold, cycle_length)
+    dataset = dataset.shuffle(shuffle_buffer_size)
   dataset = dataset.map(parse, num_parallel_calls=AUTOTUNE, deterministic=False)
   dataset = dataset.batch(_per_replica_batch(global_batch_size, input_context),
                           drop_remainder=True)
