@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from nasfpn_tf.search import runner
+from nasfpn_tf.search import runner, trials
 from nasfpn_tf.search.journal import Journal
 from nasfpn_tf.search.space import SearchSpace
 from nasfpn_tf.search import search_dir as search_dir_lib
@@ -83,3 +83,63 @@ def test_retrain_refuses_a_dir_without_a_search_or_over_other_levels(tmp_path):
   runner.check_search_dir(settings)
   with pytest.raises(ValueError, match=r"p3p4 searched levels \{'max_level': 4, 'min_level': 3\}"):
     search_retrain.best_record([settings.search_dir])
+
+
+asha_samples = load_experiment('asha_samples')
+
+
+def test_asha_rows_and_what_asha_kept_from_the_journals(tmp_path):
+  # The same 8 random samples (seed 3) with and without ASHA; under ASHA the keys whose first
+  # cell pools are stopped at step 12, with the reward they had there.
+  trained = {}
+  for scheduler in asha_samples.SCHEDULERS:
+    settings = runner.SearchSettings(search_dir=str(tmp_path / scheduler), algorithm='random',
+                                     num_trials=8, proxy='synthetic', space=SPACE, seed=3,
+                                     scheduler=scheduler)
+    runner.check_search_dir(settings)
+    searcher = runner.ControllerSearcher(settings, log=lambda line: None,
+                                         asha=runner.resolve_asha(settings))
+    asha = scheduler == 'asha'
+
+    def result(space, specs, asha=asha):
+      if asha and 'global_pooling' in space.key(specs).split('/')[0]:
+        return {'ap': 0.1, 'flops': 0, 'steps': 12, 'stopped_at_step': 12}
+      return trials.synthetic_result(space, specs)
+
+    drive_in_process(searcher, result_fn=result)
+    Journal(tmp_path / scheduler / 'sessions.jsonl').append(
+        {'samples_before': 0, 'samples_after': 8, 'wall_seconds': 36.0 if asha else 72.0})
+    trained[scheduler] = {r['key']: r for r in searcher.records if not r['cached']}
+  rows = [asha_samples.scheduler_row(tmp_path, s) for s in asha_samples.SCHEDULERS]
+  none_row, asha_row = rows
+  assert none_row['samples_per_hour'] == 8 / (72 / 3600) == 400.0
+  assert asha_row['samples_per_hour'] == 8 / (36 / 3600) == 800.0
+  stopped_keys = [k for k in trained['asha'] if 'global_pooling' in k.split('/')[0]]
+  assert asha_row['stopped_early'] == len(stopped_keys) > 0 and none_row['stopped_early'] == 0
+  assert asha_row['trained'] == none_row['trained'] == len(trained['none'])
+  # The best full trial: over every trained key without ASHA, over the survivors with it.
+  survivors = [r['reward'] for k, r in trained['asha'].items() if k not in stopped_keys]
+  assert asha_row['best_full_reward'] == max(survivors)
+  assert none_row['best_full_reward'] == max(r['reward'] for r in trained['none'].values())
+  kept = asha_samples.kept_row(tmp_path, top_k=3)
+  ranked = sorted(trained['none'].values(), key=lambda r: (-r['reward'], r['trial']))[:3]
+  assert kept['keys'] == [r['key'] for r in ranked]
+  assert kept['under_asha'] == [12 if r['key'] in stopped_keys else 'max_t' for r in ranked]
+  assert kept['survived'] == sum(r['key'] not in stopped_keys for r in ranked)
+  with saved_figures() as figures:
+    asha_samples.draw(tmp_path, rows, kept, str(tmp_path / 'asha.png'))
+  assert read_png(tmp_path / 'asha.png').shape == (440, 1210, 3)  # 11 x 4 in at 110 dpi
+  rate_ax, kept_ax = figures[0].axes
+  assert [p.get_height() for p in rate_ax.patches] == [400.0, 800.0] + [
+      row['samples_per_trial_hour'] for row in rows]
+  # Every architecture once, at (its full reward, its reward under ASHA); the top 3 circled.
+  points = np.concatenate([c.get_offsets() for c in kept_ax.collections[:-1]])
+  expected = [(trained['none'][k]['reward'], r['reward']) for k, r in trained['asha'].items()]
+  assert sorted(map(tuple, points.tolist())) == sorted(expected)
+  assert len(kept_ax.collections[-1].get_offsets()) == 3
+  # Searches that drew other samples are not compared.
+  (tmp_path / 'asha' / search_dir_lib.TRIALS_FILE).write_text(
+      (tmp_path / 'asha' / search_dir_lib.TRIALS_FILE).read_text()
+      .replace(ranked[0]['key'], 'other'))
+  with pytest.raises(ValueError, match='drew other samples'):
+    asha_samples.kept_row(tmp_path, top_k=3)

@@ -70,6 +70,30 @@ def test_cache_is_reused_and_a_seed_replays(cpu_work_dir, monkeypatch):
   assert other.final_loss != first.final_loss and other.flops != first.flops
 
 
+def test_intermediate_reports_evaluate_without_changing_the_training(cpu_work_dir):
+  """The CPU proxy's reports for ASHA: the held-out result after steps 1 and 3 of 4, with the
+  model's FLOPs; the training they interrupt ends where the trial without them ended."""
+  work_dir, first = cpu_work_dir
+  reports = []
+  result = proxy.run_trial('nasfpn', 'cpu', seed=0, work_dir=work_dir, gin_bindings=TINY_CPU,
+                           report_steps=[1, 3], report=lambda *args: reports.append(args))
+  assert (result.ap, result.ap50, result.final_loss, result.heldout_loss) == (
+      first.ap, first.ap50, first.final_loss, first.heldout_loss)
+  assert [step for step, _ in reports] == [1, 3]
+  for step, report in reports:
+    assert report['steps'] == step and report['flops'] == first.flops > 0
+    assert math.isfinite(report['heldout_loss']) and 0.0 <= report['ap'] <= 1.0
+  # Three more steps of training moved the held-out loss, as two more moved it again.
+  assert len({reports[0][1]['heldout_loss'], reports[1][1]['heldout_loss'],
+              result.heldout_loss}) == 3
+  with pytest.raises(ValueError, match=r'report steps \[4\] are not in 1..3.*CpuProxy.train_steps'):
+    proxy.run_trial('nasfpn', 'cpu', work_dir=work_dir, gin_bindings=TINY_CPU,
+                    report_steps=[4], report=print)
+  with pytest.raises(ValueError, match='--proxy_seeds=1, not --proxy=cpu and --proxy_seeds=2'):
+    proxy.run_trial('nasfpn', 'cpu', work_dir=work_dir, gin_bindings=TINY_CPU, num_seeds=2,
+                    report_steps=[1], report=print)
+
+
 def test_heldout_split_is_carved_from_training_images(cpu_work_dir):
   folder = _cache_folder(cpu_work_dir[0])
   records = str(folder / 'records')

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pathlib
+import pickle
 import re
 import signal
 import subprocess
@@ -19,8 +20,11 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from nasfpn_tf.search.journal import Journal, ResultStore
+from nasfpn_tf.search.space import SearchSpace
+from nasfpn_tf.search.trials import synthetic_curve, synthetic_result
 from nasfpn_tf.search import search_dir as search_dir_lib
 from training_helpers import (REPO, SUBPROCESS_TIMEOUT, PortTaken, own_session, port_taken,
                               start_on_free_ports)
@@ -211,6 +215,42 @@ def test_a_cluster_runs_trials_on_its_joined_node_reuses_a_worker_and_retries_a_
   assert len({r['node_id'] for r in records if not r['cached']}) == 1
   # One worker runs trial after trial; a killed one is replaced.
   assert len(_worker_pids(search_dir)) <= 1 + kills
+
+
+def test_asha_stops_weak_trials_and_the_controller_learns_every_reward(tmp_path):
+  """--scheduler=asha on the synthetic proxy, whose reward (agreement with a target table,
+  rising as sqrt(step)) plainly separates architectures: weak trials stop at a rung, and the
+  controller (evolution, whose population keeps each (actions, reward) it was fed) got every
+  sample's reward, a stopped one's being its reward at the step where it stopped."""
+  search_dir = tmp_path / 'search'
+  command = _search_command(search_dir, 10, '--cpus_per_trial=1', '--synthetic_seconds=1',
+                            '--scheduler=asha',
+                            '--gin_bindings=EvolutionController.population_size = 20',
+                            algorithm='evolution')
+  finished = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True,
+                            timeout=SUBPROCESS_TIMEOUT)
+  assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+  assert 'ASHA: rungs at steps 12, 36 of 100, reduction factor 3' in finished.stdout
+  records = _check_complete(search_dir, 10)
+  space = SearchSpace(num_cells=5)
+  stopped = [r for r in records if r['stopped_at_step'] is not None]
+  assert stopped, 'no trial was stopped early'
+  for record in records:
+    final_ap = synthetic_result(space, record['block_specs'])['ap']
+    step = record['stopped_at_step']
+    assert step in (None, 12, 36)
+    assert record['reward'] == pytest.approx(
+        final_ap if step is None else synthetic_curve(final_ap, step), abs=1e-12)
+    # What was reported before the end (all of it for a stopped trial), for ASHA's rungs.
+    assert [r['steps'] for r in record['result']['reports']] == [12, 36][:(step or 100) // 12]
+  # Stopped trials stop waiting: 0.12 or 0.36 of the 1 s a full trial waits.
+  assert max(r['seconds'] for r in stopped) < min(
+      r['seconds'] for r in records if r['stopped_at_step'] is None)
+  state = pickle.loads((search_dir / search_dir_lib.CONTROLLER_FILE).read_bytes())
+  assert state['num_records'] == 10
+  assert state['state']['population'] == [(tuple(r['actions']), r['reward']) for r in records]
+  summary = json.loads(finished.stdout.strip().splitlines()[-1])
+  assert summary['num_stopped_early'] == len(stopped)
 
 
 # A training proxy at its smallest: 24 synthetic images (8 held out) through a frozen random

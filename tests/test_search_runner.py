@@ -2,6 +2,7 @@
 import json
 import pickle
 import socket
+import types
 
 import gin
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from nasfpn_tf import config
 from nasfpn_tf.decoders import block_specs as specs_lib
-from nasfpn_tf.search import controllers, progress, runner
+from nasfpn_tf.search import controllers, progress, runner, schedulers, trials
 from nasfpn_tf.search.journal import Journal, ResultStore
 from nasfpn_tf.search.space import SearchSpace
 from nasfpn_tf.search import search_dir as search_dir_lib
@@ -205,3 +206,128 @@ def test_unknown_settings_are_named(tmp_path):
   with pytest.raises(ValueError, match="--init_block_specs='nasfpn' is not in SearchSpace"):
     runner.run_search(_settings(tmp_path, init_block_specs='nasfpn'))  # a 7-cell P3-P7 table
   assert not (tmp_path / 'search').exists()  # nothing recorded that a fixed command would trip on
+
+
+# Early stopping (--scheduler=asha): the settings, their errors, and stopped trials in the journal.
+
+
+def test_asha_rungs_and_reports_are_ray_tunes():
+  from ray.tune.schedulers import AsyncHyperBandScheduler  # pylint: disable=g-import-not-at-top
+  # The defaults: a factor of 3 and a grace period of a ninth, rounded up.
+  cpu = schedulers.resolve('asha', 300, 'CpuProxy.train_steps')
+  assert (cpu.grace_period, cpu.reduction_factor, cpu.max_t) == (34, 3.0, 300)
+  assert cpu.rungs() == [34, 102] and cpu.report_steps() == [34, 102]
+  assert schedulers.resolve('asha', 100, 'x').report_steps() == [12, 36]
+  assert schedulers.resolve('asha', 100, 'x', report_every=30).report_steps() == [30, 60, 90]
+  assert schedulers.resolve('none', 100, 'x') is None
+  for max_t, grace, factor in [(300, 34, 3), (100, 12, 3), (81, 1, 3), (300, 10, 2.5), (64, 4, 4)]:
+    ours = schedulers.resolve('asha', max_t, 'x', grace, factor)
+    # pylint: disable=protected-access  Ray's own rungs, which ours must match.
+    bracket = AsyncHyperBandScheduler(max_t=max_t, grace_period=grace,
+                                      reduction_factor=factor)._brackets[0]
+    ray_rungs = [m for m, _ in bracket._rungs]
+    assert ours.rungs() == sorted(m for m in ray_rungs if m < max_t), (max_t, grace, factor)
+
+
+def test_bad_scheduler_settings_are_named(tmp_path):
+  cases = [
+      (dict(scheduler='hyperband'), "--scheduler='hyperband' is not one of"),
+      (dict(scheduler='asha', asha_reduction_factor=1.0), '--asha_reduction_factor=1.0 must be'),
+      (dict(scheduler='asha', asha_grace_period=100), r'--asha_grace_period=100 must be in '
+       r"1..99: below the proxy's 100 train steps \(the synthetic"),
+      (dict(scheduler='asha', asha_grace_period=0), '--asha_grace_period=0 must be'),
+      (dict(scheduler='asha', report_every=-1), '--report_every=-1 must be in 0..99'),
+      (dict(report_every=5), '--report_every=5: ASHA settings, but --scheduler=none'),
+      (dict(asha_grace_period=5), '--asha_grace_period=5: ASHA settings'),
+      (dict(scheduler='asha', proxy_seeds=2), '--proxy_seeds=2'),
+      (dict(scheduler='asha', proxy='paper'), '--proxy=paper'),
+  ]
+  for overrides, message in cases:
+    with pytest.raises(ValueError, match=message):
+      runner.run_search(_settings(tmp_path, **overrides))
+  assert not (tmp_path / 'search').exists()  # refused before anything was recorded
+  runner.check_search_dir(_settings(tmp_path, scheduler='asha'))
+  with pytest.raises(ValueError, match="scheduler: recorded 'asha', asked 'none'"):
+    runner.check_search_dir(_settings(tmp_path))
+
+
+def _drive_with_asha(searcher, stop, stop_after=None, num_parallel=3):
+  """Drives `searcher` as Tune with ASHA would, the synthetic proxy in this process: a trial
+  whose key `stop(key)` gives a step is stopped after its report there (its last metrics are
+  that report's, `final` False), the others report every step and end with their result."""
+  in_flight, next_id, completions = [], 0, 0
+  while True:
+    while len(in_flight) < num_parallel:
+      config = searcher.suggest(f't{next_id}')
+      next_id += 1
+      if config is None:
+        break
+      in_flight.append((f't{next_id - 1}', config))
+    if not in_flight or completions == stop_after:
+      return
+    trial_id, config = in_flight.pop(0)
+    assert config['report_steps'] == [12, 36] and config['max_steps'] == 100
+    result = trials.synthetic_result(searcher.settings.space, config['block_specs'])
+    reports = []
+    for step in config['report_steps']:
+      reports.append({'ap': trials.synthetic_curve(result['ap'], step), 'flops': 0,
+                      'steps': step})
+      if stop(config['key']) == step:
+        metrics = {'result_json': json.dumps({**reports[-1], 'reports': reports}),
+                   'final': False, 'step': step}
+        break
+    else:
+      result['reports'] = reports
+      searcher.results.put(config['key'], result)
+      metrics = {'result_json': json.dumps(result), 'final': True, 'step': 100}
+    searcher.complete(trial_id, {**metrics, 'reused': False, 'seconds': 0.1}, False)
+    completions += 1
+
+
+def test_stopped_trials_are_journaled_fed_back_and_replayed_on_resume(tmp_path):
+  settings = _settings(tmp_path, algorithm='evolution', scheduler='asha')
+  asha = runner.resolve_asha(settings)
+  runner.check_search_dir(settings)
+  # Keys whose first cell sums are stopped at the first rung, those with a pooling first cell
+  # whose second cell sums at the second; the rest train to the end.
+  stop = lambda key: {'sum': 12}.get(key.split('/')[0].split(':')[1],  # noqa: E731
+                                     36 if key.split('/')[1].split(':')[1] == 'sum' else None)
+  try:
+    # Larger than the budget: the population keeps every (actions, reward) fed back, in order.
+    gin.bind_parameter('EvolutionController.population_size', 50)
+    first = runner.ControllerSearcher(settings, log=lambda line: None, asha=asha)
+    _drive_with_asha(first, stop, stop_after=15)  # killed with trials in flight
+    done = list(first.records)
+    second = runner.ControllerSearcher(settings, log=lambda line: None, asha=asha)
+    assert second.records == done
+    assert second.controller.state()['population'] == [
+        (tuple(r['actions']), r['reward']) for r in done]
+    _drive_with_asha(second, stop)
+    population = second.controller.state()['population']
+  finally:
+    gin.clear_config()
+  records = Journal(tmp_path / 'search' / search_dir_lib.TRIALS_FILE).read()
+  assert [r['trial'] for r in records] == list(range(40)) and records[:len(done)] == done
+  # The controller learned every sample's reward, the stopped ones' included.
+  assert population == [(tuple(r['actions']), r['reward']) for r in records]
+  by_step = {}
+  for record in records:
+    final_ap = trials.synthetic_result(SMALL, record['block_specs'])['ap']
+    step = stop(record['key'])
+    by_step.setdefault(step, []).append(record['cached'])
+    # A stopped trial counts its last reported reward, the curve at the step it stopped at; a
+    # duplicate of it (cached) is answered with the same.
+    assert record['stopped_at_step'] == step
+    assert record['reward'] == (final_ap if step is None else
+                                trials.synthetic_curve(final_ap, step))
+  assert set(by_step) == {None, 12, 36} and any(by_step[12]), by_step  # a cached stopped key
+  # The journal's reports, replayed into a new ASHA, stop a weak newcomer at the first rung; a
+  # new ASHA without them lets it go on.
+  weak = {schedulers.TIME_ATTR: 12, schedulers.METRIC: 0.0}
+  for replayed, decision in ((True, 'STOP'), (False, 'CONTINUE')):
+    scheduler = schedulers.make_scheduler(asha)
+    count = schedulers.replay(scheduler, records if replayed else [], lambda r: r['ap'])
+    assert count == (len({r['key'] for r in records}) if replayed else 0)
+    newcomer = types.SimpleNamespace(trial_id='new')
+    scheduler.on_trial_add(None, newcomer)
+    assert scheduler.on_trial_result(None, newcomer, weak) == decision

@@ -11,8 +11,11 @@ and DIR/train-label_map.json; see docs/search_own_data.md):
 
 Kill it at any moment and run the same command again: it continues from the search dir's
 journal. It prints a line per sample and, at the end, one JSON line (num_trials, num_unique,
-best_reward, best_key, wall_seconds). DIR/best.gin trains the best architecture:
-`python -m nasfpn_tf.main --gin_file=demo.gin --gin_file=DIR/best.gin ...`.
+best_reward, best_key, num_stopped_early, wall_seconds). DIR/best.gin trains the best
+architecture: `python -m nasfpn_tf.main --gin_file=demo.gin --gin_file=DIR/best.gin ...`.
+
+More architectures per hour: `--scheduler=asha` stops weak trials early (Ray Tune's ASHA on the
+held-out reward a trial reports at intermediate steps; docs/search.md#early-stopping-with-asha).
 """
 import json
 
@@ -22,6 +25,7 @@ from nasfpn_tf.search import configurables
 from nasfpn_tf.search.controllers import CONTROLLERS
 from nasfpn_tf.search import rewards
 from nasfpn_tf.search import search_dir as search_dir_lib
+from nasfpn_tf.search import schedulers
 from nasfpn_tf.search.runner import SearchSettings, run_search
 from nasfpn_tf.search.space import SearchSpace
 from nasfpn_tf.search.trials import PROXIES
@@ -77,6 +81,18 @@ flags.DEFINE_string('ray_address', None, 'Join this Ray cluster (e.g. 10.0.0.1:6
                     'default: a local Ray on this machine.')
 flags.DEFINE_float('synthetic_seconds', 0.0, 'With --proxy=synthetic: seconds each trial waits, '
                    'as if it trained (to try resuming and the cluster quickly).')
+flags.DEFINE_enum('scheduler', 'none', list(schedulers.SCHEDULERS), 'none: every trial trains '
+                  'to the end; asha: a trial reports its held-out reward at intermediate steps '
+                  'and Ray Tune\'s AsyncHyperBandScheduler stops weak ones (--proxy=cpu or '
+                  'synthetic, --proxy_seeds=1); its max_t is the proxy\'s train steps '
+                  '(CpuProxy.train_steps). A stopped trial\'s reward is its last reported one.')
+flags.DEFINE_integer('asha_grace_period', None, '--scheduler=asha: steps before a trial can be '
+                     'stopped, the first rung; default ceil(train steps / factor^2).')
+flags.DEFINE_float('asha_reduction_factor', None, '--scheduler=asha: each rung keeps the top '
+                   '1/factor of the trials that reached it (rungs at grace x factor^k steps); '
+                   f'default {schedulers.DEFAULT_REDUCTION_FACTOR:g}.')
+flags.DEFINE_integer('report_every', 0, '--scheduler=asha: steps between a trial\'s held-out '
+                     'evaluations; 0: at the rungs only (the fewest evaluations).')
 flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings for the controller and the proxy, '
                           'e.g. "PPOController.learning_rate = 1e-3".')
 
@@ -93,7 +109,9 @@ def main(argv):
       proxy_seeds=FLAGS.proxy_seeds, proxy_dir=FLAGS.proxy_dir,
       cpus_per_trial=FLAGS.cpus_per_trial, gpus_per_trial=FLAGS.gpus_per_trial,
       max_failures=FLAGS.max_failures,
-      ray_address=FLAGS.ray_address, synthetic_seconds=FLAGS.synthetic_seconds)
+      ray_address=FLAGS.ray_address, synthetic_seconds=FLAGS.synthetic_seconds,
+      scheduler=FLAGS.scheduler, asha_grace_period=FLAGS.asha_grace_period,
+      asha_reduction_factor=FLAGS.asha_reduction_factor, report_every=FLAGS.report_every)
   print(json.dumps(run_search(settings)), flush=True)
 
 

@@ -12,7 +12,7 @@ held-out loss (the training loss on the held-out images' anchor labels, NAS-FCOS
 """
 import dataclasses
 import gc
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import gin
 import numpy as np
@@ -97,8 +97,15 @@ def _as_loss_labels(labels: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def train(net: tf_keras.Model, train_split: Mapping[str, Any], settings: CpuProxy,
-          loss_fn: RetinaNetLoss, seed: int) -> float:
-  """Trains `net` on the cached split; returns the mean loss of its last steps."""
+          loss_fn: RetinaNetLoss, seed: int, report_steps: Sequence[int] = (),
+          report: Optional[Callable[[int, float], None]] = None) -> float:
+  """Trains `net` on the cached split; returns the mean loss of its last steps. With `report`,
+  calls report(step, mean loss of the last steps so far) after each of `report_steps` (steps
+  before the last one: the caller evaluates there, e.g. for ASHA)."""
+  wrong = [s for s in report_steps if not 1 <= s < settings.train_steps]
+  if wrong:
+    raise ValueError(f'report steps {wrong} are not in 1..{settings.train_steps - 1}, the steps '
+                     f'before the last of CpuProxy.train_steps = {settings.train_steps}.')
   features = train_split['features']
   labels = {k: v for k, v in train_split['labels'].items() if k != 'image_info'}
   optimizer = tf_keras.optimizers.SGD(
@@ -124,8 +131,12 @@ def train(net: tf_keras.Model, train_split: Mapping[str, Any], settings: CpuProx
     return loss
 
   num_images = len(next(iter(train_split['features'].values())))
-  losses = [step(tf.constant(indices)) for indices in batch_order(
-      num_images, settings.train_steps, settings.batch_size, seed)]
+  report_at = set(report_steps) if report is not None else set()
+  losses = []
+  for indices in batch_order(num_images, settings.train_steps, settings.batch_size, seed):
+    losses.append(step(tf.constant(indices)))
+    if len(losses) in report_at:
+      report(len(losses), float(np.mean([float(l) for l in losses[-_FINAL_LOSS_STEPS:]])))
   return float(np.mean([float(l) for l in losses[-_FINAL_LOSS_STEPS:]]))
 
 
@@ -218,11 +229,19 @@ class CpuSearchProxy:
       _load_head(model, self.cache['head'])
     return model
 
-  def train(self, model: tf_keras.Model, seed: int):
+  def train(self, model: tf_keras.Model, seed: int, report_steps: Sequence[int] = (),
+            report: Optional[Callable[[int, Dict[str, Any]], None]] = None):
     """(pyramid-and-head network, final training loss): `model`'s pyramid and head trained on
-    the cached training features, batches drawn with `seed`."""
+    the cached training features, batches drawn with `seed`. With `report`, evaluates on the
+    held-out features after each of `report_steps` and calls report(step, {**`evaluate`,
+    'steps': step, 'final_loss': the training loss so far})."""
     net = feature_network(model)
-    return net, train(net, self.cache['train'], self.settings, self.loss_fn, seed)
+
+    def evaluate_at(step, loss):
+      report(step, {**self.evaluate(model, net), 'steps': step, 'final_loss': loss})
+
+    return net, train(net, self.cache['train'], self.settings, self.loss_fn, seed, report_steps,
+                      evaluate_at if report is not None else None)
 
   def evaluate(self, model: tf_keras.Model, net: tf_keras.Model) -> Dict[str, float]:
     """{'ap', 'ap50', 'heldout_loss', 'heldout_cls_loss', 'heldout_box_loss'} on the held-out
@@ -233,10 +252,11 @@ class CpuSearchProxy:
             **heldout_loss(net, self.cache['heldout'], self.loss_fn,
                            self.settings.eval_batch_size)}
 
-  def run(self, model: tf_keras.Model, seed: int) -> Dict[str, Any]:
+  def run(self, model: tf_keras.Model, seed: int, report_steps: Sequence[int] = (),
+          report: Optional[Callable[[int, Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """`model` (`new_model`'s) trained and evaluated: {'ap', 'ap50', 'heldout_loss', ...,
-    'steps', 'final_loss'}."""
-    net, final_loss = self.train(model, seed)
+    'steps', 'final_loss'}; with `report`, the same at `report_steps` too (see `train`)."""
+    net, final_loss = self.train(model, seed, report_steps, report)
     return {**self.evaluate(model, net), 'steps': self.settings.train_steps,
             'final_loss': final_loss}
 

@@ -1,6 +1,7 @@
 """What a search shows while it runs: a progress line per sample, and the files people look at.
 
-- a line per sample: trial, reward, best so far, unique/total samples, samples per hour, ETA;
+- a line per sample: trial, reward (and the step where ASHA stopped it), best so far,
+  unique/total samples, samples per hour, ETA;
 - `best.gin` each time the best reward improves: a `build_retinanet.block_specs` binding that
   trains the architecture as is (`--gin_file=demo.gin --gin_file=DIR/best.gin`);
 - `architectures/`: a drawing of each new best (paper Fig. 7);
@@ -114,6 +115,8 @@ class Progress:
     remaining = self.settings.num_trials - len(self.records)
     eta = _duration(remaining / rate * 3600) if rate > 0 else '?'
     how = 'cached' if record['cached'] else f"{record['seconds']:.0f} s"
+    if record.get('stopped_at_step') is not None:
+      how += f", stopped at step {record['stopped_at_step']}"
     return (f"trial {trial_number(record)}/{self.settings.num_trials} | reward "
             f"{record['reward']:.4f} ({how}) | best {self.best['reward']:.4f} (trial "
             f"{trial_number(self.best)}) | unique {len({r['key'] for r in self.records})}/"
@@ -143,4 +146,5 @@ class Progress:
         'num_unique': len({r['key'] for r in self.records}),
         'best_reward': self.best['reward'] if self.best else None,
         'best_key': self.best['key'] if self.best else None,
+        'num_stopped_early': sum(r.get('stopped_at_step') is not None for r in self.records),
         'wall_seconds': round(wall_seconds, 1)}

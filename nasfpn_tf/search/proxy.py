@@ -29,7 +29,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import gin
 import numpy as np
@@ -174,10 +174,15 @@ def run_trial(block_specs, proxy: str = 'cpu', seed: int = 0,
               work_dir: str = DEFAULT_WORK_DIR, gin_bindings: Sequence[str] = (),
               num_threads: Optional[int] = None, data_dir: Optional[str] = None,
               gin_file: Optional[str] = None, backbone_checkpoint: Optional[str] = None,
-              num_seeds: int = 1) -> TrialResult:
+              num_seeds: int = 1, report_steps: Sequence[int] = (),
+              report: Optional[Callable[[int, Dict[str, Any]], None]] = None) -> TrialResult:
   """Trains `block_specs` (rows (level, op, (in0, in1), is_output), or a name of
   `block_specs.SPECS`) on `proxy` with seeds seed .. seed + num_seeds - 1 and returns what it
   measured (several seeds: their mean, each kept, `TrialResult.mean_of`).
+
+  report: with the CPU proxy and one seed, called as report(step, result so far as
+  `TrialResult.to_dict()`) after each of `report_steps` (the held-out evaluation at that step;
+  for `schedulers`' ASHA).
 
   work_dir: shared by the trials of a search: the CPU proxy's cache lives in it, and the paper
   proxy's model dirs (kept until their trial ends, so a retried trial resumes). gin_bindings go
@@ -193,6 +198,9 @@ def run_trial(block_specs, proxy: str = 'cpu', seed: int = 0,
   if num_seeds < 1:
     raise ValueError(f'--proxy_seeds must be >= 1, got {num_seeds}.')
   seeds = [seed + k for k in range(num_seeds)]
+  if report is not None and (proxy != 'cpu' or num_seeds != 1):
+    raise ValueError(f'intermediate reports (--scheduler=asha) need --proxy=cpu and '
+                     f'--proxy_seeds=1, not --proxy={proxy} and --proxy_seeds={num_seeds}.')
   if proxy == 'paper' and not data_dir:
     raise ValueError("proxy 'paper' trains on COCO records: pass data_dir, a folder of "
                      'proxy_train-*/proxy_heldout-* records written by nasfpn_tf.search.heldout.')
@@ -209,8 +217,14 @@ def run_trial(block_specs, proxy: str = 'cpu', seed: int = 0,
       seed_start = time.perf_counter()
       with _builds(proxy, where):
         model = task.new_model(specs, trial_seed)
-      measured = task.run(model, trial_seed)
-      results.append(_result(model, measured, time.perf_counter() - seed_start))
+      counted = {}  # the model's FLOPs and params, counted once
+
+      def on_report(step, measured, model=model, seed_start=seed_start, counted=counted):
+        report(step, _result(model, measured, time.perf_counter() - seed_start,
+                             counted).to_dict())
+
+      measured = task.run(model, trial_seed, report_steps, on_report if report else None)
+      results.append(_result(model, measured, time.perf_counter() - seed_start, counted))
   else:
     configurables.parse_gin(files, bindings)
     specs = _resolve_block_specs(block_specs, factory.model_argument('min_level'),
@@ -238,10 +252,16 @@ def run_trial(block_specs, proxy: str = 'cpu', seed: int = 0,
   return TrialResult.mean_of(results, seeds, time.perf_counter() - start)
 
 
-def _result(model: tf_keras.Model, measured: Dict[str, Any], seconds: float) -> TrialResult:
+def _result(model: tf_keras.Model, measured: Dict[str, Any], seconds: float,
+            counted: Optional[Dict[str, int]] = None) -> TrialResult:
+  """`measured` with the model's FLOPs and params, counted into `counted` if it is empty (a dict
+  kept across calls for one model counts them once)."""
+  counted = {} if counted is None else counted
+  if not counted:
+    counted.update(flops=model_stats.count_flops(model, list(model.image_size) + [3]),
+                   params=model_stats.count_params(model))
   return TrialResult(ap=float(measured['ap']), ap50=float(measured['ap50']),
-                     flops=model_stats.count_flops(model, list(model.image_size) + [3]),
-                     params=model_stats.count_params(model), seconds=seconds,
+                     flops=counted['flops'], params=counted['params'], seconds=seconds,
                      steps=int(measured['steps']), final_loss=measured['final_loss'],
                      heldout_loss=measured.get('heldout_loss'))
 

@@ -13,6 +13,11 @@ The search dir is the whole state of a search:
 Duplicates: the paper counts every sample, so each one is a journal line and a feedback to the
 controller, but a key is trained once. A known key is answered from `results/` without a trial; a
 key in training is answered when its trial finishes.
+
+Early stopping (`--scheduler=asha`, `schedulers`): a trial that ASHA stops is a sample like any
+other: its journal line holds the result it last reported (`stopped_at_step`: the step, None for
+a trial that trained to the end), the controller learns that result's reward, and its key is
+stored in `results/` like a trained one, so that duplicates are answered from it.
 """
 import collections
 import dataclasses
@@ -24,14 +29,17 @@ import socket
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+import gin
+
 from nasfpn_tf.decoders import block_specs as specs_lib
 from nasfpn_tf.search import controllers as controllers_lib
 from nasfpn_tf.search import progress as progress_lib
 from nasfpn_tf.search import rewards as rewards_lib
 from nasfpn_tf.search import search_dir as search_dir_lib
+from nasfpn_tf.search import schedulers
 from nasfpn_tf.search.journal import Journal, ResultStore
 from nasfpn_tf.search.space import SearchSpace
-from nasfpn_tf.search.trials import PROXIES, train_architecture
+from nasfpn_tf.search.trials import PROXIES, SYNTHETIC_STEPS, train_architecture
 from nasfpn_tf.utils.files import atomic_write
 
 
@@ -57,10 +65,15 @@ class SearchSettings:
   max_failures: int = 2
   ray_address: Optional[str] = None
   synthetic_seconds: float = 0.0
+  scheduler: str = 'none'  # or 'asha': early stopping of weak trials (`schedulers`)
+  asha_grace_period: Optional[int] = None  # default: ceil(train steps / factor^2)
+  asha_reduction_factor: Optional[float] = None  # default: schedulers.DEFAULT_REDUCTION_FACTOR
+  report_every: int = 0  # steps between a trial's reports under ASHA; 0: at the rungs only
 
   IDENTITY = ('algorithm', 'proxy', 'reward', 'target_flops', 'space', 'seed',
               'init_block_specs', 'gin_bindings', 'data_dir', 'backbone_checkpoint',
-              'proxy_seeds')
+              'proxy_seeds', 'scheduler', 'asha_grace_period', 'asha_reduction_factor',
+              'report_every')
 
   def identity(self) -> Dict[str, Any]:
     identity = {name: getattr(self, name) for name in self.IDENTITY}
@@ -82,8 +95,11 @@ class ControllerSearcher:
   Plain Python; `TuneSearcher` adapts it to Ray Tune, and tests drive it directly.
   """
 
-  def __init__(self, settings: SearchSettings, log=print):
+  def __init__(self, settings: SearchSettings, log=print,
+               asha: Optional[schedulers.Asha] = None):
+    """asha: the resolved `--scheduler=asha` settings (None: every trial trains to the end)."""
     self.settings = settings
+    self.asha = asha
     self.directory = pathlib.Path(settings.search_dir)
     self.journal = Journal(self.directory / search_dir_lib.TRIALS_FILE)
     self.results = ResultStore(self.directory / search_dir_lib.RESULTS_DIR)
@@ -162,6 +178,9 @@ class ControllerSearcher:
                'the search dir).')
       return
     result = json.loads(metrics['result_json'])
+    if not metrics.get('final', True):  # ASHA stopped it after this report
+      result['stopped_at_step'] = int(metrics['step'])
+      self.results.put(proposal.key, result)
     self._record(proposal, result, seconds=metrics['seconds'], cached=metrics['reused'],
                  node_id=metrics.get('node_id'))
     for duplicate in self.waiting.pop(proposal.key, []):
@@ -175,6 +194,7 @@ class ControllerSearcher:
         'trial': len(self.records), 'key': proposal.key,
         'block_specs': specs_lib.to_config(proposal.block_specs), 'reward': reward,
         'seconds': seconds, 'cached': cached, 'result': result, 'node_id': node_id,
+        'stopped_at_step': result.get('stopped_at_step'),
         'actions': list(proposal.actions), 'log_probs': list(proposal.log_probs),
         'proposal_index': proposal.index}
     self.journal.append(record)
@@ -192,7 +212,19 @@ class ControllerSearcher:
         'backbone_checkpoint': s.backbone_checkpoint, 'proxy_seeds': s.proxy_seeds,
         'cpus_per_trial': s.cpus_per_trial, 'synthetic_seconds': s.synthetic_seconds,
         'results_dir': str((self.directory / search_dir_lib.RESULTS_DIR).resolve()),
-        'work_dir': proxy_dir(s)}
+        'work_dir': proxy_dir(s), **self._report_config()}
+
+  def _report_config(self) -> Dict[str, Any]:
+    """What a trial needs to report to ASHA: the steps, its length, how to compute the reward."""
+    if self.asha is None:
+      return {}
+    reward = {'kind': self.settings.reward, 'target_flops': self.settings.target_flops}
+    try:  # the driver's gin binding, so that ASHA compares the rewards the journal records
+      reward['flops_weight'] = gin.query_parameter('reward.flops_weight')
+    except ValueError:
+      pass  # unbound: the worker's default is the same
+    return {'report_steps': self.asha.report_steps(), 'max_steps': self.asha.max_t,
+            'reward': reward}
 
 
 def proxy_dir(settings: SearchSettings) -> str:
@@ -260,6 +292,9 @@ def run_search(settings: SearchSettings, log=print) -> Dict[str, Any]:
   rewards_lib.check(settings.reward, settings.target_flops, settings.proxy)
   if settings.proxy_seeds < 1:
     raise ValueError(f'--proxy_seeds must be >= 1, got {settings.proxy_seeds}.')
+  schedulers.check_name(settings.scheduler, settings.asha_grace_period,
+                        settings.asha_reduction_factor, settings.report_every, settings.proxy,
+                        settings.proxy_seeds)
   check_search_dir(settings, record=False)
   started = time.time()
   if settings.proxy != 'synthetic':
@@ -269,14 +304,30 @@ def run_search(settings: SearchSettings, log=print) -> Dict[str, Any]:
     from nasfpn_tf.search import proxy  # pylint: disable=g-import-not-at-top
     proxy.prepare(settings.proxy, proxy_dir(settings), settings.gin_bindings,
                   data_dir=settings.data_dir, backbone_checkpoint=settings.backbone_checkpoint)
+  asha = resolve_asha(settings)
   check_search_dir(settings)
-  searcher = ControllerSearcher(settings, log)
+  searcher = ControllerSearcher(settings, log, asha)
   if not searcher.finished:
     _run_trials_on_ray(settings, searcher)
   if searcher.failed:
     raise RuntimeError(f'{len(searcher.failed)} trial(s) failed: {searcher.failed}; the search '
                        f'dir {settings.search_dir} keeps every finished one, rerun to go on.')
   return searcher.progress.summary(wall_seconds=time.time() - started)
+
+
+def resolve_asha(settings: SearchSettings) -> Optional[schedulers.Asha]:
+  """The search's ASHA settings against its proxy's train steps (the CPU proxy's from the gin
+  config that `proxy.prepare` parsed), or None without --scheduler=asha."""
+  if settings.scheduler == 'none':
+    return schedulers.resolve('none', 0, '', settings.asha_grace_period,
+                              settings.asha_reduction_factor, settings.report_every)
+  if settings.proxy == 'synthetic':
+    steps, name = SYNTHETIC_STEPS, 'the synthetic proxy\'s trials.SYNTHETIC_STEPS'
+  else:
+    from nasfpn_tf.search import cpu_proxy  # pylint: disable=g-import-not-at-top
+    steps, name = cpu_proxy.CpuProxy().train_steps, 'CpuProxy.train_steps'
+  return schedulers.resolve(settings.scheduler, steps, name, settings.asha_grace_period,
+                            settings.asha_reduction_factor, settings.report_every)
 
 
 def check_reachable(address: str, timeout: float = 10.0) -> None:
@@ -310,13 +361,24 @@ def _run_trials_on_ray(settings: SearchSettings, searcher: ControllerSearcher) -
     runs = pathlib.Path(settings.search_dir, search_dir_lib.RAY_RESULTS_DIR).resolve()
     trainable = tune.with_resources(
         train_architecture, {'cpu': settings.cpus_per_trial, 'gpu': settings.gpus_per_trial})
+    scheduler = None
+    if searcher.asha is not None:
+      scheduler = schedulers.make_scheduler(searcher.asha)
+      replayed = schedulers.replay(scheduler, searcher.records, lambda report: rewards_lib.reward(
+          report, kind=settings.reward, target_flops=settings.target_flops))
+      asha = searcher.asha
+      searcher.log(f'ASHA: rungs at steps {", ".join(f"{m:g}" for m in asha.rungs())} of '
+                   f'{asha.max_t}, reduction factor {asha.reduction_factor:g}, reports at steps '
+                   f'{", ".join(map(str, asha.report_steps()))}'
+                   + (f'; {replayed} trials of the journal replayed into its rungs.'
+                      if replayed else '.'))
     tune.Tuner(
         trainable,
         # reuse_actors: a worker process runs trial after trial (the trainable is a plain call
         # and the proxy clears its session per trial), so only the first pays for its start and
         # its imports (TensorFlow for a training proxy); see experiments/trial_overhead.py.
         tune_config=tune.TuneConfig(search_alg=_tune_searcher(searcher), num_samples=-1,
-                                    reuse_actors=True,
+                                    reuse_actors=True, scheduler=scheduler,
                                     trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=tune.RunConfig(
             storage_path=str(runs), name=f'run{len(list(runs.glob("run*"))) if runs.exists() else 0}',

@@ -7,8 +7,14 @@ TensorFlow, reuses a result that another worker already stored for the same arch
 and stores its own result atomically before reporting it: a driver killed after the training
 finds it there on its next run. This module loads no TensorFlow: a worker of the synthetic proxy
 never does (its trials take a second, not a TensorFlow import).
+
+Under `--scheduler=asha` (`schedulers`) the config carries `report_steps`: after each of them the
+trial reports its held-out result so far (`step`, `reward`, `final`: False) and Tune's ASHA may
+stop it there (Tune then ends the trial at that report); the last report (`final`: True) is the
+whole trial's result, whose `reports` keep the intermediate ones.
 """
 import json
+import math
 import re
 import time
 from typing import Any, Dict, Sequence
@@ -16,6 +22,7 @@ from typing import Any, Dict, Sequence
 import numpy as np
 
 from nasfpn_tf.decoders import block_specs as specs_lib
+from nasfpn_tf.search import rewards
 from nasfpn_tf.search.journal import ResultStore
 from nasfpn_tf.search.space import SearchSpace
 
@@ -26,6 +33,9 @@ PROXIES = ('cpu', 'paper', 'synthetic')
 # Seeds the synthetic target where the space has no NAS-FPN: not a controller's seed, so that a
 # random search does not draw the target first.
 TARGET_SEED = 20190416
+# The synthetic proxy's "training": its reward rises as sqrt(step / SYNTHETIC_STEPS) to its final
+# value (`synthetic_curve`), and --synthetic_seconds are spread evenly over the steps.
+SYNTHETIC_STEPS = 100
 
 
 def synthetic_target(space: SearchSpace) -> Sequence[specs_lib.BlockSpec]:
@@ -48,32 +58,68 @@ def synthetic_result(space: SearchSpace, block_specs) -> Dict[str, Any]:
   return {'ap': float(np.mean([a == b for a, b in zip(sample, target)])), 'flops': 0}
 
 
+def synthetic_curve(final_ap: float, step: int) -> float:
+  """The synthetic proxy's AP after `step` of its SYNTHETIC_STEPS: final_ap x sqrt(step / S),
+  rising fast then slowly, as a training's does; it keeps the final ranking at every step."""
+  return final_ap * math.sqrt(step / SYNTHETIC_STEPS)
+
+
 def train_architecture(config: Dict[str, Any]) -> None:
-  """The Tune trainable: reports the trial's result (`result` is the proxy's dict)."""
+  """The Tune trainable: reports the trial's result (`result` is the proxy's dict), after its
+  intermediate results when the config asks for them (`report_steps`)."""
   # pylint: disable=g-import-not-at-top  Ray and TensorFlow load in the worker, in this order.
   import ray
   from ray import tune
   started = time.time()
   store = ResultStore(config['results_dir'])
+  node_id = ray.get_runtime_context().get_node_id()
+  reports = []
+
+  def report(step: int, result: Dict[str, Any], final: bool) -> None:
+    # As JSON text: Tune flattens nested dicts in what it passes on.
+    metrics = {'result_json': json.dumps(result), 'reused': reused,
+               'seconds': time.time() - started, 'node_id': node_id, 'step': step,
+               'final': final}
+    if config.get('reward') is not None:  # what ASHA compares
+      metrics['reward'] = rewards.reward(result, **config['reward'])
+    tune.report(metrics)  # Tune ends the trial here (SystemExit) when ASHA stops it.
+
+  def intermediate(step: int, partial: Dict[str, Any]) -> None:
+    reports.append(dict(partial))
+    report(step, {**partial, 'reports': list(reports)}, final=False)
+
   result = store.get(config['key'])
   reused = result is not None
   if not reused:
-    result = _run_proxy(config)
+    result = _run_proxy(config, intermediate if config.get('report_steps') else None)
+    if reports:
+      result = {**result, 'reports': reports}
     store.put(config['key'], result)
-  # As JSON text: Tune flattens nested dicts in what it passes on.
-  tune.report({'result_json': json.dumps(result), 'reused': reused,
-               'seconds': time.time() - started,
-               'node_id': ray.get_runtime_context().get_node_id()})
+  report(result.get('steps', config.get('max_steps', SYNTHETIC_STEPS)), result, final=True)
 
 
-def _run_proxy(config: Dict[str, Any]) -> Dict[str, Any]:
+def _run_synthetic(config: Dict[str, Any], report) -> Dict[str, Any]:
+  """The synthetic proxy's trial: waits --synthetic_seconds, spread over its steps, reporting
+  `synthetic_curve` at `report_steps` when `report` is given."""
+  result = synthetic_result(SearchSpace.from_config(config['space']), config['block_specs'])
+  seconds, done = config.get('synthetic_seconds', 0.0), 0
+  for step in (config.get('report_steps') or []) if report else []:
+    time.sleep(seconds * (step - done) / SYNTHETIC_STEPS)
+    done = step
+    report(step, {'ap': synthetic_curve(result['ap'], step), 'flops': result['flops'],
+                  'steps': step})
+  time.sleep(seconds * (SYNTHETIC_STEPS - done) / SYNTHETIC_STEPS)
+  return result
+
+
+def _run_proxy(config: Dict[str, Any], report=None) -> Dict[str, Any]:
   if config['proxy'] == 'synthetic':
-    time.sleep(config.get('synthetic_seconds', 0.0))
-    return synthetic_result(SearchSpace.from_config(config['space']), config['block_specs'])
+    return _run_synthetic(config, report)
   from nasfpn_tf.search import proxy  # pylint: disable=g-import-not-at-top  (TensorFlow)
   return proxy.run_trial(
       config['block_specs'], proxy=config['proxy'], seed=config['seed'],
       work_dir=config['work_dir'], gin_bindings=config['gin_bindings'],
       num_threads=max(1, int(config['cpus_per_trial'])), data_dir=config['data_dir'],
       backbone_checkpoint=config.get('backbone_checkpoint'),
-      num_seeds=config.get('proxy_seeds', 1)).to_dict()
+      num_seeds=config.get('proxy_seeds', 1), report_steps=config.get('report_steps') or (),
+      report=report).to_dict()
