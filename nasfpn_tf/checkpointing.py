@@ -34,6 +34,12 @@ OMITTED_DEFAULTS = {'anytime': False, 'anytime_shared_head': True, 'anytime_loss
                     'soft_nms_sigma': 0.0}
 
 
+# FCOS's arguments: RetinaNet.get_config leaves them out of a RetinaNet's config.
+OMITTED_DEFAULTS.update({'detector': 'retinanet', 'fcos_range_bounds': None,
+                         'fcos_center_sampling_radius': 1.5, 'fcos_norm_groups': 32,
+                         'fcos_centerness_on_reg': True})
+
+
 class CheckpointMismatchError(ValueError):
   """A model_dir checkpoint that does not fit the model being built (another config)."""
 

@@ -15,6 +15,7 @@ from official.vision.ops import anchor, box_ops, preprocess_ops
 
 from nasfpn_tf.data import sampling as sampling_lib
 from nasfpn_tf.data import tfexample
+from nasfpn_tf.models import fcos_targets
 from nasfpn_tf.models import geometry as geometry_lib
 from nasfpn_tf.models.geometry import ModelGeometry
 
@@ -100,6 +101,9 @@ def train_example_parser(model_config: Mapping[str, Any],
   image_size = list(geometry.image_size)
   anchors = geometry.anchor_boxes()
   labeler = anchor.AnchorLabeler(match_threshold, unmatched_threshold)
+  # FCOS (build_retinanet.detector = 'fcos'): point targets instead of anchor labels.
+  fcos = (fcos_targets.FCOSTargets.from_config(model_config)
+          if model_config.get('detector') == 'fcos' else None)
 
   def parse(serialized):
     data = tfexample.decode_example(serialized)
@@ -120,6 +124,9 @@ def train_example_parser(model_config: Mapping[str, Any],
     kept = box_ops.get_non_empty_box_indices(boxes)
     boxes, classes = tf.gather(boxes, kept), tf.gather(classes, kept)
 
+    if fcos is not None:
+      return tf.ensure_shape(image, image_size + [3]), dict(fcos(boxes, classes),
+                                                            image_info=image_info)
     cls_targets, box_targets, _, cls_weights, box_weights = labeler.label_anchors(
         anchors, boxes, classes[:, None])
     labels = {
@@ -167,7 +174,10 @@ def build_train_dataset(file_pattern: str,
   global batch without a context): images float32 [B, H, W, 3], and labels: 'cls_targets'
   {level: [B, h, w, A]} int32 (class id, -1 for negative or ignored), 'box_targets'
   {level: [B, h, w, A*4]}, 'cls_weights' and 'box_weights' [B, num_anchors], 'image_info'
-  [B, 4, 2] (see `build_eval_dataset`), what `RetinaNetLoss` consumes.
+  [B, 4, 2] (see `build_eval_dataset`), what `RetinaNetLoss` consumes. An FCOS model's
+  (`detector` 'fcos' in its config) are `fcos_targets.FCOSTargets`' instead, batched, with
+  'image_info': what `FCOSLoss` consumes. `match_threshold` and `unmatched_threshold` are then
+  unused.
   """
   parse = train_example_parser(model_config, aug_scale_min, aug_scale_max, flip_prob,
                                match_threshold, unmatched_threshold, source=file_pattern)

@@ -36,7 +36,9 @@ def tflite_function(model: RetinaNet, use_regular_nms: bool = True,
   height, width = model.image_size
   num_classes = model.get_config()['num_classes']
   levels = model.geometry.levels
-  anchors = tflite_postprocess.anchors_center_size(model.geometry)
+  fcos = model.detector == 'fcos'
+  anchors = (tflite_postprocess.fcos_points_center_size(model) if fcos else
+             tflite_postprocess.anchors_center_size(model.geometry))
   postprocess = tflite_postprocess.postprocess_op(
       tflite_postprocess.postprocess_attributes(model, use_regular_nms))
 
@@ -44,6 +46,10 @@ def tflite_function(model: RetinaNet, use_regular_nms: bool = True,
       tf.TensorSpec([1, height, width, 3], tf.float32, tflite_runtime.INPUT_NAME)])
   def detect(images):
     outputs = model.exit_outputs(images, num_repeats)
+    if fcos:  # Points as anchors; scores already probabilities (tflite_postprocess).
+      box_encodings, scores = tflite_postprocess.fcos_op_inputs(model, outputs)
+      results = postprocess(box_encodings, scores, tf.constant(anchors))
+      return dict(zip(tflite_runtime.OUTPUT_NAMES, results))
     box_encodings = tf.concat(
         [tf.reshape(tf.cast(outputs['box_outputs'][l], tf.float32), [1, -1, 4]) for l in levels],
         axis=1)

@@ -30,6 +30,7 @@ from typing import Any, Dict, Mapping
 import numpy as np
 import tensorflow as tf
 
+from nasfpn_tf.models import fcos_postprocess
 from nasfpn_tf.models.geometry import ModelGeometry
 from nasfpn_tf.models.retinanet import RetinaNet
 
@@ -64,12 +65,57 @@ def postprocess_attributes(model: RetinaNet, use_regular_nms: bool = True) -> Di
       # Regular NMS: as many per class as overall, like combined_non_max_suppression here.
       'detections_per_class': int(config['max_detections']),
       'use_regular_nms': bool(use_regular_nms),
-      'nms_score_threshold': float(config['pre_nms_score_threshold']),
+      'nms_score_threshold': _nms_score_threshold(config),
       'nms_iou_threshold': float(config['nms_iou_threshold']),
       # TFM box coder without weights (AnchorLabeler's box_coder_weights=None, decode_boxes).
       'y_scale': 1.0, 'x_scale': 1.0, 'h_scale': 1.0, 'w_scale': 1.0,
       'num_classes': int(config['num_classes']) - 1,  # foreground; the op skips column 0
   }
+
+
+def _nms_score_threshold(config: Mapping[str, Any]) -> float:
+  """RetinaNet: pre_nms_score_threshold. FCOS: its candidates are thresholded on the class
+  probability before the op (`fcos_op_inputs`), the op drops only those (scored 0)."""
+  if config.get('detector') == 'fcos':
+    return fcos_postprocess.MIN_SCORE
+  return float(config['pre_nms_score_threshold'])
+
+
+def fcos_points_center_size(model: RetinaNet) -> np.ndarray:
+  """An FCOS model's points as the op's anchors: [N, 4] (y, x, stride, stride) divided by the
+  input size, in the order of the outputs (level, y, x)."""
+  height, width = model.image_size
+  rows = []
+  for level, points in model.points.items():
+    points = np.asarray(points, np.float64).reshape(-1, 2)
+    stride = np.full([len(points)], 2.0**int(level))
+    rows.append(np.stack([points[:, 0] / height, points[:, 1] / width, stride / height,
+                          stride / width], axis=-1))
+  return np.concatenate(rows).astype(np.float32)
+
+
+def fcos_op_inputs(model: RetinaNet, outputs: Mapping[str, Any]):
+  """An FCOS model's raw outputs -> the op's (box_encodings [1, N, 4], class_predictions
+  [1, N, C]) for the anchors of `fcos_points_center_size`.
+
+  With distances (t, l, b, r) in strides around a point, the anchor (y, x, stride, stride) and
+  the op's decoding (center = ty * stride + y, size = exp(th) * stride, scales 1):
+  ty = (b - t) / 2, tx = (r - l) / 2, th = log(t + b), tw = log(l + r): the box
+  (y - t, x - l, y + b, x + r) strides, as `FCOSDetectionGenerator` decodes it. Scores:
+  `fcos_postprocess.fcos_scores` (sqrt(class x centerness), 0 below the class threshold).
+  """
+  threshold = float(model.get_config()['pre_nms_score_threshold'])
+  num_classes = model.get_config()['num_classes']
+  encodings, scores = [], []
+  for level in model.geometry.levels:
+    t, l, b, r = tf.unstack(
+        tf.reshape(tf.cast(outputs['box_outputs'][level], tf.float32), [1, -1, 4]), axis=-1)
+    encodings.append(tf.stack([(b - t) / 2, (r - l) / 2, tf.math.log(tf.maximum(t + b, 1e-6)),
+                               tf.math.log(tf.maximum(l + r, 1e-6))], axis=-1))
+    scores.append(tf.reshape(fcos_postprocess.fcos_scores(
+        outputs['cls_outputs'][level], outputs['centerness_outputs'][level], threshold),
+                             [1, -1, num_classes]))
+  return tf.concat(encodings, axis=1), tf.concat(scores, axis=1)
 
 
 def _implements_signature(attributes: Mapping[str, Any]) -> str:

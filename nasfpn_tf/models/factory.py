@@ -1,9 +1,11 @@
-"""`build_retinanet`: the one gin configurable that describes a whole model."""
+"""`build_retinanet`: the one gin configurable that describes a whole model (RetinaNet or, with
+`build_retinanet.detector = 'fcos'`, FCOS), and `build_loss`: the loss that trains it."""
 import inspect
 from typing import Any, Dict
 
 import gin
 
+from nasfpn_tf.models.losses import FCOSLoss, RetinaNetLoss
 from nasfpn_tf.models.retinanet import RetinaNet
 
 # RetinaNet's own arguments. Gin checks bindings against this list, so a misspelled binding fails
@@ -42,3 +44,10 @@ def model_argument(name: str) -> Any:
                      f'{list(MODEL_ARGUMENTS)}.')
   return bound_model_arguments().get(
       name, inspect.signature(RetinaNet.__init__).parameters[name].default)
+
+
+def build_loss(model_config: Dict[str, Any]):
+  """The training loss of a model config's detector (`RetinaNet.get_config()`): `FCOSLoss` for
+  `build_retinanet.detector = 'fcos'`, else `RetinaNetLoss` (each gin-configurable)."""
+  loss_class = FCOSLoss if model_config.get('detector', 'retinanet') == 'fcos' else RetinaNetLoss
+  return loss_class(num_classes=model_config['num_classes'])

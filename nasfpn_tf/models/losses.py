@@ -1,4 +1,5 @@
-"""RetinaNet losses on TFM AnchorLabeler targets: focal loss + weighted Huber box loss.
+"""RetinaNet losses on TFM AnchorLabeler targets: focal loss + weighted Huber box loss; FCOS's
+on `fcos_targets` (focal loss + GIoU loss + centerness BCE, `FCOSLoss`).
 
 The reductions are TFM's retinanet task (`official/vision/tasks/retinanet.py`): sums over anchors
 (and classes), each divided by the number of positive anchors in the batch plus one. The values
@@ -11,6 +12,8 @@ import gin
 import tensorflow as tf
 import tf_keras
 from official.vision.losses import loss_utils
+
+from nasfpn_tf.models import fcos_targets
 
 Targets = Union[tf.Tensor, Mapping[str, tf.Tensor]]
 
@@ -125,6 +128,75 @@ class RetinaNetLoss:
         sample_weight=box_weights / num_positives)
     return {'total_loss': cls_loss + self.box_loss_weight * box_loss,
             'cls_loss': cls_loss, 'box_loss': box_loss}
+
+
+def giou_loss(predicted: tf.Tensor, targets: tf.Tensor, eps: float = 1e-6) -> tf.Tensor:
+  """1 - GIoU of the boxes that distances [..., 4] (t, l, b, r) from the same point describe
+  (Rezatofighi et al. 2019; mmdetection's eps): [...] in [0, 2]. Zero boxes stay finite."""
+  predicted, targets = tf.cast(predicted, tf.float32), tf.cast(targets, tf.float32)
+  pt, pl, pb, pr = tf.unstack(predicted, axis=-1)
+  tt, tl, tb, tr = tf.unstack(targets, axis=-1)
+  predicted_area = (pt + pb) * (pl + pr)
+  target_area = (tt + tb) * (tl + tr)
+  overlap = ((tf.minimum(pt, tt) + tf.minimum(pb, tb)) *
+             (tf.minimum(pl, tl) + tf.minimum(pr, tr)))
+  union = predicted_area + target_area - overlap + eps
+  enclosing = (tf.maximum(pt, tt) + tf.maximum(pb, tb)) * (tf.maximum(pl, tl) +
+                                                           tf.maximum(pr, tr)) + eps
+  return 1.0 - (overlap / union - (enclosing - union) / enclosing)
+
+
+@gin.configurable
+class FCOSLoss:
+  """FCOS's losses (the released code's, v2) on `fcos_targets.FCOSTargets` labels.
+
+  cls_loss: focal loss (alpha 0.25, gamma 2) over every point and class, divided by the number
+  of positives + 1 (the trainer's normalizer of RetinaNet; FCOS divides by max(positives, 1)).
+  box_loss: 1 - GIoU on the positives, weighted by their centerness targets and divided by the
+  sum of those weights (FCOS and mmdetection). centerness_loss: binary cross-entropy of the
+  centerness logits against the centerness targets on the positives, divided by positives + 1.
+  total = cls + box_loss_weight * box + centerness_loss_weight * centerness. Outputs are the
+  model's {'cls_outputs', 'box_outputs' (distances in strides), 'centerness_outputs'}.
+  Several replicas: the trainer rescales each replica's loss by its share of the global
+  positives, exact for the class and centerness terms; the GIoU term keeps its replica's own
+  centerness sum (FCOS averages that sum over the GPUs).
+  """
+
+  def __init__(self, num_classes: int, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
+               box_loss_weight: float = 1.0, centerness_loss_weight: float = 1.0):
+    self.num_classes = num_classes
+    self.focal_alpha = focal_alpha
+    self.focal_gamma = focal_gamma
+    self.box_loss_weight = box_loss_weight
+    self.centerness_loss_weight = centerness_loss_weight
+
+  def __call__(self, outputs: Mapping[str, Targets],
+               labels: Mapping[str, Targets]) -> Dict[str, tf.Tensor]:
+    """Returns {'total_loss', 'cls_loss', 'box_loss', 'centerness_loss'}."""
+    positives = tf.cast(_flatten(labels['box_weights']), tf.float32)  # [B, P]
+    num_positives = tf.reduce_sum(positives) + 1.0
+    cls_logits = _per_level(outputs['cls_outputs'], self.num_classes, [])
+    sizes = [tf.shape(logits)[1] for logits in cls_logits]
+    cls_targets = _per_level(labels['cls_targets'], 1, sizes)
+    if len(cls_logits) != len(cls_targets):
+      raise ValueError(f"FCOSLoss: 'cls_outputs' has {len(cls_logits)} levels, labels "
+                       f"'cls_targets' {len(cls_targets)}.")
+    cls_loss = tf.add_n([
+        focal_loss_sum(logits, targets, tf.ones_like(targets, tf.float32), self.focal_alpha,
+                       self.focal_gamma)
+        for logits, targets in zip(cls_logits, cls_targets)]) / num_positives
+    box_targets = tf.cast(_flatten(labels['box_targets'], 4), tf.float32)
+    box_outputs = tf.cast(_flatten(outputs['box_outputs'], 4), tf.float32)
+    centerness_targets = fcos_targets.centerness(box_targets) * positives
+    box_loss = tf.math.divide_no_nan(
+        tf.reduce_sum(giou_loss(box_outputs, box_targets) * centerness_targets),
+        tf.reduce_sum(centerness_targets))
+    centerness_logits = tf.cast(_flatten(outputs['centerness_outputs'], 1), tf.float32)[..., 0]
+    centerness_loss = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=centerness_targets, logits=centerness_logits) * positives) / num_positives
+    return {'total_loss': (cls_loss + self.box_loss_weight * box_loss +
+                           self.centerness_loss_weight * centerness_loss),
+            'cls_loss': cls_loss, 'box_loss': box_loss, 'centerness_loss': centerness_loss}
 
 
 def exit_loss_keys(num_exits: int) -> Tuple[str, ...]:

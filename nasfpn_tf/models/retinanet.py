@@ -8,6 +8,9 @@ import tf_keras
 from nasfpn_tf.decoders import NASFPN
 from nasfpn_tf.decoders import block_specs as block_specs_lib
 from nasfpn_tf.models import backbones
+from nasfpn_tf.models import fcos_targets
+from nasfpn_tf.models.fcos_head import FCOSHead
+from nasfpn_tf.models.fcos_postprocess import FCOSDetectionGenerator
 from nasfpn_tf.models.geometry import ModelGeometry
 from nasfpn_tf.models.head import RetinaNetHead
 from nasfpn_tf.models.postprocess import check_soft_nms_sigma
@@ -40,6 +43,15 @@ class RetinaNet(tf_keras.Model):
   trains on with `anytime_loss_weights` (None: 1/num_repeats each; see `exit_loss_weights`).
   Any model stops early: `model(images, num_repeats=k)` and `detect(images, num_repeats=k)`
   compute the backbone, the first k pyramids and one head (exit k's), nothing after them.
+
+  FCOS (`detector='fcos'`, docs/fcos.md): the same backbone and pyramid with an anchor-free
+  `FCOSHead` (towers of `head_num_convs` x `head_num_filters`, GroupNorm of `fcos_norm_groups`,
+  centerness on the box tower unless `fcos_centerness_on_reg=False`); the raw outputs add
+  'centerness_outputs' {level: [B, h, w, 1]}, 'box_outputs' are distances (t, l, b, r) in
+  strides, 'cls_outputs' are [B, h, w, num_classes]; `points` {level: [h, w, 2]} replace the
+  anchors (the anchor arguments are unused), and `detect` returns the same detections through
+  `FCOSDetectionGenerator`. Targets: `fcos_targets` with `fcos_range_bounds` (None: FCOS's 64,
+  128, ...) and `fcos_center_sampling_radius`.
   """
 
   def __init__(self,
@@ -75,14 +87,24 @@ class RetinaNet(tf_keras.Model):
                anytime: bool = False,
                anytime_shared_head: bool = True,
                anytime_loss_weights: Optional[Sequence[float]] = None,
+               detector: str = 'retinanet',
+               fcos_range_bounds: Optional[Sequence[float]] = None,
+               fcos_center_sampling_radius: float = fcos_targets.DEFAULT_CENTER_SAMPLING_RADIUS,
+               fcos_norm_groups: int = 32,
+               fcos_centerness_on_reg: bool = True,
                **kwargs):
     _check_anytime(anytime, anytime_shared_head, anytime_loss_weights, num_repeats)
+    _check_detector(detector, locals())
     check_soft_nms_sigma(soft_nms_sigma)
     geometry = ModelGeometry(image_size, min_level, max_level, anchor_num_scales,
                              anchor_aspect_ratios, anchor_size)
     config = {k: v for k, v in locals().items()
               if k not in ('self', 'kwargs', '__class__', 'geometry')}
     config.update(geometry.to_config())
+    fcos = detector == 'fcos'
+    if fcos:
+      targets = fcos_targets.FCOSTargets(geometry, fcos_range_bounds, fcos_center_sampling_radius)
+      config['fcos_range_bounds'] = list(targets.range_bounds)
     image_size = config['image_size']
     if anytime_loss_weights is not None:
       config['anytime_loss_weights'] = [float(w) for w in anytime_loss_weights]
@@ -107,6 +129,12 @@ class RetinaNet(tf_keras.Model):
         num_convs=head_num_convs, num_filters=head_num_filters,
         use_separable_conv=head_use_separable_conv, activation=activation,
         kernel_regularizer=regularizer, name=name, **norm)
+    if fcos:
+      make_head = lambda name: FCOSHead(  # noqa: E731
+          min_level, max_level, num_classes, num_convs=head_num_convs,
+          num_filters=head_num_filters, use_separable_conv=head_use_separable_conv,
+          activation=activation, norm_groups=fcos_norm_groups,
+          centerness_on_reg=fcos_centerness_on_reg, kernel_regularizer=regularizer, name=name)
     head = make_head('head')
     pyramids = decoder(backbone_model(backbones.ImageNormalization(name='normalize')(images)))
     if anytime:
@@ -132,6 +160,10 @@ class RetinaNet(tf_keras.Model):
         name='detection_generator')
     self.geometry = geometry
     self.anchor_boxes = geometry.anchor_boxes()
+    if fcos:  # Points instead of anchors, and FCOS's scores and box decoding.
+      self.detection_generator = FCOSDetectionGenerator(
+          **self.detection_generator.get_config())
+      self.points = targets.points()
     # Early-exit models by exit, built on first use; a plain holder, so that checkpoints and
     # .keras files never see them (they own no weights).
     self._exit_models = _ExitModels()
@@ -139,6 +171,10 @@ class RetinaNet(tf_keras.Model):
   @property
   def image_size(self):
     return list(self._config['image_size'])
+
+  @property
+  def detector(self) -> str:
+    return self._config['detector']
 
   @property
   def anytime(self) -> bool:
@@ -194,6 +230,9 @@ class RetinaNet(tf_keras.Model):
     Wrap in `tf.function` for speed; it runs in inference mode.
     """
     outputs = self.exit_outputs(images, num_repeats)
+    if self.detector == 'fcos':
+      return self.detection_generator(outputs['cls_outputs'], outputs['box_outputs'],
+                                      outputs['centerness_outputs'], self.points)
     return self.detection_generator(outputs['cls_outputs'], outputs['box_outputs'],
                                     self.anchor_boxes)
 
@@ -201,6 +240,9 @@ class RetinaNet(tf_keras.Model):
     config = dict(self._config, name=self.name)
     if not self.anytime:  # A plain model's config is what it was before anytime models.
       for name in ANYTIME_ARGUMENTS:
+        del config[name]
+    if self.detector == 'retinanet':  # Nor is a RetinaNet's (FCOS came later).
+      for name in FCOS_ARGUMENTS:
         del config[name]
     if not config['soft_nms_sigma']:  # Nor is a hard-NMS model's (Soft-NMS came later).
       del config['soft_nms_sigma']
@@ -213,6 +255,14 @@ class RetinaNet(tf_keras.Model):
 
 # The arguments of anytime detection, in the config of anytime models only.
 ANYTIME_ARGUMENTS = ('anytime', 'anytime_shared_head', 'anytime_loss_weights')
+DETECTORS = ('retinanet', 'fcos')
+# The detector and FCOS's arguments, in the config of FCOS models only.
+FCOS_ARGUMENTS = ('detector', 'fcos_range_bounds', 'fcos_center_sampling_radius',
+                  'fcos_norm_groups', 'fcos_centerness_on_reg')
+# Their defaults: a RetinaNet must leave FCOS's arguments at them.
+FCOS_DEFAULTS = {'detector': 'retinanet', 'fcos_range_bounds': None,
+                 'fcos_center_sampling_radius': fcos_targets.DEFAULT_CENTER_SAMPLING_RADIUS,
+                 'fcos_norm_groups': 32, 'fcos_centerness_on_reg': True}
 
 
 class _ExitModels:
@@ -226,8 +276,21 @@ def _exit_head_name(exit_number: int) -> str:
   return f'head_exit{exit_number}'
 
 
-def _raw_outputs(cls_outputs, box_outputs):
-  return {'cls_outputs': cls_outputs, 'box_outputs': box_outputs}
+def _raw_outputs(cls_outputs, box_outputs, centerness_outputs=None):
+  outputs = {'cls_outputs': cls_outputs, 'box_outputs': box_outputs}
+  if centerness_outputs is not None:  # FCOS
+    outputs['centerness_outputs'] = centerness_outputs
+  return outputs
+
+
+def _check_detector(detector, arguments) -> None:
+  """A known detector, and FCOS's arguments left at their defaults by a RetinaNet."""
+  if detector not in DETECTORS:
+    raise ValueError(f'build_retinanet.detector = {detector!r} is not one of {list(DETECTORS)}.')
+  changed = [name for name in FCOS_ARGUMENTS[1:] if arguments[name] != FCOS_DEFAULTS[name]]
+  if detector == 'retinanet' and changed:
+    raise ValueError(f"build_retinanet.{changed[0]} only applies with build_retinanet.detector "
+                     "= 'fcos'.")
 
 
 def _check_anytime(anytime, shared_head, loss_weights, num_repeats) -> None:

@@ -29,8 +29,8 @@ from nasfpn_tf.data import input_pipeline
 from nasfpn_tf.evaluation import coco_metrics
 from nasfpn_tf.evaluation import evaluate
 from nasfpn_tf.layers.dropblock import set_dropblock_step
-from nasfpn_tf.models.factory import build_retinanet
-from nasfpn_tf.models.losses import AnytimeLoss, RetinaNetLoss, exit_loss_keys
+from nasfpn_tf.models.factory import build_loss, build_retinanet
+from nasfpn_tf.models.losses import AnytimeLoss, exit_loss_keys
 from nasfpn_tf.training import distribute
 from nasfpn_tf.training import init_checkpoint as init_checkpoint_lib
 from nasfpn_tf.training import precision
@@ -220,7 +220,7 @@ class RetinaNetTrainer:
         self.optimizer = tf_keras.mixed_precision.LossScaleOptimizer(self.optimizer)
       if training:  # Slots exist before a restore, so every checkpoint value finds its variable.
         self.optimizer.build(self.model.trainable_variables)
-    self.loss_fn = RetinaNetLoss(num_classes=self.model.get_config()['num_classes'])
+    self.loss_fn = build_loss(self.model.get_config())
     self.loss_keys = LOSS_KEYS
     if self.model.anytime:  # Deep supervision: every exit's loss, weighted.
       self.loss_fn = AnytimeLoss(self.loss_fn, self.model.exit_loss_weights)
