@@ -71,8 +71,8 @@ $(UV):
 # make mediapipe-venv: MediaPipe Tasks, whose ObjectDetector tests/test_tflite_metadata.py runs on
 # an exported .tflite, in a venv of its own: no mediapipe release installs beside this stack's
 # TensorFlow (docs/mediapipe.md). Its lock (requirements/mediapipe-lock-py3.X.txt, from
-# requirements/mediapipe.in) is installed as is, then checked, as the main one is. The test skips
-# without it.
+# requirements/mediapipe.in) is installed as is, then checked, as the main one is. `make test`
+# builds it; run alone, the test skips without it (and fails under CI=true).
 MEDIAPIPE_VENV := .venv-mediapipe
 MEDIAPIPE_STAMP := $(MEDIAPIPE_VENV)/.installed
 MEDIAPIPE_LOCK_ARGS := requirements/mediapipe.in --python-platform linux
@@ -165,7 +165,8 @@ search-demo: $(STAMP)
 	  echo "[search-demo] $$(( $$(date +%s) - s )) s; best architecture: $(SEARCH_DIR)/best.gin," \
 	    "progress: $(SEARCH_DIR)/search_progress.png"
 
-test: $(STAMP)
+# The tests run MediaPipe's ObjectDetector on an export, from its own venv (mediapipe-venv).
+test: $(STAMP) $(MEDIAPIPE_STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --durations=15 tests
 
 clean:
