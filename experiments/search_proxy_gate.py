@@ -20,11 +20,12 @@ it reports Kendall's tau-b (`kendall_tau`)
               proxy rank as a longer training does?
 
 over all architectures and over the better half of them by the reference (whose order is what a
-search needs most, and what broken samples do not test), and `seconds_per_trial`: what the
-setting costs a search per architecture (x1: the mean short trial, x2: twice it; the AP and the
-loss come from the same trial, so their costs are the same). It prints them as a markdown table, draws
-`gate.png` (a row per reward: seed against seed, then x1 and x2 against the reference) and ends
-with one JSON line.
+search needs most, and what broken samples do not test; None, "constant" in the table, where a
+ranking is constant, such as AP 0 everywhere after too short a training), and
+`seconds_per_trial`: what the setting costs a search per architecture (x1: the mean short trial,
+x2: twice it; the AP and the loss come from the same trial, so their costs are the same). It
+prints them as a markdown table, draws `gate.png` (a row per reward: seed against seed, then x1
+and x2 against the reference) and ends with one JSON line.
 
 It runs for hours, so it resumes: every finished trial is one line of the output dir's journal
 (`search.journal.Journal`, `search_dir.TRIALS_FILE`), and the same command run again trains only
@@ -37,6 +38,7 @@ import collections
 import datetime
 import io
 import json
+import math
 import os
 import pathlib
 import sys
@@ -242,7 +244,8 @@ def summarize(records, archs: Sequence[str], seeds: Sequence[int],
   trial_seconds = float(np.mean([r['seconds'] for r in records if r['schedule'] == 'short']))
 
   def tau(a, b, among):
-    return round(kendall_tau([a[n] for n in among], [b[n] for n in among]), 4)
+    value = kendall_tau([a[n] for n in among], [b[n] for n in among])
+    return None if math.isnan(value) else round(value, 4)  # None: a ranking is constant
 
   settings = {}
   for name, kind, num_seeds in SETTINGS:
@@ -252,8 +255,6 @@ def summarize(records, archs: Sequence[str], seeds: Sequence[int],
       other = {a: rewards.reward(short[1][a], kind=kind) for a in archs}
       figures.update(tau_seeds=tau(reward, other, archs),
                      tau_seeds_better_half=tau(reward, other, top))
-    else:
-      figures.update(tau_seeds=None, tau_seeds_better_half=None)
     figures.update(tau_long=tau(reward, ref, archs), tau_long_better_half=tau(reward, ref, top),
                    seconds_per_trial=round(num_seeds * trial_seconds, 1))
     settings[name] = figures
@@ -274,17 +275,19 @@ def summarize(records, archs: Sequence[str], seeds: Sequence[int],
 def markdown_table(summary: Dict[str, Any]) -> str:
   """The settings' figures as a markdown table."""
 
-  def cell(value):
-    return '' if value is None else f'{value:.2f}'
+  def cell(figures, name):
+    if name not in figures:
+      return 'n/a'  # two seeds' mean: no second reward of its own
+    return 'constant' if figures[name] is None else f'{figures[name]:.2f}'
 
   n, half = summary['num_architectures'], summary['better_half']
   lines = [f'| reward setting | tau seed vs seed, all {n} | tau seed vs seed, better {half} | '
            f'tau vs long AP, all {n} | tau vs long AP, better {half} | s per trial |',
            '|---|---|---|---|---|---|']
   for name, figures in summary['settings'].items():
-    lines.append(f"| {name} | {cell(figures['tau_seeds'])} | "
-                 f"{cell(figures['tau_seeds_better_half'])} | {cell(figures['tau_long'])} | "
-                 f"{cell(figures['tau_long_better_half'])} | {figures['seconds_per_trial']:.0f} |")
+    taus = ' | '.join(cell(figures, f'tau_{which}') for which in (
+        'seeds', 'seeds_better_half', 'long', 'long_better_half'))
+    lines.append(f"| {name} | {taus} | {figures['seconds_per_trial']:.0f} |")
   return '\n'.join(lines)
 
 

@@ -116,7 +116,7 @@ def test_each_reward_setting_ranked_against_the_long_schedule_by_hand(tmp_path):
       assert figures['tau_seeds_better_half'] == pytest.approx(
           tau(rewards[name], second[name], top), abs=1e-4)
     else:  # two seeds' mean: no second reward of its own to compare with
-      assert figures['tau_seeds'] is None and figures['tau_seeds_better_half'] is None
+      assert 'tau_seeds' not in figures and 'tau_seeds_better_half' not in figures
     # One seed costs the mean short trial (10 s and 14 s), two seeds twice it.
     assert figures['seconds_per_trial'] == (12.0 if name.endswith('x1') else 24.0)
   assert summary['long_ap_nasfpn'] == pytest.approx(LONG_AP['nasfpn'], abs=1e-4)
@@ -125,9 +125,24 @@ def test_each_reward_setting_ranked_against_the_long_schedule_by_hand(tmp_path):
   table = gate.markdown_table(summary).splitlines()
   assert table[0].startswith('| reward setting | tau seed vs seed, all 10 | ') and len(table) == 6
   ap_x2 = summary['settings']['ap_x2']
-  assert table[4] == (f"| ap_x2 |  |  | {ap_x2['tau_long']:.2f} | "
+  assert table[4] == (f"| ap_x2 | n/a | n/a | {ap_x2['tau_long']:.2f} | "
                       f"{ap_x2['tau_long_better_half']:.2f} | 24 |")
-  json.dumps(summary)  # the final line's
+  json.loads(json.dumps(summary, allow_nan=False))  # the final line is strict JSON
+
+
+def test_a_constant_reward_has_no_tau(tmp_path):
+  zero_ap = _stand_in()
+
+  def trial_fn(trial):
+    return {**zero_ap(trial), 'ap': 0.0}  # too short a training: AP 0 everywhere
+
+  summary, _ = _run(tmp_path, trial_fn)
+  assert summary['settings']['ap_x1']['tau_seeds'] is None
+  assert summary['settings']['neg_loss_x1']['tau_long'] is None  # the reference is constant too
+  assert summary['settings']['neg_loss_x1']['tau_seeds'] is not None
+  table = gate.markdown_table(summary)
+  assert '| ap_x1 | constant | constant | constant | constant | 12 |' in table
+  json.loads(json.dumps(summary, allow_nan=False))
 
 
 def test_the_picture_shows_each_setting_against_the_reference(tmp_path):
