@@ -1,0 +1,172 @@
+"""The NAS-FCOS pyramid search space (paper §3.2.1) with `space.SearchSpace`'s interface.
+
+`num_cells` basic blocks (paper: 7). Each cell takes five decisions, in order: its first input
+and its second input among the pool so far (C2..C5 as 0..3, then the earlier cells; the same
+entry twice is allowed, as the published pyramid's first cells read C5 twice), the unary op on
+each (`nasfcos_specs.OPS`, the released code's indices) and the aggregation (`AGGS`).
+
+Every sample builds: the builder needs three cells that no later cell reads (the released code
+rejects a sampled architecture with fewer, its `judge`). Here the static masks keep the last
+three cells unread: a cell among the last three never reads an earlier one of them. So the last
+three cells are P5, P4, P3 as the paper's text says, and the released code's reading ("the last
+three unconsumed cells") agrees with it on every sample. The published pyramid is in the space.
+The released search would also sample architectures outside it (e.g. the last cell reading the
+one before it, when two earlier cells stay unread); they are left out so that masks that depend
+on no earlier action, as the LSTM controller needs, can keep every sample buildable.
+
+Pure Python and numpy: the search driver loads it without TensorFlow.
+"""
+import dataclasses
+import functools
+import math
+from typing import Dict, Sequence, Tuple
+
+import numpy as np
+
+from nasfpn_tf.decoders import nasfcos_specs as specs_lib
+from nasfpn_tf.search.space import Step
+
+FIELDS = ('input0', 'input1', 'op0', 'op1', 'agg')
+NUM_OUTPUT_CELLS = len(specs_lib.CELL_OUTPUT_LEVELS)
+
+
+@dataclasses.dataclass(frozen=True)
+class NASFCOSFPNSpace:
+  """NAS-FCOS pyramids of `num_cells` basic blocks over the pool C2..C5 (paper: 7)."""
+  num_cells: int = 7
+
+  NAME = 'nasfcos_fpn'
+
+  def __post_init__(self):
+    if self.num_cells < NUM_OUTPUT_CELLS:
+      raise ValueError(f'NASFCOSFPNSpace num_cells={self.num_cells} is fewer than the '
+                       f'{NUM_OUTPUT_CELLS} cells that give P3-P5.')
+
+  @property
+  def pool_size(self) -> int:
+    return len(specs_lib.POOL_LEVELS)
+
+  @property
+  def first_output_cell(self) -> int:
+    return self.num_cells - NUM_OUTPUT_CELLS
+
+  @property
+  def num_decisions(self) -> int:
+    return len(FIELDS) * self.num_cells
+
+  @property
+  def max_options(self) -> int:
+    return max(self.pool_size + self.num_cells - 1, len(specs_lib.OPS), len(specs_lib.AGGS))
+
+  @functools.cached_property
+  def steps(self) -> Tuple[Step, ...]:
+    return tuple(Step(cell, field) for cell in range(self.num_cells) for field in FIELDS)
+
+  def _readable(self, cell: int) -> range:
+    """The pool entries cell `cell` may read: everything so far, but an output cell (one of the
+    last three) none of the earlier output cells."""
+    if cell >= self.first_output_cell:
+      return range(self.pool_size + self.first_output_cell)
+    return range(self.pool_size + cell)
+
+  @functools.cached_property
+  def static_masks(self) -> np.ndarray:
+    """[num_decisions, max_options] bool: the actions of each step."""
+    masks = np.zeros([self.num_decisions, self.max_options], bool)
+    for t, (cell, field) in enumerate(self.steps):
+      if field in ('input0', 'input1'):
+        masks[t, list(self._readable(cell))] = True
+      elif field in ('op0', 'op1'):
+        masks[t, :len(specs_lib.OPS)] = True
+      else:
+        masks[t, :len(specs_lib.AGGS)] = True
+    masks.flags.writeable = False
+    return masks
+
+  @functools.cached_property
+  def exclusions(self) -> np.ndarray:
+    """[num_decisions, num_decisions] bool: none; a cell may read one entry twice."""
+    excluded = np.zeros([self.num_decisions, self.num_decisions], bool)
+    excluded.flags.writeable = False
+    return excluded
+
+  def options(self, previous_actions: Sequence[int]) -> np.ndarray:
+    return self.static_masks[len(previous_actions)].copy()
+
+  def sample_actions(self, rng: np.random.Generator) -> Tuple[int, ...]:
+    """A decision sequence, each decision uniform over its valid options."""
+    return tuple(int(rng.choice(np.flatnonzero(self.static_masks[t])))
+                 for t in range(self.num_decisions))
+
+  def sample(self, rng: np.random.Generator) -> Tuple[specs_lib.CellSpec, ...]:
+    return self.decode(self.sample_actions(rng))
+
+  def decode(self, actions: Sequence[int]) -> Tuple[specs_lib.CellSpec, ...]:
+    """The cell specs of a decision sequence; ValueError naming the first invalid step."""
+    actions = tuple(int(a) for a in actions)
+    self._check(actions)
+    n = len(FIELDS)
+    return tuple(
+        specs_lib.CellSpec((a[0], a[1]), (specs_lib.OPS[a[2]], specs_lib.OPS[a[3]]),
+                           specs_lib.AGGS[a[4]])
+        for a in (actions[n * cell:n * (cell + 1)] for cell in range(self.num_cells)))
+
+  def encode(self, block_specs: specs_lib.SpecLike) -> Tuple[int, ...]:
+    """The decision sequence of a spec (a name in `nasfcos_specs.SPECS` or rows), the inverse
+    of `decode`; ValueError naming the cell when the spec is outside the space."""
+    specs = specs_lib.resolve(block_specs)
+    if len(specs) != self.num_cells:
+      raise ValueError(f'The spec has {len(specs)} cells; {self!r} has {self.num_cells}.')
+    actions = []
+    for cell, spec in enumerate(specs):
+      specs_lib._check_cell(cell, spec)  # pylint: disable=protected-access
+      actions += [*spec.inputs, *(specs_lib.OPS.index(op) for op in spec.ops),
+                  specs_lib.AGGS.index(spec.agg)]
+    self._check(tuple(actions))
+    return tuple(actions)
+
+  def contains(self, block_specs: specs_lib.SpecLike) -> bool:
+    try:
+      self.encode(block_specs)
+    except ValueError:
+      return False
+    return True
+
+  def key(self, block_specs: specs_lib.SpecLike) -> str:
+    """A canonical string of the spec, the same for the two orders of a cell's (input, op)
+    branches. Swapping them builds the same network up to a relabelling of weights (the weighted
+    sum's a and b; the grouped 1x1 of a concatenation gives its channel halves the other way
+    round, which later layers absorb)."""
+    specs = self.decode(self.encode(block_specs))
+    cells = []
+    for spec in specs:
+      branches = sorted(zip(spec.inputs, spec.ops))
+      cells.append(f'{spec.agg}:' + ','.join(f'{i}:{op}' for i, op in branches))
+    return '/'.join(cells)
+
+  def size(self) -> int:
+    """The number of distinct decision sequences."""
+    return math.prod(int(mask.sum()) for mask in self.static_masks)
+
+  def config(self) -> Dict[str, object]:
+    return {'space': self.NAME, **dataclasses.asdict(self)}
+
+  @classmethod
+  def from_config(cls, config: Dict[str, object]) -> 'NASFCOSFPNSpace':
+    config = dict(config)
+    if config.pop('space', cls.NAME) != cls.NAME:
+      raise ValueError(f'Not a {cls.NAME} space config: {config!r}.')
+    return cls(**config)
+
+  def _check(self, actions: Tuple[int, ...]) -> None:
+    if len(actions) != self.num_decisions:
+      raise ValueError(f'{self!r} takes {self.num_decisions} decisions, got {len(actions)}.')
+    for t, action in enumerate(actions):
+      if not (0 <= action < self.max_options and self.static_masks[t, action]):
+        cell, field = self.steps[t]
+        valid = np.flatnonzero(self.static_masks[t]).tolist()
+        why = ''
+        if field.startswith('input') and cell >= self.first_output_cell:
+          why = (f' (cells {self.first_output_cell}..{self.num_cells - 1} give P5, P4, P3 and '
+                 'read none of each other)')
+        raise ValueError(f'cell {cell}: {field} {action} is not allowed{why}; valid: {valid}.')
