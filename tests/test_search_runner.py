@@ -331,3 +331,37 @@ def test_stopped_trials_are_journaled_fed_back_and_replayed_on_resume(tmp_path):
     newcomer = types.SimpleNamespace(trial_id='new')
     scheduler.on_trial_add(None, newcomer)
     assert scheduler.on_trial_result(None, newcomer, weak) == decision
+
+
+def test_a_stopped_trial_is_never_the_best(tmp_path):
+  """A reward measured before the end is not comparable with a full trial's (a held-out loss
+  can be lower after 1 step than after 9, as the tiny CPU proxy showed), so best.gin, the summary
+  and the plot's best line take only trials that trained to the end."""
+  settings = _settings(tmp_path, num_trials=3)
+  runner.check_search_dir(settings)
+  space, lines = SearchSpace(num_cells=2, min_level=3, max_level=4), []
+  specs = [space.sample(np.random.default_rng(seed)) for seed in range(3)]
+  records = [{'trial': i, 'key': space.key(s), 'block_specs': specs_lib.to_config(s),
+              'reward': reward, 'cached': False, 'seconds': 1.0, 'stopped_at_step': stopped}
+             for i, (s, reward, stopped) in enumerate(zip(specs, (0.9, 0.3, 0.95),
+                                                          (12, None, 36)))]
+  follow = progress.Progress(settings, [], log=lines.append)
+  with saved_figures() as figures:
+    follow.records.append(records[0])
+    follow.update(records[0])  # stopped: not a best, no best.gin
+    assert follow.best is None and not (tmp_path / 'search' / 'best.gin').exists()
+    assert 'best: no trial trained to the end yet' in lines[-1]
+    for record in records[1:]:
+      follow.records.append(record)
+      follow.update(record)
+    summary = follow.summary(wall_seconds=1.0)
+  assert follow.best is records[1] and summary['best_reward'] == 0.3
+  assert summary['num_stopped_early'] == 2
+  assert 'trial 2, reward 0.3000' in (tmp_path / 'search' / 'best.gin').read_text()
+  assert lines[-1].startswith('trial 3/3 | reward 0.9500 (1 s, stopped at step 36) | best 0.3000')
+  best_line = plotted_lines(figures[-1].axes[0])[-1][1]
+  np.testing.assert_array_equal(best_line, [np.nan, 0.3, 0.3])
+  resumed = []
+  progress.Progress(settings, records, log=resumed.append)
+  assert resumed == [f'Resuming {tmp_path / "search"}: 3 samples done, 3 unique, best reward '
+                     '0.3000 (trial 2).']

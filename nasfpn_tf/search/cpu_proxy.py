@@ -96,16 +96,21 @@ def _as_loss_labels(labels: Mapping[str, Any]) -> Dict[str, Any]:
   return labels
 
 
+def check_report_steps(report_steps: Sequence[int], settings: CpuProxy) -> None:
+  """ValueError naming CpuProxy.train_steps when a report step is not one before the last."""
+  wrong = [s for s in report_steps if not 1 <= s < settings.train_steps]
+  if wrong:
+    raise ValueError(f'report steps {wrong} are not in 1..{settings.train_steps - 1}, the steps '
+                     f'before the last of CpuProxy.train_steps = {settings.train_steps}.')
+
+
 def train(net: tf_keras.Model, train_split: Mapping[str, Any], settings: CpuProxy,
           loss_fn: RetinaNetLoss, seed: int, report_steps: Sequence[int] = (),
           report: Optional[Callable[[int, float], None]] = None) -> float:
   """Trains `net` on the cached split; returns the mean loss of its last steps. With `report`,
   calls report(step, mean loss of the last steps so far) after each of `report_steps` (steps
   before the last one: the caller evaluates there, e.g. for ASHA)."""
-  wrong = [s for s in report_steps if not 1 <= s < settings.train_steps]
-  if wrong:
-    raise ValueError(f'report steps {wrong} are not in 1..{settings.train_steps - 1}, the steps '
-                     f'before the last of CpuProxy.train_steps = {settings.train_steps}.')
+  check_report_steps(report_steps, settings)
   features = train_split['features']
   labels = {k: v for k, v in train_split['labels'].items() if k != 'image_info'}
   optimizer = tf_keras.optimizers.SGD(

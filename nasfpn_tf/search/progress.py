@@ -2,7 +2,8 @@
 
 - a line per sample: trial, reward (and the step where ASHA stopped it), best so far,
   unique/total samples, samples per hour, ETA;
-- `best.gin` each time the best reward improves: a `build_retinanet.block_specs` binding that
+- `best.gin` each time the best reward of a trial that trained to the end (`trained_to_the_end`:
+  ASHA did not stop it) improves: a `build_retinanet.block_specs` binding that
   trains the architecture as is (`--gin_file=demo.gin --gin_file=DIR/best.gin`);
 - `architectures/`: a drawing of each new best (paper Fig. 7);
 - `search_progress.png`: the paper's Fig. 5, reward over samples and unique against total.
@@ -48,6 +49,12 @@ def best_gin(record: Dict[str, Any], space_config: Dict[str, int]) -> str:
           f"{block_specs_binding(record['block_specs'])}\n")
 
 
+def trained_to_the_end(record: Dict[str, Any]) -> bool:
+  """Whether a journal line's architecture trained to the end (ASHA did not stop it): only those
+  can be the search's best, since a reward measured earlier in a training is not comparable."""
+  return record.get('stopped_at_step') is None
+
+
 def moving_average(values: Sequence[float], window: int) -> np.ndarray:
   """Mean of the last `window` values at each sample (fewer at the start)."""
   values = np.asarray(values, dtype=float)
@@ -70,7 +77,11 @@ def draw_search_progress(records: Sequence[Dict[str, Any]], path: str, title: st
   window = max(1, len(records) // 20)
   reward_ax.plot(samples, moving_average(rewards, window), color='#e53935',
                  label=f'moving average ({window})')
-  reward_ax.plot(samples, np.maximum.accumulate(rewards), color='#1e88e5', label='best so far')
+  # The best of the trials that trained to the end (ASHA's stopped ones are not comparable).
+  best = np.maximum.accumulate([r['reward'] if trained_to_the_end(r) else -np.inf
+                                for r in records])
+  reward_ax.plot(samples, np.where(np.isinf(best), np.nan, best), color='#1e88e5',
+                 label='best so far')
   reward_ax.set(xlabel='sample', ylabel='reward', title='Reward')
   reward_ax.legend(fontsize=8)
   unique_ax.plot(samples, unique, color='#43a047', label='unique architectures')
@@ -93,14 +104,20 @@ class Progress:
     self.log = log
     self.started = time.time()
     self.first_record = len(records)
-    self.best = max(records, key=lambda r: r['reward']) if records else None
+    full = [r for r in records if trained_to_the_end(r)]
+    self.best = max(full, key=lambda r: r['reward']) if full else None
     if records:
       log(f'Resuming {self.directory}: {len(records)} samples done, '
-          f'{len({r["key"] for r in records})} unique, best reward {self.best["reward"]:.4f} '
-          f'(trial {trial_number(self.best)}).')
+          f'{len({r["key"] for r in records})} unique, {self._best_text("best reward")}.')
+
+  def _best_text(self, label: str = 'best') -> str:
+    if self.best is None:
+      return f'{label}: no trial trained to the end yet'
+    return f'{label} {self.best["reward"]:.4f} (trial {trial_number(self.best)})'
 
   def update(self, record: Dict[str, Any]) -> None:
-    improved = self.best is None or record['reward'] > self.best['reward']
+    improved = trained_to_the_end(record) and (
+        self.best is None or record['reward'] > self.best['reward'])
     if improved:
       self.best = record
       self._write_best()
@@ -118,8 +135,8 @@ class Progress:
     if record.get('stopped_at_step') is not None:
       how += f", stopped at step {record['stopped_at_step']}"
     return (f"trial {trial_number(record)}/{self.settings.num_trials} | reward "
-            f"{record['reward']:.4f} ({how}) | best {self.best['reward']:.4f} (trial "
-            f"{trial_number(self.best)}) | unique {len({r['key'] for r in self.records})}/"
+            f"{record['reward']:.4f} ({how}) | {self._best_text()} | unique "
+            f"{len({r['key'] for r in self.records})}/"
             f"{len(self.records)} | {rate:.0f} samples/h | ETA {eta}")
 
   def _write_best(self) -> None:

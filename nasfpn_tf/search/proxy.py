@@ -211,6 +211,7 @@ def run_trial(block_specs, proxy: str = 'cpu', seed: int = 0,
   results = []
   if proxy == 'cpu':
     task = cpu_proxy.CpuSearchProxy.from_gin(cache_folder)
+    cpu_proxy.check_report_steps(report_steps, task.settings)  # before a model is built
     specs = _resolve_block_specs(block_specs, task.model_arguments['min_level'],
                                  task.model_arguments['max_level'], where)
     for trial_seed in seeds:
