@@ -377,13 +377,20 @@ def test_tflite_detects_what_the_keras_model_detects(trained, synthetic_records)
       str(model_dir), ['build_retinanet.nms_iou_threshold = 1.0'])[0])
   assert tflite_runtime.custom_op_names(content) == ['TFLite_Detection_PostProcess']
   detector = tflite_runtime.TFLiteDetector(model_content=content)
+  # One more than the file keeps: a near tie at the 20th place may go either way.
   generator = FCOSDetectionGenerator(model.image_size, 10, pre_nms_score_threshold=0.0,
-                                     nms_iou_threshold=1.0, max_detections=20)
+                                     nms_iou_threshold=1.0, max_detections=21)
   for image in _val_images(synthetic_records, model):
     outputs = model(tf.constant(image), training=False)
     expected = {k: v.numpy() for k, v in generator(
         outputs['cls_outputs'], outputs['box_outputs'], outputs['centerness_outputs'],
         model.points).items()}
+    assert int(expected['num_detections'][0]) == 21
+    next_score = expected['detection_scores'][0, 20]
+    expected = {k: v[:, :20] for k, v in expected.items() if k != 'num_detections'}
+    expected['num_detections'] = np.array([20])
     actual = detector(image)
-    assert int(expected['num_detections'][0]) == 20
-    assert match_detections(expected, actual, score_tolerance=1e-4) == ([], [])
+    assert int(actual['num_detections'][0]) == 20
+    missing, extra = match_detections(expected, actual, score_tolerance=1e-4)
+    assert len(missing) == len(extra) <= 1, (missing, extra)
+    assert all(abs(expected['detection_scores'][0, i] - next_score) < 1e-4 for i in missing)
