@@ -126,13 +126,13 @@ def published():
 
 
 def test_published_output_shapes_and_round_trip(published):
-  feats = features()
+  feats = {k: v for k, v in features().items() if k in published.input}
   out = published(feats, training=False)
   assert {k: v.shape.as_list() for k, v in out.items()} == {
       str(level): [1, SIZE // 2**level, SIZE // 2**level, FILTERS] for level in range(3, 8)}
   assert published.output_specs['6'].as_list() == [None, SIZE // 64, SIZE // 64, FILTERS]
-  # C2 is read by no cell: no layer adapts it.
-  assert not [layer for layer in published.layers if 'c2' in layer.name and layer.weights]
+  # C2 is read by no cell: not an input, so backbones that stop at C3 (build_backbone) fit.
+  assert sorted(published.input) == ['3', '4', '5']
   clone = tf_keras.utils.deserialize_keras_object(tf_keras.utils.serialize_keras_object(published))
   assert isinstance(clone, NASFCOSFPN) and clone.get_config() == published.get_config()
   clone.set_weights(published.get_weights())
@@ -143,7 +143,7 @@ def test_published_output_shapes_and_round_trip(published):
 def test_released_output_rule_by_hand(published):
   """P4 = bilinear resize of (cell 9 + cell 6 brought to cell 9's size in one 4x step) to
   C4's size."""
-  feats = features(3)
+  feats = {k: v for k, v in features(3).items() if k in published.input}
   probe = tf_keras.Model(published.input, [published.get_layer(name).output for name in (
       'cell5_concat_p3', 'cell2_concat_p5')] + [published.outputs[1]])
   cell9, cell6, p4 = (t.numpy() for t in probe(feats, training=False))
@@ -156,8 +156,12 @@ def test_released_output_rule_by_hand(published):
 
 
 def test_levels_are_checked():
-  with pytest.raises(ValueError, match='lack \\[2\\]'):
-    NASFCOSFPN({k: v for k, v in input_specs().items() if k != '2'})
+  with pytest.raises(ValueError, match='lack \\[3\\]'):
+    NASFCOSFPN({k: v for k, v in input_specs().items() if k != '3'})
+  reads_c2 = specs_lib.to_config(specs_lib.NASFCOS_FPN)
+  reads_c2[0][0] = [0, 3]
+  with pytest.raises(ValueError, match='reads backbone levels \\[2, 3, 4, 5\\].* lack \\[2\\]'):
+    NASFCOSFPN({k: v for k, v in input_specs().items() if k != '2'}, block_specs=reads_c2)
   with pytest.raises(ValueError, match='max_level in 5..7'):
     NASFCOSFPN(input_specs(), max_level=8)
 

@@ -13,7 +13,7 @@ from nasfpn_tf.layers.nasfcos_cell import NASFCOSCell, ResizeBilinearLike
 class NASFCOSFPN(tf_keras.Model):
   """A pyramid from the NAS-FCOS search space, as the authors' released `MicroDecoder_v2`.
 
-  Takes the backbone's features {'2': C2, ..., '5': C5} and returns {'3': P3, ...,
+  Takes the backbone's features {'2': C2, ..., '5': C5} (C2 only if a cell reads it) and returns {'3': P3, ...,
   str(max_level): P_max} with `num_filters` channels. Each backbone feature a cell reads is
   adapted by 1x1 conv (no bias) + BN + ReLU (the released code also adapts C2 when no cell reads
   it; here an unread feature gets no layer). The cells (`block_specs`: a name in
@@ -42,17 +42,20 @@ class NASFCOSFPN(tf_keras.Model):
       raise ValueError(f'NASFCOSFPN gives levels 3..max_level with max_level in 5..7, got '
                        f'min_level={min_level}, max_level={max_level}.')
     input_specs = {str(k): tf.TensorShape(v) for k, v in input_specs.items()}
-    missing = [level for level in specs_lib.POOL_LEVELS if str(level) not in input_specs]
+    # The levels it reads: those of the cells' pool inputs, and C3-C5 for the output sizes.
+    needed = sorted({specs_lib.POOL_LEVELS[i] for i in wiring.read_pool_inputs}
+                    | set(specs_lib.CELL_OUTPUT_LEVELS))
+    missing = [level for level in needed if str(level) not in input_specs]
     if missing:
-      raise ValueError(f'NASFCOSFPN reads backbone levels {list(specs_lib.POOL_LEVELS)}; the '
-                       f'backbone features {sorted(input_specs)} lack {missing}.')
+      raise ValueError(f'This NASFCOSFPN spec reads backbone levels {needed}; the backbone '
+                       f'features {sorted(input_specs)} lack {missing}.')
     kernel_regularizer = tf_keras.regularizers.get(kernel_regularizer)
     bias_regularizer = tf_keras.regularizers.get(bias_regularizer)
     norm = dict(use_sync_bn=use_sync_bn, norm_momentum=norm_momentum, norm_epsilon=norm_epsilon)
     regularizers = dict(kernel_regularizer=kernel_regularizer, bias_regularizer=bias_regularizer)
 
     inputs = {str(level): tf_keras.Input(shape=input_specs[str(level)][1:], name=f'c{level}')
-              for level in specs_lib.POOL_LEVELS}
+              for level in needed}
     pool = [None] * len(specs_lib.POOL_LEVELS)
     for index in wiring.read_pool_inputs:
       level = specs_lib.POOL_LEVELS[index]

@@ -156,3 +156,49 @@ def _check_cell(k: int, spec: CellSpec) -> None:
           f'{where}: input {index} does not exist yet; cell {k} can read pool entries '
           f'0..{available - 1} (C2..C5 as 0..3' + (f', cells 0..{k - 1} as 4..{available - 1})'
                                                    if k else ')') + '.')
+
+
+# ---------------------------------------------------------------- the head (paper §3.2.2-3.2.3)
+# The released head (`MicroHead_v2`) is a sequence of NUM_HEAD_LAYERS ops per tower (class and
+# box towers alike), each with GroupNorm(32) and ReLU, not the paper's cells with aggregation
+# (§3.2.2, Fig. 3); the first `unshared` layers have their own weights at each level, the rest
+# are shared by all levels (§3.2.3). Names in the released order (`genotypes.HEAD_OP_NAMES`).
+HEAD_OPS = ('conv_1x1', 'conv_3x3', 'sep_conv_3x3', 'sep_conv_3x3_dil3', 'skip',
+            'deform_conv_3x3')
+NUM_HEAD_LAYERS = 6
+
+
+class HeadSpec(NamedTuple):
+  ops: Tuple[str, ...]   # NUM_HEAD_LAYERS names of HEAD_OPS, input first
+  unshared: int          # leading layers with per-level weights, 0..len(ops)
+
+
+# The published head: `[0], [5, 1, 5, 0, 4, 4]` after the pyramid rows of the authors'
+# configs/search/R_50_NAS_head.yaml: every layer shared; deformable 3x3, conv 3x3, deformable 3x3,
+# conv 1x1, skip, skip.
+NASFCOS_HEAD = HeadSpec(tuple(HEAD_OPS[i] for i in (5, 1, 5, 0, 4, 4)), 0)
+
+HEAD_SPECS = {'nasfcos_head': NASFCOS_HEAD}
+
+
+def resolve_head(spec) -> HeadSpec:
+  """A head spec from its name in `HEAD_SPECS`, a HeadSpec, [ops, unshared] or a dict."""
+  if isinstance(spec, str):
+    if spec not in HEAD_SPECS:
+      raise ValueError(f'Unknown NAS-FCOS head spec {spec!r}; known: {sorted(HEAD_SPECS)}.')
+    return HEAD_SPECS[spec]
+  if isinstance(spec, dict):
+    spec = (spec['ops'], spec['unshared'])
+  if len(spec) != 2:
+    raise ValueError(f'A NAS-FCOS head spec is (ops, unshared), got {spec!r}.')
+  return HeadSpec(tuple(str(op) for op in spec[0]), int(spec[1]))
+
+
+def validate_head(spec: HeadSpec) -> None:
+  """Raises ValueError naming the layer at fault."""
+  for i, op in enumerate(spec.ops):
+    if op not in HEAD_OPS:
+      raise ValueError(f'head layer {i}: unknown op {op!r}; head ops are {list(HEAD_OPS)}.')
+  if not 0 <= spec.unshared <= len(spec.ops):
+    raise ValueError(f'head: unshared={spec.unshared} is outside 0..{len(spec.ops)}, the '
+                     'number of layers.')

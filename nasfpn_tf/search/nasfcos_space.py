@@ -1,4 +1,8 @@
-"""The NAS-FCOS pyramid search space (paper §3.2.1) with `space.SearchSpace`'s interface.
+"""The NAS-FCOS search spaces, pyramid (§3.2.1) and head (§3.2.2-3.2.3), with `space.SearchSpace`'s
+interface (keys, `contains`, masks for the controllers, samples that always build).
+
+`NASFCOSHeadSpace` is the released code's head space (see `nasfcos_specs.HEAD_OPS`).
+`NASFCOSFPNSpace`:
 
 `num_cells` basic blocks (paper: 7). Each cell takes five decisions, in order: its first input
 and its second input among the pool so far (C2..C5 as 0..3, then the earlier cells; the same
@@ -170,3 +174,112 @@ class NASFCOSFPNSpace:
           why = (f' (cells {self.first_output_cell}..{self.num_cells - 1} give P5, P4, P3 and '
                  'read none of each other)')
         raise ValueError(f'cell {cell}: {field} {action} is not allowed{why}; valid: {valid}.')
+
+
+HEAD_FIELDS = ('unshared',) + tuple(f'op{i}' for i in range(specs_lib.NUM_HEAD_LAYERS))
+
+
+@dataclasses.dataclass(frozen=True)
+class NASFCOSHeadSpace:
+  """NAS-FCOS heads as the released code searches them (`MicroHead_v2`): how many leading layers
+  have per-level weights (0..num_layers, the released config's first entry), then one op of
+  `nasfcos_specs.HEAD_OPS` per layer. Every sequence builds."""
+  num_layers: int = specs_lib.NUM_HEAD_LAYERS
+
+  NAME = 'nasfcos_head'
+
+  def __post_init__(self):
+    if self.num_layers < 1:
+      raise ValueError(f'NASFCOSHeadSpace num_layers={self.num_layers} must be >= 1.')
+
+  @property
+  def num_decisions(self) -> int:
+    return 1 + self.num_layers
+
+  @property
+  def max_options(self) -> int:
+    return max(self.num_layers + 1, len(specs_lib.HEAD_OPS))
+
+  @functools.cached_property
+  def steps(self) -> Tuple[Step, ...]:
+    return (Step(0, 'unshared'),) + tuple(Step(i, 'op') for i in range(self.num_layers))
+
+  @functools.cached_property
+  def static_masks(self) -> np.ndarray:
+    masks = np.zeros([self.num_decisions, self.max_options], bool)
+    masks[0, :self.num_layers + 1] = True
+    masks[1:, :len(specs_lib.HEAD_OPS)] = True
+    masks.flags.writeable = False
+    return masks
+
+  @functools.cached_property
+  def exclusions(self) -> np.ndarray:
+    excluded = np.zeros([self.num_decisions, self.num_decisions], bool)
+    excluded.flags.writeable = False
+    return excluded
+
+  def options(self, previous_actions: Sequence[int]) -> np.ndarray:
+    return self.static_masks[len(previous_actions)].copy()
+
+  def sample_actions(self, rng: np.random.Generator) -> Tuple[int, ...]:
+    return tuple(int(rng.choice(np.flatnonzero(mask))) for mask in self.static_masks)
+
+  def sample(self, rng: np.random.Generator) -> specs_lib.HeadSpec:
+    return self.decode(self.sample_actions(rng))
+
+  def decode(self, actions: Sequence[int]) -> specs_lib.HeadSpec:
+    actions = tuple(int(a) for a in actions)
+    self._check(actions)
+    return specs_lib.HeadSpec(tuple(specs_lib.HEAD_OPS[a] for a in actions[1:]), actions[0])
+
+  def encode(self, spec) -> Tuple[int, ...]:
+    spec = specs_lib.resolve_head(spec)
+    if len(spec.ops) != self.num_layers:
+      raise ValueError(f'The head spec has {len(spec.ops)} layers; {self!r} has '
+                       f'{self.num_layers}.')
+    specs_lib.validate_head(spec)
+    actions = (spec.unshared, *(specs_lib.HEAD_OPS.index(op) for op in spec.ops))
+    self._check(actions)
+    return actions
+
+  def contains(self, spec) -> bool:
+    try:
+      self.encode(spec)
+    except ValueError:
+      return False
+    return True
+
+  def key(self, spec) -> str:
+    """The ops and the effective number of unshared layers: per-level copies of weightless
+    `skip` layers after the last unshared layer with weights change nothing."""
+    spec = self.decode(self.encode(spec))
+    weighted = [i for i, op in enumerate(spec.ops[:spec.unshared]) if op != 'skip']
+    unshared = weighted[-1] + 1 if weighted else 0
+    return f'{unshared}:' + ','.join(spec.ops)
+
+  def size(self) -> int:
+    return math.prod(int(mask.sum()) for mask in self.static_masks)
+
+  def config(self) -> Dict[str, object]:
+    return {'space': self.NAME, **dataclasses.asdict(self)}
+
+  @classmethod
+  def from_config(cls, config: Dict[str, object]) -> 'NASFCOSHeadSpace':
+    config = dict(config)
+    if config.pop('space', cls.NAME) != cls.NAME:
+      raise ValueError(f'Not a {cls.NAME} space config: {config!r}.')
+    return cls(**config)
+
+  def _check(self, actions: Tuple[int, ...]) -> None:
+    if len(actions) != self.num_decisions:
+      raise ValueError(f'{self!r} takes {self.num_decisions} decisions, got {len(actions)}.')
+    for t, action in enumerate(actions):
+      if not (0 <= action < self.max_options and self.static_masks[t, action]):
+        step = self.steps[t]
+        where = 'head unshared' if step.field == 'unshared' else f'head layer {step.cell}'
+        raise ValueError(f'{where}: action {action} is not allowed; valid: '
+                         f'{np.flatnonzero(self.static_masks[t]).tolist()}.')
+
+
+# The spaces by the name a search's --space flag would give.
+SPACES = {NASFCOSFPNSpace.NAME: NASFCOSFPNSpace, NASFCOSHeadSpace.NAME: NASFCOSHeadSpace}

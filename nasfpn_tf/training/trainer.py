@@ -1,6 +1,6 @@
 """RetinaNet training and COCO evaluation under a tf.distribute strategy, gin-configurable.
 
-One `RetinaNetTrainer` owns the model (gin `build_retinanet`), the SGD optimizer, the checkpoints
+One `RetinaNetTrainer` owns the model (gin `build_retinanet`), the optimizer, the checkpoints
 and the summaries of a model dir. The global step is the optimizer's iteration count: checkpoints
 carry it, so a restarted run resumes with the same step, optimizer slots and learning-rate
 schedule.
@@ -33,6 +33,7 @@ from nasfpn_tf.models.factory import build_loss, build_retinanet
 from nasfpn_tf.models.losses import AnytimeLoss, exit_loss_keys
 from nasfpn_tf.training import distribute
 from nasfpn_tf.training import init_checkpoint as init_checkpoint_lib
+from nasfpn_tf.training import optimizers
 from nasfpn_tf.training import precision
 from nasfpn_tf.utils import files
 
@@ -74,20 +75,6 @@ def _check_settings(mode: str, strategy: tf.distribute.Strategy, **counts: int) 
                      f'a multiple of the {replicas} replicas.')
 
 
-OPTIMIZERS = ('sgd', 'adamw')
-
-
-def _check_optimizer(optimizer: str, weight_decay: float) -> None:
-  """Fails naming the binding for an unknown optimizer or a weight decay it does not take."""
-  if optimizer not in OPTIMIZERS:
-    raise ValueError(
-        f'RetinaNetTrainer.optimizer = {optimizer!r} is not one of {list(OPTIMIZERS)}.')
-  if weight_decay < 0 or (weight_decay and optimizer != 'adamw'):
-    raise ValueError(
-        f'RetinaNetTrainer.weight_decay = {weight_decay} needs optimizer = \'adamw\' and a value '
-        ">= 0; SGD's weight decay is build_retinanet.l2_weight_decay.")
-
-
 # Not `Trainer`: TF Model Garden registers official.core.base_trainer.Trainer with gin, which
 # would make `RetinaNetTrainer.<name>` bindings ambiguous.
 @gin.configurable(denylist=['model_dir', 'strategy', 'mode', 'train_dataset_fn'])
@@ -98,11 +85,8 @@ class RetinaNetTrainer:
     learning_rate: a schedule, e.g. `@StepDecayWithWarmup()` (gin_configs/recipe_*.gin), or a
       constant. Required: no default fits every batch size.
     train_steps, global_batch_size: the run length and the batch over all replicas.
-    optimizer: 'sgd' (SGD with momentum, the paper's) or 'adamw' (Adam with decoupled weight
-      decay; learns faster in short runs from scratch).
-    momentum: SGD momentum (AdamW's beta_1 stays Keras's 0.9).
-    weight_decay: AdamW's decoupled weight decay (SGD: 0 only; its decay is the model's
-      `build_retinanet.l2_weight_decay`).
+    optimizer, momentum, weight_decay: 'sgd' with `momentum` (its decay: the model's
+      `build_retinanet.l2_weight_decay`) or 'adamw' with decoupled `weight_decay`.
     mixed_precision: None, 'bfloat16', or 'float16' (with dynamic loss scaling). On a CPU with
       AVX512-BF16 and no AMX, 'bfloat16' trains in float32 (it did not learn there; see
       `training.precision`) unless force_bfloat16; the run's first line says which.
@@ -157,7 +141,7 @@ class RetinaNetTrainer:
                     log_every_steps=log_every_steps, eval_batch_size=eval_batch_size,
                     eval_steps=eval_steps or 1, eval_every_steps=eval_every_steps or 1)
     init_checkpoint_lib.check_modules(init_checkpoint_modules)
-    _check_optimizer(optimizer, weight_decay)
+    optimizers.check(optimizer, weight_decay)
     training = mode != 'eval'
     if training and learning_rate is None:
       raise _missing_binding('RetinaNetTrainer.learning_rate', '@StepDecayWithWarmup()')
@@ -206,16 +190,8 @@ class RetinaNetTrainer:
       finally:
         tf_keras.mixed_precision.set_global_policy(previous_policy)
       # Evaluation never steps the optimizer: it only holds the step count there.
-      rate = self._learning_rate
-      rate = rate if rate is not None else 0.0
-      if optimizer == 'adamw':
-        self.optimizer = tf_keras.optimizers.AdamW(
-            learning_rate=rate, weight_decay=weight_decay, global_clipnorm=clip_gradient_norm)
-        # Batch norm and biases keep their values, as in TF Model Garden's AdamW.
-        self.optimizer.exclude_from_weight_decay(var_names=['gamma', 'beta', 'bias'])
-      else:
-        self.optimizer = tf_keras.optimizers.SGD(
-            learning_rate=rate, momentum=momentum, global_clipnorm=clip_gradient_norm)
+      self.optimizer = optimizers.build(optimizer, self._learning_rate or 0.0, momentum,
+                                        weight_decay, clip_gradient_norm)
       if self.mixed_precision == 'float16':
         self.optimizer = tf_keras.mixed_precision.LossScaleOptimizer(self.optimizer)
       if training:  # Slots exist before a restore, so every checkpoint value finds its variable.
@@ -282,9 +258,8 @@ class RetinaNetTrainer:
       print(message, flush=True)
 
   def _writer(self, name: str):
-    if not self.is_chief:
-      return tf.summary.create_noop_writer()
-    return tf.summary.create_file_writer(os.path.join(self.model_dir, name))
+    return (tf.summary.create_file_writer(os.path.join(self.model_dir, name)) if self.is_chief
+            else tf.summary.create_noop_writer())
 
   def learning_rate(self, step: int) -> float:
     rate = self._learning_rate
@@ -293,10 +268,8 @@ class RetinaNetTrainer:
   # Training.
 
   def replica_step(self, images, labels) -> Dict[str, tf.Tensor]:
-    """One optimizer step on this replica's share of the global batch; its losses.
-
-    Call it through `strategy.run` (as `run_steps` does), e.g. in an XLA-compiled function.
-    """
+    """One optimizer step on this replica's share of the global batch; its losses. Call it
+    through `strategy.run` (as `run_steps` does), e.g. in an XLA-compiled function."""
     context = tf.distribute.get_replica_context()
     set_dropblock_step(self.model, self.optimizer.iterations)
     positives = tf.add_n([tf.reduce_sum(tf.cast(w, tf.float32))
