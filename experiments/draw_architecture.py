@@ -2,16 +2,20 @@
 itself: `nasfpn_tf.visualization.architecture`).
 
   python experiments/draw_architecture.py --spec=nasfpn --output=docs/nasfpn.png
+  python experiments/draw_architecture.py --spec=nasfcos_fpn   # NAS-FCOS's pyramid
 """
 from typing import Tuple
 
 from absl import app, flags
 
+from nasfpn_tf.decoders import nasfcos_specs
 from nasfpn_tf.decoders.block_specs import SPECS, resolve
 from nasfpn_tf.visualization.architecture import draw_spec
+from nasfpn_tf.visualization.nasfcos_architecture import draw_nasfcos_spec
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('spec', 'nasfpn', sorted(SPECS), 'Name of the spec in SPECS to draw.')
+flags.DEFINE_enum('spec', 'nasfpn', sorted(SPECS) + sorted(nasfcos_specs.SPECS),
+                  'Name of the spec in SPECS (or nasfcos_specs.SPECS) to draw.')
 flags.DEFINE_integer('min_level', None, 'Lowest pyramid level; default: the spec\'s own '
                      '(3 for all of nasfpn, nasfpn_lite, fpn).')
 flags.DEFINE_integer('max_level', None, 'Highest pyramid level; default: the spec\'s own '
@@ -28,6 +32,11 @@ def natural_levels(name: str) -> Tuple[int, int]:
 
 def main(argv):
   del argv
+  if FLAGS.spec in nasfcos_specs.SPECS:
+    path = FLAGS.output or f'docs/{FLAGS.spec}.png'
+    draw_nasfcos_spec(FLAGS.spec, path, FLAGS.title)
+    print(f'Wrote {path}')
+    return
   default_min, default_max = natural_levels(FLAGS.spec)
   min_level = default_min if FLAGS.min_level is None else FLAGS.min_level
   max_level = default_max if FLAGS.max_level is None else FLAGS.max_level

@@ -209,3 +209,15 @@ def test_space_samples_build(seed):
   for level, x in out.items():
     assert x.shape.as_list() == [1, SIZE // 2**int(level), SIZE // 2**int(level), FILTERS]
     assert np.isfinite(x.numpy()).all()
+
+
+def test_drawing(tmp_path):
+  from nasfpn_tf.visualization.nasfcos_architecture import draw_nasfcos_spec  # pylint: disable=import-outside-toplevel
+  path = tmp_path / 'nasfcos.png'
+  draw_nasfcos_spec('nasfcos_fpn', str(path))
+  assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  bad = specs_lib.to_config(specs_lib.NASFCOS_FPN)
+  bad[5][0] = [4, 12]
+  with pytest.raises(ValueError, match='cell 5 .*input 12 does not exist'):
+    draw_nasfcos_spec(bad, str(tmp_path / 'bad.png'))
+  assert not (tmp_path / 'bad.png').exists()
