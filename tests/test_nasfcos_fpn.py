@@ -221,3 +221,23 @@ def test_drawing(tmp_path):
   with pytest.raises(ValueError, match='cell 5 .*input 12 does not exist'):
     draw_nasfcos_spec(bad, str(tmp_path / 'bad.png'))
   assert not (tmp_path / 'bad.png').exists()
+
+
+def test_mixed_precision_and_every_weight_trains():
+  """Under mixed_bfloat16 the outputs are bfloat16 and a loss reaches every trainable weight
+  (each op, both aggregations, the adapt convs and P6-P7)."""
+  from training_helpers import global_policy  # pylint: disable=import-outside-toplevel
+  rows = [[[3, 3], ['sep_conv_5x5_dil6', 'sep_conv_3x3_dil3'], 'weighted_sum'],
+          [[1, 4], ['deform_conv_3x3', 'skip'], 'concat'],
+          [[2, 3], ['sep_conv_3x3', 'skip'], 'weighted_sum'],
+          [[1, 2], ['skip', 'skip'], 'concat']]
+  with global_policy('mixed_bfloat16'):
+    model = NASFCOSFPN(input_specs(), block_specs=rows, num_filters=FILTERS)
+    feats = {k: v for k, v in features(4).items() if k in model.input}
+    with tf.GradientTape() as tape:
+      out = model(feats, training=True)
+      loss = sum(tf.reduce_sum(tf.cast(x, tf.float32)**2) for x in out.values())
+  assert {x.dtype for x in out.values()} == {tf.bfloat16}
+  grads = tape.gradient(loss, model.trainable_weights)
+  assert len(grads) == 41
+  assert all(g is not None and float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
