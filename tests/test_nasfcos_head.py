@@ -98,3 +98,48 @@ def test_head_space_samples_build(seed):
   tower = lambda level_ops: sum(OP_PARAMS[op] for op in level_ops)  # noqa: E731
   assert count(head) == 2 * (len(LEVELS) * tower(spec.ops[:spec.unshared])
                              + tower(spec.ops[spec.unshared:])) + PREDICTOR_PARAMS
+
+
+# ---------------------------------------------------------------- NAS-FCOS in the detector
+
+def test_fcos_with_nasfcos_pyramid_and_head():
+  """build_retinanet(detector='fcos', decoder='nasfcos_fpn', fcos_head_spec=...) builds the
+  published pyramid and head; its config round-trips; a RetinaNet's config is unchanged."""
+  from nasfpn_tf.decoders.nasfcos_fpn import NASFCOSFPN  # pylint: disable=import-outside-toplevel
+  from nasfpn_tf.models.factory import MODEL_ARGUMENTS  # pylint: disable=import-outside-toplevel
+  from nasfpn_tf.models.retinanet import RetinaNet  # pylint: disable=import-outside-toplevel
+  tiny = dict(image_size=(128, 128), num_classes=CLASSES, backbone='resnet10', num_filters=F,
+              head_num_filters=F, max_detections=5)
+  model = RetinaNet(**tiny, detector='fcos', decoder='nasfcos_fpn', fcos_head_spec='nasfcos_head')
+  assert isinstance(model.decoder, NASFCOSFPN) and isinstance(model.head, NASFCOSHead)
+  assert model.decoder.block_specs == specs_lib.NASFCOS_FPN
+  assert count(model.head) == 2 * sum(OP_PARAMS[op] for op in specs_lib.NASFCOS_HEAD.ops) + (
+      (9 * F + 1) * (CLASSES + 4 + 1) + 5)
+  config = model.get_config()
+  assert config['decoder'] == 'nasfcos_fpn' and config['block_specs'] == 'nasfcos_fpn'
+  assert RetinaNet.from_config(config).get_config() == config
+  images = tf.random.uniform([1, 128, 128, 3], 0, 255)
+  outputs = model(images, training=False)
+  assert outputs['centerness_outputs']['7'].shape.as_list() == [1, 1, 1, 1]
+  assert model.detect(images)['detection_boxes'].shape.as_list() == [1, 5, 4]
+  # Rows and head specs as data are recorded as data.
+  rows = specs_lib.to_config(specs_lib.NASFCOS_FPN)
+  rows[2][2] = 'weighted_sum'
+  other = RetinaNet(**tiny, detector='fcos', decoder='nasfcos_fpn', block_specs=rows,
+                    fcos_head_spec=(['conv_3x3', 'skip'], 1))
+  assert other.get_config()['block_specs'] == rows
+  assert other.get_config()['fcos_head_spec'] == [['conv_3x3', 'skip'], 1]
+  assert 'decoder' not in RetinaNet(**tiny, num_repeats=1).get_config()
+  assert {'decoder', 'fcos_head_spec'} <= set(MODEL_ARGUMENTS)  # gin bindings
+
+
+@pytest.mark.parametrize('arguments, match', [
+    (dict(decoder='nasfcos'), r"build_retinanet.decoder = 'nasfcos' is not one of"),
+    (dict(fcos_head_spec='nasfcos_head'), 'fcos_head_spec only applies with'),
+    (dict(decoder='nasfcos_fpn', anytime=True), 'anytime needs build_retinanet.decoder'),
+])
+def test_bad_nasfcos_bindings_are_named(arguments, match):
+  from nasfpn_tf.models.retinanet import RetinaNet  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match=match):
+    RetinaNet(image_size=(128, 128), num_classes=CLASSES, backbone='resnet10', num_filters=F,
+              **arguments)

@@ -7,12 +7,15 @@ import tf_keras
 
 from nasfpn_tf.decoders import NASFPN
 from nasfpn_tf.decoders import block_specs as block_specs_lib
+from nasfpn_tf.decoders import nasfcos_specs
+from nasfpn_tf.decoders.nasfcos_fpn import NASFCOSFPN
 from nasfpn_tf.models import backbones
 from nasfpn_tf.models import fcos_targets
 from nasfpn_tf.models.fcos_head import FCOSHead
 from nasfpn_tf.models.fcos_postprocess import FCOSDetectionGenerator
 from nasfpn_tf.models.geometry import ModelGeometry
 from nasfpn_tf.models.head import RetinaNetHead
+from nasfpn_tf.models.nasfcos_head import NASFCOSHead
 from nasfpn_tf.models.postprocess import check_soft_nms_sigma
 from nasfpn_tf.models.postprocess import DetectionGenerator
 
@@ -52,6 +55,12 @@ class RetinaNet(tf_keras.Model):
   anchors (the anchor arguments are unused), and `detect` returns the same detections through
   `FCOSDetectionGenerator`. Targets: `fcos_targets` with `fcos_range_bounds` (None: FCOS's 64,
   128, ...) and `fcos_center_sampling_radius`.
+
+  NAS-FCOS (docs/nasfcos.md): `decoder='nasfcos_fpn'` builds the pyramid with `NASFCOSFPN`
+  (`block_specs` then names a spec of `nasfcos_specs.SPECS` or gives its rows; the default
+  'nasfpn' means 'nasfcos_fpn'; `num_repeats`, `merge_filters`, `use_separable_conv` and
+  DropBlock do not apply), and with FCOS `fcos_head_spec` (a name in `nasfcos_specs.HEAD_SPECS`
+  or (ops, unshared)) builds the head with `NASFCOSHead`.
   """
 
   def __init__(self,
@@ -92,6 +101,8 @@ class RetinaNet(tf_keras.Model):
                fcos_center_sampling_radius: float = fcos_targets.DEFAULT_CENTER_SAMPLING_RADIUS,
                fcos_norm_groups: int = 32,
                fcos_centerness_on_reg: bool = True,
+               decoder: str = 'nasfpn',
+               fcos_head_spec=None,
                **kwargs):
     _check_anytime(anytime, anytime_shared_head, anytime_loss_weights, num_repeats)
     _check_detector(detector, locals())
@@ -108,7 +119,15 @@ class RetinaNet(tf_keras.Model):
     image_size = config['image_size']
     if anytime_loss_weights is not None:
       config['anytime_loss_weights'] = [float(w) for w in anytime_loss_weights]
-    if not isinstance(block_specs, str):  # rows or BlockSpecs -> JSON-friendly rows
+    block_specs = _check_nasfcos(decoder, block_specs, fcos_head_spec, detector, anytime)
+    config['block_specs'] = block_specs
+    if fcos_head_spec is not None and not isinstance(fcos_head_spec, str):
+      spec = nasfcos_specs.resolve_head(fcos_head_spec)
+      config['fcos_head_spec'] = [list(spec.ops), spec.unshared]
+    if decoder == 'nasfcos_fpn':
+      if not isinstance(block_specs, str):
+        config['block_specs'] = nasfcos_specs.to_config(nasfcos_specs.resolve(block_specs))
+    elif not isinstance(block_specs, str):  # rows or BlockSpecs -> JSON-friendly rows
       config['block_specs'] = block_specs_lib.to_config(
           block_specs_lib.resolve(block_specs, min_level, max_level))
     norm = dict(use_sync_bn=use_sync_bn, norm_momentum=norm_momentum, norm_epsilon=norm_epsilon)
@@ -117,13 +136,19 @@ class RetinaNet(tf_keras.Model):
     images = tf_keras.Input(shape=image_size + [3], name='images')
     backbone_model = backbones.build_backbone(backbone, image_size + [3],
                                               kernel_regularizer=regularizer, **norm)
-    decoder = NASFPN(
-        backbone_model.output_specs, min_level=min_level, max_level=max_level,
-        block_specs=block_specs, num_filters=num_filters, num_repeats=num_repeats,
-        merge_filters=merge_filters, use_separable_conv=use_separable_conv, activation=activation,
-        dropblock_keep_prob=dropblock_keep_prob, dropblock_size=dropblock_size,
-        dropblock_ramp_steps=dropblock_ramp_steps, kernel_regularizer=regularizer,
-        output_every_repeat=anytime, name='decoder', **norm)
+    if decoder == 'nasfcos_fpn':
+      decoder = NASFCOSFPN(
+          backbone_model.output_specs, min_level=min_level, max_level=max_level,
+          block_specs=block_specs, num_filters=num_filters, kernel_regularizer=regularizer,
+          name='decoder', **norm)
+    else:
+      decoder = NASFPN(
+          backbone_model.output_specs, min_level=min_level, max_level=max_level,
+          block_specs=block_specs, num_filters=num_filters, num_repeats=num_repeats,
+          merge_filters=merge_filters, use_separable_conv=use_separable_conv, activation=activation,
+          dropblock_keep_prob=dropblock_keep_prob, dropblock_size=dropblock_size,
+          dropblock_ramp_steps=dropblock_ramp_steps, kernel_regularizer=regularizer,
+          output_every_repeat=anytime, name='decoder', **norm)
     make_head = lambda name: RetinaNetHead(  # noqa: E731
         min_level, max_level, num_classes, geometry.num_anchors_per_location,
         num_convs=head_num_convs, num_filters=head_num_filters,
@@ -134,6 +159,11 @@ class RetinaNet(tf_keras.Model):
           min_level, max_level, num_classes, num_convs=head_num_convs,
           num_filters=head_num_filters, use_separable_conv=head_use_separable_conv,
           activation=activation, norm_groups=fcos_norm_groups,
+          centerness_on_reg=fcos_centerness_on_reg, kernel_regularizer=regularizer, name=name)
+    if fcos and fcos_head_spec is not None:
+      make_head = lambda name: NASFCOSHead(  # noqa: E731
+          min_level, max_level, num_classes, head_spec=fcos_head_spec,
+          num_filters=head_num_filters, norm_groups=fcos_norm_groups,
           centerness_on_reg=fcos_centerness_on_reg, kernel_regularizer=regularizer, name=name)
     head = make_head('head')
     pyramids = decoder(backbone_model(backbones.ImageNormalization(name='normalize')(images)))
@@ -246,6 +276,9 @@ class RetinaNet(tf_keras.Model):
         del config[name]
     if not config['soft_nms_sigma']:  # Nor is a hard-NMS model's (Soft-NMS came later).
       del config['soft_nms_sigma']
+    for name, default in NASFCOS_DEFAULTS.items():  # Nor are NAS-FCOS's, left at defaults.
+      if config.get(name, default) == default:
+        config.pop(name, None)
     return config
 
   @classmethod
@@ -263,6 +296,26 @@ FCOS_ARGUMENTS = ('detector', 'fcos_range_bounds', 'fcos_center_sampling_radius'
 FCOS_DEFAULTS = {'detector': 'retinanet', 'fcos_range_bounds': None,
                  'fcos_center_sampling_radius': fcos_targets.DEFAULT_CENTER_SAMPLING_RADIUS,
                  'fcos_norm_groups': 32, 'fcos_centerness_on_reg': True}
+
+
+# NAS-FCOS's arguments and their defaults, in a config only when changed.
+NASFCOS_DEFAULTS = {'decoder': 'nasfpn', 'fcos_head_spec': None}
+DECODERS = ('nasfpn', 'nasfcos_fpn')
+
+
+def _check_nasfcos(decoder, block_specs, fcos_head_spec, detector, anytime):
+  """The NAS-FCOS bindings must fit the rest; returns the block specs the decoder builds."""
+  if decoder not in DECODERS:
+    raise ValueError(f'build_retinanet.decoder = {decoder!r} is not one of {list(DECODERS)}.')
+  if fcos_head_spec is not None and detector != 'fcos':
+    raise ValueError("build_retinanet.fcos_head_spec only applies with build_retinanet.detector "
+                     "= 'fcos'.")
+  if decoder != 'nasfcos_fpn':
+    return block_specs
+  if anytime:
+    raise ValueError("build_retinanet.anytime needs build_retinanet.decoder = 'nasfpn' (the "
+                     'NAS-FCOS pyramid is not stacked).')
+  return 'nasfcos_fpn' if block_specs == 'nasfpn' else block_specs
 
 
 class _ExitModels:
