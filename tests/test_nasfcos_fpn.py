@@ -151,8 +151,8 @@ def test_released_output_rule_by_hand(published):
   expected = tf.image.resize(summed, p4.shape[1:3], 'bilinear').numpy()
   np.testing.assert_allclose(p4, expected, atol=1e-4)
   # Downsampling by 2 with half-pixel centres averages 2x2 blocks.
-  np.testing.assert_allclose(expected, summed.reshape(1, SIZE // 16, 2, SIZE // 16, 2, FILTERS).mean((2, 4)),
-                             atol=1e-5)
+  blocks = summed.reshape(1, SIZE // 16, 2, SIZE // 16, 2, FILTERS)
+  np.testing.assert_allclose(expected, blocks.mean((2, 4)), atol=1e-5)
 
 
 def test_levels_are_checked():
@@ -212,7 +212,8 @@ def test_space_samples_build(seed):
 
 
 def test_drawing(tmp_path):
-  from nasfpn_tf.visualization.nasfcos_architecture import draw_nasfcos_spec  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from nasfpn_tf.visualization.nasfcos_architecture import draw_nasfcos_spec
   path = tmp_path / 'nasfcos.png'
   draw_nasfcos_spec('nasfcos_fpn', str(path))
   assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

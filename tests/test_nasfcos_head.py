@@ -1,4 +1,4 @@
-"""The NAS-FCOS head: its spec table, HeadOp, NASFCOSHead's weights and outputs, its search space."""
+"""The NAS-FCOS head: its spec table, NASFCOSHead's weights and outputs, its space, the detector."""
 import numpy as np
 import pytest
 import tensorflow as tf

@@ -13,10 +13,10 @@ from nasfpn_tf.layers.nasfcos_cell import NASFCOSCell, ResizeBilinearLike
 class NASFCOSFPN(tf_keras.Model):
   """A pyramid from the NAS-FCOS search space, as the authors' released `MicroDecoder_v2`.
 
-  Takes the backbone's features {'2': C2, ..., '5': C5} (C2 only if a cell reads it) and returns {'3': P3, ...,
-  str(max_level): P_max} with `num_filters` channels. Each backbone feature a cell reads is
-  adapted by 1x1 conv (no bias) + BN + ReLU (the released code also adapts C2 when no cell reads
-  it; here an unread feature gets no layer). The cells (`block_specs`: a name in
+  Takes the backbone's features {'2': C2, ..., '5': C5} (C2 only if a cell reads it) and returns
+  {'3': P3, ..., str(max_level): P_max} with `num_filters` channels. Each backbone feature a
+  cell reads is adapted by 1x1 conv (no bias) + BN + ReLU (the released code also adapts C2 when
+  no cell reads it; here an unread feature gets no layer). The cells (`block_specs`: a name in
   `nasfcos_specs.SPECS` or rows) extend the pool; P3, P4, P5 are the last three unconsumed
   cells (last = P3), each plus the other unconsumed cells, resized bilinearly to the level's
   size (`nasfcos_specs.wiring`). P6 is a 3x3 stride-2 conv (with bias) of P5, P7 the same of

@@ -1,4 +1,4 @@
-"""The basic block of the NAS-FCOS search space (paper §3.2, Fig. 1), as the released code builds it.
+"""The basic block of the NAS-FCOS search space (paper §3.2, Fig. 1), as the released code has it.
 
 A cell applies one unary op to each of its two inputs, brings the coarser result up to the finer
 one's size (bilinear, half-pixel centres as PyTorch's `align_corners=False`) and aggregates:

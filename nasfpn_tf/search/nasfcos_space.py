@@ -1,5 +1,6 @@
-"""The NAS-FCOS search spaces, pyramid (§3.2.1) and head (§3.2.2-3.2.3), with `space.SearchSpace`'s
-interface (keys, `contains`, masks for the controllers, samples that always build).
+"""The NAS-FCOS search spaces, pyramid (§3.2.1) and head (§3.2.2-3.2.3), with
+`space.SearchSpace`'s interface (keys, `contains`, masks for the controllers, samples that
+always build).
 
 `NASFCOSHeadSpace` is the released code's head space (see `nasfcos_specs.HEAD_OPS`).
 `NASFCOSFPNSpace`:
