@@ -125,7 +125,7 @@ def published():
   return NASFCOSFPN(input_specs(), block_specs='nasfcos_fpn', num_filters=FILTERS)
 
 
-def test_published_output_shapes_and_round_trip(published):
+def test_published_output_shapes_and_round_trip(published, tmp_path):
   feats = {k: v for k, v in features().items() if k in published.input}
   out = published(feats, training=False)
   assert {k: v.shape.as_list() for k, v in out.items()} == {
@@ -138,6 +138,10 @@ def test_published_output_shapes_and_round_trip(published):
   clone.set_weights(published.get_weights())
   for level, x in clone(feats, training=False).items():
     np.testing.assert_allclose(x.numpy(), out[level].numpy(), atol=1e-5)
+  published.save(tmp_path / 'pyramid.keras')
+  loaded = tf_keras.models.load_model(tmp_path / 'pyramid.keras')
+  for level, x in loaded(feats, training=False).items():
+    np.testing.assert_array_equal(x.numpy(), out[level].numpy())
 
 
 def test_released_output_rule_by_hand(published):
