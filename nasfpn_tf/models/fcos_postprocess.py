@@ -9,7 +9,7 @@ distances times the level's stride; then the class-aware NMS of `DetectionGenera
 clipping, its hard NMS or Soft-NMS) keeps `max_detections`. mmdetection multiplies the two
 probabilities without the square root; both keep the same order of candidates within an image.
 """
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Tuple
 
 import tensorflow as tf
 import tf_keras
@@ -67,16 +67,22 @@ class FCOSDetectionGenerator(DetectionGenerator):
   def call(self, cls_outputs: Mapping[str, tf.Tensor], box_outputs: Mapping[str, tf.Tensor],
            centerness_outputs: Mapping[str, tf.Tensor],
            points: Mapping[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+    return self.suppress(*self.candidates(cls_outputs, box_outputs, centerness_outputs, points))
+
+  def candidates(self, cls_outputs: Mapping[str, tf.Tensor],  # pylint: disable=arguments-differ
+                 box_outputs: Mapping[str, tf.Tensor], centerness_outputs: Mapping[str, tf.Tensor],
+                 points: Mapping[str, tf.Tensor]) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """The candidates before NMS (`DetectionGenerator.candidates`' outputs) of FCOS's outputs."""
     scores = {level: fcos_scores(cls_outputs[level], centerness_outputs[level],
                                  self.candidate_threshold) for level in cls_outputs}
     distances = {level: tf.cast(box_outputs[level], tf.float32) * float(2**int(level))
                  for level in box_outputs}
-    # The candidates are thresholded above; the NMS drops only the masked ones.
-    self.pre_nms_score_threshold = MIN_SCORE
-    try:
-      return super().call(scores, distances, points)
-    finally:
-      self.pre_nms_score_threshold = self.candidate_threshold
+    return super().candidates(scores, distances, points)
+
+  def suppress(self, boxes: tf.Tensor, scores: tf.Tensor,
+               classes: tf.Tensor) -> Dict[str, tf.Tensor]:
+    # The candidates are thresholded in `candidates`; the NMS drops only the masked ones.
+    return self._suppress(boxes, scores, classes, MIN_SCORE)
 
   def get_config(self):
     return dict(super().get_config(), pre_nms_score_threshold=self.candidate_threshold)

@@ -21,7 +21,7 @@ pixels: boxes of different classes never overlap (float32 at the largest shift, 
 640 px: 1/256 px). Detections carry their decayed scores. Off, the code path is the hard NMS
 above, untouched.
 """
-from typing import Dict, Mapping, Sequence
+from typing import Dict, Mapping, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -81,6 +81,13 @@ class DetectionGenerator(tf_keras.layers.Layer):
 
   def call(self, cls_outputs: Mapping[str, tf.Tensor], box_outputs: Mapping[str, tf.Tensor],
            anchor_boxes: Mapping[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+    return self.suppress(*self.candidates(cls_outputs, box_outputs, anchor_boxes))
+
+  def candidates(self, cls_outputs: Mapping[str, tf.Tensor], box_outputs: Mapping[str, tf.Tensor],
+                 anchor_boxes: Mapping[str, tf.Tensor]) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Steps 1-2 of the module docstring: the candidates before NMS, boxes [B, N, 4] (input
+    pixels, clipped to `image_size`), scores [B, N] (0 for a box clipped to a point), classes
+    [B, N] (ids >= 1). Test-time augmentation (`models.tta`) merges several views' here."""
     levels = sorted(cls_outputs, key=int)
     candidates = [self._level_candidates(cls_outputs[l], box_outputs[l], anchor_boxes[l])
                   for l in levels]
@@ -90,15 +97,23 @@ class DetectionGenerator(tf_keras.layers.Layer):
     # A box clipped to the point (0, 0, 0, 0) (it lay wholly above-left of the image) has no
     # area and can only be a false positive; TFM's NMS never outputs such boxes: neither here.
     scores = tf.where(tf.reduce_any(boxes > 0.0, axis=-1), scores, 0.0)
+    return boxes, scores, classes
+
+  def suppress(self, boxes: tf.Tensor, scores: tf.Tensor,
+               classes: tf.Tensor) -> Dict[str, tf.Tensor]:
+    """Step 3: the class-aware NMS (or Soft-NMS) of `candidates`' outputs -> the detections."""
+    return self._suppress(boxes, scores, classes, self.pre_nms_score_threshold)
+
+  def _suppress(self, boxes, scores, classes, score_threshold) -> Dict[str, tf.Tensor]:
     if self.soft_nms_sigma:
       return soft_nms(boxes, scores, classes, self.image_size, self.max_detections,
-                      self.pre_nms_score_threshold, self.soft_nms_sigma)
+                      score_threshold, self.soft_nms_sigma)
     # One NMS op for the batch and all classes; each candidate scores only for its own class.
     class_scores = tf.one_hot(classes - 1, self.num_classes - 1) * scores[..., None]
     nms_boxes, nms_scores, nms_classes, num_detections = tf.image.combined_non_max_suppression(
         boxes[:, :, None, :], class_scores, max_output_size_per_class=self.max_detections,
         max_total_size=self.max_detections, iou_threshold=self.nms_iou_threshold,
-        score_threshold=self.pre_nms_score_threshold, clip_boxes=False)
+        score_threshold=score_threshold, clip_boxes=False)
     valid = tf.sequence_mask(num_detections, self.max_detections)
     return {
         'detection_boxes': nms_boxes,
