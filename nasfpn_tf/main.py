@@ -24,6 +24,8 @@ and last checkpoint (not --gin_file):
       --tflite_path=exports/demo.tflite --quantization=float16
 
 Each prints a JSON summary of what it wrote.
+
+--mode=eval --tta_scales=1.0,1.25 --tta_flip evaluates with test-time augmentation (docs/tta.md).
 """
 import json
 import sys
@@ -34,6 +36,7 @@ from absl import logging
 import tensorflow as tf
 
 from nasfpn_tf import config
+from nasfpn_tf import tta_flags
 from nasfpn_tf.export import saved_model
 from nasfpn_tf.training import distribute
 from nasfpn_tf.training import recipes
@@ -118,6 +121,8 @@ _NUM_CPU_DEVICES = flags.DEFINE_integer(
     'num_cpu_devices', None, 'Split the CPU into this many logical devices before TensorFlow '
     'starts, so --strategy=mirrored runs with several replicas without GPUs (tests, debugging).',
     lower_bound=1)
+TTA_MODES = ('eval', 'train_and_eval')  # where --tta_scales / --tta_flip (tta_flags) apply
+flags.adopt_module_key_flags(tta_flags)
 
 # Errors that are the user's input, not a bug: reported in one line, without a traceback.
 _USER_ERRORS = (ValueError, trainer_lib.TrainingDivergedError)
@@ -129,6 +134,10 @@ def main(argv):
   # tf.distribute logs every collective at INFO; the progress lines are printed.
   tf.get_logger().setLevel('WARNING')
   try:
+    tta = tta_flags.tta_config()
+    if tta and _MODE.value not in TTA_MODES:
+      raise ValueError(f'--tta_scales / --tta_flip are for --mode={" or ".join(TTA_MODES)} '
+                       f'(and nasfpn_tf.predict), not --mode={_MODE.value}.')
     if _MODE.value == SHOW_CONFIG:
       config.parse_gin(_GIN_FILE.value, _GIN_BINDINGS.value)
       print(json.dumps(recipes.resolved_run()), flush=True)
@@ -144,7 +153,8 @@ def main(argv):
     strategy = distribute.get_strategy(_STRATEGY.value, _TPU.value)
     print(f'{type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s).',
           flush=True)
-    trainer = trainer_lib.RetinaNetTrainer(_MODEL_DIR.value, strategy, mode=_MODE.value)
+    trainer = trainer_lib.RetinaNetTrainer(_MODEL_DIR.value, strategy, mode=_MODE.value,
+                                           tta=tta)
     trainer.run()
   except _USER_ERRORS as e:
     # Gin appends the chain of configurables it was in; the message already names the culprit.

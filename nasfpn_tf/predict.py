@@ -18,6 +18,8 @@ evaluation does it. Writes into --output_dir:
 (`build_retinanet.soft_nms_sigma`, nasfpn_tf/models/postprocess.py); a SavedModel has the
 post-processing it was exported with (export with that gin binding for Soft-NMS), a .tflite has
 TFLite's hard-NMS op only.
+--tta_scales=1.0,1.25 --tta_flip detect with test-time augmentation (a model dir only;
+nasfpn_tf/models/tta.py, docs/tta.md): every view's candidates merged before one NMS.
 Unreadable images are skipped with a message on stderr and counted in the summary (a JSON line
 on stdout). Exit status 1, with a message, for bad flags, a model that cannot be loaded, or no
 readable image.
@@ -40,6 +42,8 @@ from nasfpn_tf.data import label_map as label_map_lib
 from nasfpn_tf.evaluation import coco_metrics
 from nasfpn_tf.export import saved_model
 from nasfpn_tf.models import geometry
+from nasfpn_tf.models import tta as tta_lib
+from nasfpn_tf import tta_flags
 
 _MODEL = flags.DEFINE_string(
     'model', None, 'A SavedModel folder, a .tflite file, or a model dir with checkpoints and '
@@ -61,6 +65,7 @@ _SOFT_NMS_SIGMA = flags.DEFINE_float(
     'soft_nms_sigma', None, 'For a model dir: Gaussian Soft-NMS with this sigma instead of its '
     'recorded post-processing (0: hard NMS). A SavedModel keeps what it was exported with, a '
     '.tflite has hard NMS only: both refuse the flag.')
+flags.adopt_module_key_flags(tta_flags)
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 RESULTS_FILE = 'detections.json'
@@ -113,14 +118,27 @@ def _saved_model_detector(path: str) -> Tuple[Detector, Dict[int, str]]:
   return lambda image: _numpy(signature(images=tf.constant(image[None]))), label_map
 
 
-def _model_dir_detector(path: str,
-                        soft_nms_sigma: Optional[float] = None) -> Tuple[Detector, Dict[int, str]]:
+def _model_dir_detector(
+    path: str, soft_nms_sigma: Optional[float] = None,
+    tta: Optional[tta_lib.TTAConfig] = None) -> Tuple[Detector, Dict[int, str]]:
   bindings = ([] if soft_nms_sigma is None else
               [f'build_retinanet.soft_nms_sigma = {float(soft_nms_sigma)!r}'])
   model, _, _ = saved_model.load_model(path, bindings)
-  module = saved_model.DetectionModule(model)
   label_map, _ = saved_model.model_label_map(model.get_config()['num_classes'])
-  return lambda image: _numpy(module.detect_images(image[None])), label_map
+  if tta is None:
+    module = saved_model.DetectionModule(model)
+    return lambda image: _numpy(module.detect_images(image[None])), label_map
+  detect_views = tf.function(tta_lib.TTADetector(model, tta))
+
+  def detect(image):
+    # Evaluation's preprocessing, the views, and back to original pixels, as DetectionModule.
+    inputs, image_info = geometry.resize_and_pad(image, model.image_size)
+    detections = detect_views({'images': inputs[None], 'image_info': image_info[None]})
+    detections['detection_boxes'] = geometry.to_original_image(
+        detections['detection_boxes'], image_info[None])
+    return _numpy(detections)
+
+  return detect, label_map
 
 
 def _tflite_detector(path: str) -> Tuple[Detector, Dict[int, str]]:
@@ -144,12 +162,18 @@ def _tflite_detector(path: str) -> Tuple[Detector, Dict[int, str]]:
   return detect, label_map
 
 
-def load_detector(path: str,
-                  soft_nms_sigma: Optional[float] = None) -> Tuple[Detector, Dict[int, str]]:
+def load_detector(path: str, soft_nms_sigma: Optional[float] = None,
+                  tta: Optional[tta_lib.TTAConfig] = None) -> Tuple[Detector, Dict[int, str]]:
   """(detector, label map {id: name}) of a SavedModel folder, .tflite file or model dir;
-  `soft_nms_sigma` (model dirs only) overrides the model's post-processing."""
+  `soft_nms_sigma` (model dirs only) overrides the model's post-processing, `tta` (model dirs
+  only) detects with test-time augmentation."""
   if soft_nms_sigma is not None and soft_nms_sigma < 0:
     raise ValueError(f'--soft_nms_sigma={soft_nms_sigma}: give a number >= 0 (0: hard NMS).')
+  if tta is not None and (path.endswith('.tflite') or
+                          os.path.isfile(os.path.join(path, 'saved_model.pb'))):
+    raise ValueError(f'--tta_scales / --tta_flip: --model={path} is an export, whose graph runs '
+                     'one fixed-size view with its NMS inside; test-time augmentation needs the '
+                     'model dir (its checkpoint), give that.')
   if path.endswith('.tflite'):
     if not os.path.isfile(path):
       raise ValueError(f'--model={path}: no such file.')
@@ -166,7 +190,8 @@ def load_detector(path: str,
                        'dir.')
     return _saved_model_detector(path)
   if os.path.isdir(path):
-    return _model_dir_detector(path, soft_nms_sigma)  # Its errors say what the model dir lacks.
+    # Its errors say what the model dir lacks.
+    return _model_dir_detector(path, soft_nms_sigma, tta)
   raise ValueError(f'--model={path}: not a SavedModel folder, a .tflite file or a model dir.')
 
 
@@ -220,7 +245,8 @@ def _output_name(path: str, taken: Set[str]) -> str:
 
 def predict(model: str, inputs: Sequence[str], output_dir: str, min_score: float = 0.3,
             label_map_path: Optional[str] = None,
-            soft_nms_sigma: Optional[float] = None) -> Dict[str, object]:
+            soft_nms_sigma: Optional[float] = None,
+            tta: Optional[tta_lib.TTAConfig] = None) -> Dict[str, object]:
   """Runs the model on the images, writes detections.json and the drawn images into
   `output_dir`; returns the summary. Raises ValueError for bad arguments (naming the flag)."""
   paths = list_images(inputs)
@@ -229,7 +255,7 @@ def predict(model: str, inputs: Sequence[str], output_dir: str, min_score: float
   if inside:
     raise ValueError(f'--output_dir={output_dir} holds input images ({inside[0]}, ...): the drawn '
                      'images would overwrite them; choose another folder.')
-  detect, label_map = load_detector(model, soft_nms_sigma)
+  detect, label_map = load_detector(model, soft_nms_sigma, tta)
   if label_map_path:
     label_map = label_map_lib.read_label_map(label_map_path)
   os.makedirs(output_dir, exist_ok=True)
@@ -267,7 +293,8 @@ def main(argv):
   tf.get_logger().setLevel('WARNING')
   try:
     summary = predict(_MODEL.value, _INPUT.value, _OUTPUT_DIR.value, _MIN_SCORE.value,
-                      _LABEL_MAP.value, _SOFT_NMS_SIGMA.value)
+                      _LABEL_MAP.value, _SOFT_NMS_SIGMA.value,
+                      tta_flags.tta_config())
   except ValueError as e:
     sys.exit(f'nasfpn_tf.predict: error: {e}')
   print(json.dumps(summary), flush=True)

@@ -29,6 +29,7 @@ from nasfpn_tf.data import input_pipeline
 from nasfpn_tf.evaluation import coco_metrics
 from nasfpn_tf.evaluation import evaluate
 from nasfpn_tf.layers.dropblock import set_dropblock_step
+from nasfpn_tf.models import tta as tta_lib
 from nasfpn_tf.models.factory import build_loss, build_retinanet
 from nasfpn_tf.models.losses import AnytimeLoss, exit_loss_keys
 from nasfpn_tf.training import distribute
@@ -77,7 +78,7 @@ def _check_settings(mode: str, strategy: tf.distribute.Strategy, **counts: int) 
 
 # Not `Trainer`: TF Model Garden registers official.core.base_trainer.Trainer with gin, which
 # would make `RetinaNetTrainer.<name>` bindings ambiguous.
-@gin.configurable(denylist=['model_dir', 'strategy', 'mode', 'train_dataset_fn'])
+@gin.configurable(denylist=['model_dir', 'strategy', 'mode', 'train_dataset_fn', 'tta'])
 class RetinaNetTrainer:
   """Trains and/or evaluates the gin-built RetinaNet in `model_dir`; see `run`.
 
@@ -107,6 +108,8 @@ class RetinaNetTrainer:
 
   `train_dataset_fn(input_context) -> dataset` replaces the gin train pipeline (tests feeding
   fixed batches); it must yield per-replica batches like `build_train_dataset`.
+  `tta` (`models.tta.TTAConfig`, main's --tta_scales / --tta_flip; None: off) evaluates the
+  model (its last exit) with test-time augmentation.
   """
 
   def __init__(self,
@@ -134,7 +137,8 @@ class RetinaNetTrainer:
                init_checkpoint: Optional[str] = None,
                init_checkpoint_modules: str = 'backbone',
                train_dataset_fn: Optional[Callable[[tf.distribute.InputContext],
-                                                   tf.data.Dataset]] = None):
+                                                   tf.data.Dataset]] = None,
+               tta: Optional[tta_lib.TTAConfig] = None):
     _check_settings(mode, strategy, train_steps=train_steps,
                     global_batch_size=global_batch_size, steps_per_execution=steps_per_execution,
                     checkpoint_every_steps=checkpoint_every_steps,
@@ -159,6 +163,7 @@ class RetinaNetTrainer:
     self._init_checkpoint = (init_checkpoint, init_checkpoint_modules)
     self.is_chief = distribute.is_chief(strategy)
     self._learning_rate = learning_rate
+    self.tta = tta
     self.mixed_precision, precision_note = precision.training_precision(
         mixed_precision, force_bfloat16)
     self._say(precision_note)
@@ -187,6 +192,8 @@ class RetinaNetTrainer:
       tf_keras.mixed_precision.set_global_policy(precision.POLICIES[self.mixed_precision])
       try:  # Layers take the policy when built; later models must not inherit it.
         self.model = build_retinanet()
+        # The models of the other view sizes, in the same precision; weights synced at eval.
+        self._tta_detector = (tta_lib.TTADetector(self.model, self.tta) if self.tta else None)
       finally:
         tf_keras.mixed_precision.set_global_policy(previous_policy)
       # Evaluation never steps the optimizer: it only holds the step count there.
@@ -245,6 +252,8 @@ class RetinaNetTrainer:
     self._variables_finite = tf.function(lambda: tf.stack(
         [tf.reduce_all(tf.math.is_finite(v)) for v in self._checked_variables]))
     self._detect = tf.function(self.model.detect)
+    if self._tta_detector is not None:
+      self._detect = tf.function(self._tta_detector)
     # An anytime model's other exits, evaluated beside the last one.
     self._early_exits = {k: tf.function(functools.partial(self.model.detect, num_repeats=k))
                          for k in range(1, self.model.num_repeats) if self.model.anytime}
@@ -421,11 +430,16 @@ class RetinaNetTrainer:
     by_exit = {}
     last = self.model.num_repeats
     for k, detect in {**self._early_exits, last: self._detect}.items():
-      result = evaluate.evaluate_detector(detect, self._eval_dataset,
+      dataset, tta = self._eval_dataset, ''
+      if k == last and self._tta_detector is not None:
+        self._tta_detector.sync_weights()
+        dataset = tta_lib.with_image_info(dataset)
+        tta = f' with test-time augmentation ({self.tta.describe()})'
+      result = evaluate.evaluate_detector(detect, dataset,
                                           annotation_file=self.eval_annotation_file,
                                           max_batches=self.eval_steps)
       by_exit[str(k)] = result.metrics
-      what = f' of exit {k}' if self.model.anytime else ''
+      what = (f' of exit {k}' if self.model.anytime else '') + tta
       self._say(f'COCO metrics{what} at step {step} ({result.num_images} images, '
                 f'{result.seconds:.1f} s):\n{coco_metrics.format_metrics(result.metrics)}')
     metrics = by_exit[str(last)]
@@ -436,6 +450,8 @@ class RetinaNetTrainer:
           tf.summary.scalar(f'{prefix}/{name}', value)
     self._eval_writer.flush()
     record = dict(metrics, step=step, **({'exits': by_exit} if self.model.anytime else {}))
+    if self.tta:
+      record['tta'] = {'scales': list(self.tta.scales), 'flip': self.tta.flip}
     files.atomic_write(os.path.join(self.model_dir, METRICS_FILE), json.dumps(record, indent=1))
     return metrics
 
