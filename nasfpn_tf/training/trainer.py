@@ -36,9 +36,10 @@ from nasfpn_tf.training import distribute
 from nasfpn_tf.training import init_checkpoint as init_checkpoint_lib
 from nasfpn_tf.training import optimizers
 from nasfpn_tf.training import precision
+from nasfpn_tf.training import settings
 from nasfpn_tf.utils import files
 
-MODES = ('train', 'eval', 'train_and_eval')
+MODES = settings.MODES
 LOSS_KEYS = ('total_loss', 'cls_loss', 'box_loss', 'reg_loss')
 METRICS_FILE = 'eval_metrics.json'
 
@@ -49,31 +50,6 @@ class TrainingDivergedError(RuntimeError):
 
 def _duration(seconds: float) -> str:
   return str(datetime.timedelta(seconds=int(round(seconds))))
-
-
-def _missing_binding(name: str, example: str) -> ValueError:
-  return ValueError(f'gin binding {name} is required, e.g. --gin_bindings="{name} = {example}"')
-
-
-def _require_binding(name: str, example: str) -> None:
-  """Fails naming the gin binding when a needed one is missing (gin's own error names none)."""
-  try:
-    gin.query_parameter(name)
-  except ValueError:
-    raise _missing_binding(name, example) from None
-
-
-def _check_settings(mode: str, strategy: tf.distribute.Strategy, **counts: int) -> None:
-  """Fails naming the binding for a mode or count that cannot work (`counts`: >= 1 each)."""
-  if mode not in MODES:
-    raise ValueError(f'mode {mode!r} is not one of {list(MODES)}.')
-  for name, value in counts.items():
-    if value < 1:
-      raise ValueError(f'RetinaNetTrainer.{name} must be >= 1, got {value}.')
-  replicas = strategy.num_replicas_in_sync
-  if counts['global_batch_size'] % replicas:
-    raise ValueError(f"RetinaNetTrainer.global_batch_size={counts['global_batch_size']} must be "
-                     f'a multiple of the {replicas} replicas.')
 
 
 # Not `Trainer`: TF Model Garden registers official.core.base_trainer.Trainer with gin, which
@@ -139,7 +115,7 @@ class RetinaNetTrainer:
                train_dataset_fn: Optional[Callable[[tf.distribute.InputContext],
                                                    tf.data.Dataset]] = None,
                tta: Optional[tta_lib.TTAConfig] = None):
-    _check_settings(mode, strategy, train_steps=train_steps,
+    settings.check(mode, strategy, train_steps=train_steps,
                     global_batch_size=global_batch_size, steps_per_execution=steps_per_execution,
                     checkpoint_every_steps=checkpoint_every_steps,
                     log_every_steps=log_every_steps, eval_batch_size=eval_batch_size,
@@ -148,7 +124,7 @@ class RetinaNetTrainer:
     optimizers.check(optimizer, weight_decay)
     training = mode != 'eval'
     if training and learning_rate is None:
-      raise _missing_binding('RetinaNetTrainer.learning_rate', '@StepDecayWithWarmup()')
+      raise settings.missing_binding('RetinaNetTrainer.learning_rate', '@StepDecayWithWarmup()')
     self.model_dir = model_dir
     self.strategy = strategy
     self.mode = mode
@@ -215,14 +191,14 @@ class RetinaNetTrainer:
     model_config = self.model.get_config()
     if self.mode != 'eval':
       if train_dataset_fn is None:
-        _require_binding('build_train_dataset.file_pattern', "'/data/train-*.tfrecord'")
+        settings.require_binding('build_train_dataset.file_pattern', "'/data/train-*.tfrecord'")
         def train_dataset_fn(context):
           return input_pipeline.build_train_dataset(
               global_batch_size=self.global_batch_size, model_config=model_config,
               input_context=context)
       self._train_dataset = self.strategy.distribute_datasets_from_function(train_dataset_fn)
     if self.mode != 'train':
-      _require_binding('build_eval_dataset.file_pattern', "'/data/val-*.tfrecord'")
+      settings.require_binding('build_eval_dataset.file_pattern', "'/data/val-*.tfrecord'")
       self._eval_dataset = input_pipeline.build_eval_dataset(
           global_batch_size=eval_batch_size, model_config=model_config)
 
