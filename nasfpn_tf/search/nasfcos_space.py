@@ -35,8 +35,34 @@ FIELDS = ('input0', 'input1', 'op0', 'op1', 'agg')
 NUM_OUTPUT_CELLS = len(specs_lib.CELL_OUTPUT_LEVELS)
 
 
+class _Space:
+  """What both NAS-FCOS spaces derive from their `encode`, `static_masks` and dataclass fields:
+  membership, size and the config round trip (`{'space': NAME, **fields}`)."""
+
+  def contains(self, spec) -> bool:
+    try:
+      self.encode(spec)
+    except ValueError:
+      return False
+    return True
+
+  def size(self) -> int:
+    """The number of distinct decision sequences."""
+    return math.prod(int(mask.sum()) for mask in self.static_masks)
+
+  def config(self) -> Dict[str, object]:
+    return {'space': self.NAME, **dataclasses.asdict(self)}
+
+  @classmethod
+  def from_config(cls, config: Dict[str, object]):
+    config = dict(config)
+    if config.pop('space', cls.NAME) != cls.NAME:
+      raise ValueError(f'Not a {cls.NAME} space config: {config!r}.')
+    return cls(**config)
+
+
 @dataclasses.dataclass(frozen=True)
-class NASFCOSFPNSpace:
+class NASFCOSFPNSpace(_Space):
   """NAS-FCOS pyramids of `num_cells` basic blocks over the pool C2..C5 (paper: 7)."""
   num_cells: int = 7
 
@@ -130,13 +156,6 @@ class NASFCOSFPNSpace:
     self._check(tuple(actions))
     return tuple(actions)
 
-  def contains(self, block_specs: specs_lib.SpecLike) -> bool:
-    try:
-      self.encode(block_specs)
-    except ValueError:
-      return False
-    return True
-
   def key(self, block_specs: specs_lib.SpecLike) -> str:
     """A canonical string of the spec, the same for the two orders of a cell's (input, op)
     branches. Swapping them builds the same network up to a relabelling of weights (the weighted
@@ -148,20 +167,6 @@ class NASFCOSFPNSpace:
       branches = sorted(zip(spec.inputs, spec.ops))
       cells.append(f'{spec.agg}:' + ','.join(f'{i}:{op}' for i, op in branches))
     return '/'.join(cells)
-
-  def size(self) -> int:
-    """The number of distinct decision sequences."""
-    return math.prod(int(mask.sum()) for mask in self.static_masks)
-
-  def config(self) -> Dict[str, object]:
-    return {'space': self.NAME, **dataclasses.asdict(self)}
-
-  @classmethod
-  def from_config(cls, config: Dict[str, object]) -> 'NASFCOSFPNSpace':
-    config = dict(config)
-    if config.pop('space', cls.NAME) != cls.NAME:
-      raise ValueError(f'Not a {cls.NAME} space config: {config!r}.')
-    return cls(**config)
 
   def _check(self, actions: Tuple[int, ...]) -> None:
     if len(actions) != self.num_decisions:
@@ -181,7 +186,7 @@ HEAD_FIELDS = ('unshared',) + tuple(f'op{i}' for i in range(specs_lib.NUM_HEAD_L
 
 
 @dataclasses.dataclass(frozen=True)
-class NASFCOSHeadSpace:
+class NASFCOSHeadSpace(_Space):
   """NAS-FCOS heads as the released code searches them (`MicroHead_v2`): how many leading layers
   have per-level weights (0..num_layers, the released config's first entry), then one op of
   `nasfcos_specs.HEAD_OPS` per layer. Every sequence builds."""
@@ -243,13 +248,6 @@ class NASFCOSHeadSpace:
     self._check(actions)
     return actions
 
-  def contains(self, spec) -> bool:
-    try:
-      self.encode(spec)
-    except ValueError:
-      return False
-    return True
-
   def key(self, spec) -> str:
     """The ops and the effective number of unshared layers: per-level copies of weightless
     `skip` layers after the last unshared layer with weights change nothing."""
@@ -257,19 +255,6 @@ class NASFCOSHeadSpace:
     weighted = [i for i, op in enumerate(spec.ops[:spec.unshared]) if op != 'skip']
     unshared = weighted[-1] + 1 if weighted else 0
     return f'{unshared}:' + ','.join(spec.ops)
-
-  def size(self) -> int:
-    return math.prod(int(mask.sum()) for mask in self.static_masks)
-
-  def config(self) -> Dict[str, object]:
-    return {'space': self.NAME, **dataclasses.asdict(self)}
-
-  @classmethod
-  def from_config(cls, config: Dict[str, object]) -> 'NASFCOSHeadSpace':
-    config = dict(config)
-    if config.pop('space', cls.NAME) != cls.NAME:
-      raise ValueError(f'Not a {cls.NAME} space config: {config!r}.')
-    return cls(**config)
 
   def _check(self, actions: Tuple[int, ...]) -> None:
     if len(actions) != self.num_decisions:
