@@ -7,7 +7,7 @@ the pyramid's outputs, one per level. `wiring` is the one reading of a spec, sha
 the validation and the drawing. Plain data, no TensorFlow: a search can import it cheaply.
 """
 import dataclasses
-from typing import Dict, NamedTuple, Sequence, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 # The binary ops of the search space (paper §3.1), by name; `nasfpn_tf.layers.MERGING_CELLS`
 # maps each to its Keras cell.
@@ -100,6 +100,37 @@ def resolve(block_specs: SpecLike, min_level: int = 3,
     level, op, inputs, is_output = row
     specs.append(BlockSpec(int(level), str(op), tuple(int(j) for j in inputs), bool(is_output)))
   return tuple(specs)
+
+
+def resolve_pyramids(pyramids: Sequence[Optional[SpecLike]], block_specs: SpecLike,
+                     num_repeats: int, min_level: int, max_level: int,
+                     where: str = 'pyramids') -> Tuple[Tuple[BlockSpec, ...], ...]:
+  """The spec of each repeat of a stack of pyramid networks, e.g. ['fpn', 'nasfpn', 'nasfpn']:
+  an entry is a name in `SPECS`, rows, or None for `block_specs` (what a search samples). Each
+  is validated for levels min..max; ValueError naming `where` (the binding) and the entry."""
+  if isinstance(pyramids, (str, bytes)) or not isinstance(pyramids, Sequence):
+    raise ValueError(f'{where} = {pyramids!r}: give a list, one spec per repeat (a name in '
+                     f'{sorted(SPECS)}, rows, or None for block_specs).')
+  if len(pyramids) != num_repeats:
+    raise ValueError(f'{where} has {len(pyramids)} entries, but num_repeats = {num_repeats}: '
+                     'give one spec per repeat.')
+  resolved = []
+  for i, entry in enumerate(pyramids):
+    name = 'block_specs' if entry is None else entry
+    try:
+      specs = resolve(block_specs if entry is None else entry, min_level, max_level)
+      validate(specs, min_level, max_level)
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+      raise ValueError(f'{where}[{i}] = {name!r} does not build a P{min_level}-P{max_level} '
+                       f'pyramid: {e}') from e
+    resolved.append(specs)
+  return tuple(resolved)
+
+
+def pyramids_to_config(pyramids: Sequence[Optional[SpecLike]]):
+  """JSON-friendly entries: names and None kept, rows as `to_config` writes them."""
+  return [entry if entry is None or isinstance(entry, str) else to_config(resolve(entry))
+          for entry in pyramids]
 
 
 def to_config(specs: Sequence[BlockSpec]):

@@ -27,6 +27,10 @@ class NASFPN(tf_keras.Model):
   conv + BN on each cell input when they differ; `compat.tfm_nasfpn.pyramid_from_tfm` sets 256 to
   reproduce it.
 
+  `pyramids` (default None: every repeat builds `block_specs`) gives each repeat its own spec,
+  e.g. ['fpn', 'nasfpn', 'nasfpn'] (NAS-FPN behind FPN); an entry None builds `block_specs`
+  (`block_specs.resolve_pyramids`). Its length must be `num_repeats`.
+
   Anytime detection reads the pyramid of every repeat: `output_every_repeat=True` returns
   {'1': {level: P}, ..., str(num_repeats): {level: P}} (same layers and weights), and
   `first_repeats(k)` is a model sharing these layers that computes only the first k repeats.
@@ -51,11 +55,19 @@ class NASFPN(tf_keras.Model):
                kernel_regularizer=None,
                bias_regularizer=None,
                output_every_repeat: bool = False,
+               pyramids=None,
                **kwargs):
-    specs = specs_lib.resolve(block_specs, min_level, max_level)
-    wiring = specs_lib.wiring(specs, min_level, max_level)
     if num_repeats < 1:
       raise ValueError(f'num_repeats must be >= 1, got {num_repeats}.')
+    if pyramids is None:
+      specs = specs_lib.resolve(block_specs, min_level, max_level)
+      repeat_specs = (specs,) * num_repeats
+    else:
+      repeat_specs = specs_lib.resolve_pyramids(pyramids, block_specs, num_repeats, min_level,
+                                                max_level)
+      # block_specs is resolved only where an entry uses it (it may not fit these levels).
+      specs = specs_lib.resolve(block_specs, min_level, max_level) if None in pyramids else None
+    repeat_wirings = [specs_lib.wiring(s, min_level, max_level) for s in repeat_specs]
     input_specs = {str(k): tf.TensorShape(v) for k, v in input_specs.items()}
     _check_inputs(input_specs, min_level, max_level)
     kernel_regularizer = tf_keras.regularizers.get(kernel_regularizer)
@@ -80,7 +92,7 @@ class NASFPN(tf_keras.Model):
                                      name=f'p{level}_from_p{level - 1}',
                                      **norm, **regularizers)(feats[-1]))
     repeat_outputs = []
-    for repeat in range(num_repeats):
+    for repeat, wiring in enumerate(repeat_wirings):
       feats = _build_pyramid(feats, min_level, wiring, f'repeat{repeat}', cell_kwargs)
       repeat_outputs.append(
           {str(level): feat for level, feat in zip(range(min_level, max_level + 1), feats)})
@@ -93,14 +105,19 @@ class NASFPN(tf_keras.Model):
 
     self._config = dict(
         input_specs={k: v.as_list() for k, v in input_specs.items()}, min_level=min_level,
-        max_level=max_level, block_specs=specs_lib.to_config(specs), num_filters=num_filters,
+        max_level=max_level,
+        block_specs=block_specs if specs is None else specs_lib.to_config(specs),
+        num_filters=num_filters,
         num_repeats=num_repeats, merge_filters=merge_filters,
         use_separable_conv=use_separable_conv, activation=activation,
         **norm, dropblock_keep_prob=dropblock_keep_prob, dropblock_size=dropblock_size,
         dropblock_ramp_steps=dropblock_ramp_steps,
         **common.serialize_regularizers(kernel_regularizer, bias_regularizer),
         output_every_repeat=output_every_repeat)
-    self.block_specs = specs
+    if pyramids is not None:  # In the config only when set, as before per-repeat specs.
+      self._config['pyramids'] = specs_lib.pyramids_to_config(pyramids)
+    self.block_specs = specs  # None when no entry of `pyramids` builds it
+    self.repeat_specs = repeat_specs  # the spec of each repeat, first first
     self._output_specs = {level: feat.shape for level, feat in repeat_outputs[-1].items()}
 
   @property

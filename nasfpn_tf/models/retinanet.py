@@ -61,6 +61,11 @@ class RetinaNet(tf_keras.Model):
   'nasfpn' means 'nasfcos_fpn'; `num_repeats`, `merge_filters`, `use_separable_conv` and
   DropBlock do not apply), and with FCOS `fcos_head_spec` (a name in `nasfcos_specs.HEAD_SPECS`
   or (ops, unshared)) builds the head with `NASFCOSHead`.
+
+  Per-repeat pyramids (docs/pyramids.md): `pyramids` gives each of the `num_repeats` pyramid
+  networks its own spec, e.g. ['fpn', 'nasfpn', 'nasfpn'] (NAS-FPN behind FPN, each repeat with
+  its own weights); an entry is a name in `block_specs.SPECS`, rows, or None for `block_specs`
+  (what the search samples behind a fixed FPN). None (default): every repeat is `block_specs`.
   """
 
   def __init__(self,
@@ -103,6 +108,7 @@ class RetinaNet(tf_keras.Model):
                fcos_centerness_on_reg: bool = True,
                decoder: str = 'nasfpn',
                fcos_head_spec=None,
+               pyramids=None,
                **kwargs):
     _check_anytime(anytime, anytime_shared_head, anytime_loss_weights, num_repeats)
     _check_detector(detector, locals())
@@ -121,13 +127,18 @@ class RetinaNet(tf_keras.Model):
       config['anytime_loss_weights'] = [float(w) for w in anytime_loss_weights]
     block_specs = _check_nasfcos(decoder, block_specs, fcos_head_spec, detector, anytime)
     config['block_specs'] = block_specs
+    if pyramids is not None:
+      _check_pyramids(pyramids, block_specs, decoder, num_repeats, min_level, max_level)
+      pyramids = block_specs_lib.pyramids_to_config(pyramids)
+      config['pyramids'] = pyramids
     if fcos_head_spec is not None and not isinstance(fcos_head_spec, str):
       spec = nasfcos_specs.resolve_head(fcos_head_spec)
       config['fcos_head_spec'] = [list(spec.ops), spec.unshared]
     if decoder == 'nasfcos_fpn':
       if not isinstance(block_specs, str):
         config['block_specs'] = nasfcos_specs.to_config(nasfcos_specs.resolve(block_specs))
-    elif not isinstance(block_specs, str):  # rows or BlockSpecs -> JSON-friendly rows
+    elif not isinstance(block_specs, str) and (pyramids is None or None in pyramids):
+      # rows or BlockSpecs -> JSON-friendly rows (as they are when no repeat builds them)
       config['block_specs'] = block_specs_lib.to_config(
           block_specs_lib.resolve(block_specs, min_level, max_level))
     norm = dict(use_sync_bn=use_sync_bn, norm_momentum=norm_momentum, norm_epsilon=norm_epsilon)
@@ -148,7 +159,7 @@ class RetinaNet(tf_keras.Model):
           merge_filters=merge_filters, use_separable_conv=use_separable_conv, activation=activation,
           dropblock_keep_prob=dropblock_keep_prob, dropblock_size=dropblock_size,
           dropblock_ramp_steps=dropblock_ramp_steps, kernel_regularizer=regularizer,
-          output_every_repeat=anytime, name='decoder', **norm)
+          output_every_repeat=anytime, pyramids=pyramids, name='decoder', **norm)
     make_head = lambda name: RetinaNetHead(  # noqa: E731
         min_level, max_level, num_classes, geometry.num_anchors_per_location,
         num_convs=head_num_convs, num_filters=head_num_filters,
@@ -279,6 +290,8 @@ class RetinaNet(tf_keras.Model):
     for name, default in NASFCOS_DEFAULTS.items():  # Nor are NAS-FCOS's, left at defaults.
       if config.get(name, default) == default:
         config.pop(name, None)
+    if config.get('pyramids') is None:  # Nor are per-repeat pyramids, unset.
+      config.pop('pyramids', None)
     return config
 
   @classmethod
@@ -316,6 +329,19 @@ def _check_nasfcos(decoder, block_specs, fcos_head_spec, detector, anytime):
     raise ValueError("build_retinanet.anytime needs build_retinanet.decoder = 'nasfpn' (the "
                      'NAS-FCOS pyramid is not stacked).')
   return 'nasfcos_fpn' if block_specs == 'nasfpn' else block_specs
+
+
+def _check_pyramids(pyramids, block_specs, decoder, num_repeats, min_level, max_level) -> None:
+  """`build_retinanet.pyramids` must fit the decoder, the repeats and the levels."""
+  if decoder != 'nasfpn':
+    raise ValueError(f"build_retinanet.pyramids needs build_retinanet.decoder = 'nasfpn', not "
+                     f'{decoder!r} (the NAS-FCOS pyramid is not stacked).')
+  block_specs_lib.resolve_pyramids(pyramids, block_specs, num_repeats, min_level, max_level,
+                                   where='build_retinanet.pyramids')
+  if None not in pyramids and block_specs != 'nasfpn':
+    raise ValueError(f'build_retinanet.block_specs = {block_specs!r} is unused: no entry of '
+                     f'build_retinanet.pyramids = {list(pyramids)!r} is None (None builds '
+                     'block_specs).')
 
 
 class _ExitModels:

@@ -14,6 +14,9 @@ journal. It prints a line per sample and, at the end, one JSON line (num_trials,
 best_reward, best_key, num_stopped_early, wall_seconds). DIR/best.gin trains the best
 architecture: `python -m nasfpn_tf.main --gin_file=demo.gin --gin_file=DIR/best.gin ...`.
 
+NAS-FPN behind a fixed FPN (docs/pyramids.md): `--pyramids=fpn,searched,searched` trains each
+sample stacked twice behind an FPN, each repeat with its own weights.
+
 More architectures per hour: `--scheduler=asha` stops weak trials early (Ray Tune's ASHA on the
 held-out reward a trial reports at intermediate steps; docs/search.md#early-stopping-with-asha).
 """
@@ -69,6 +72,11 @@ flags.DEFINE_float('target_flops', None, 'FLOPs budget of --reward=ap_flops (2 p
 flags.DEFINE_string('init_block_specs', None, 'Start from a known table (a name in '
                     'block_specs.SPECS, e.g. nasfpn): evolution seeds its population with it, PPO '
                     'first fits its policy to it.')
+flags.DEFINE_list('pyramids', None, 'Search the NAS-FPN behind fixed pyramids: one entry per '
+                  'repeat, first first, a table of block_specs.SPECS (fixed, its own weights) or '
+                  'searched (the sample), e.g. fpn,searched,searched: the sample stacked twice '
+                  'behind an FPN. Binds build_retinanet.pyramids and .num_repeats for the proxy; '
+                  'default: the proxy\'s gin stacks the sample alone.')
 flags.DEFINE_integer('num_cells', 7, 'Merging cells per pyramid network.')
 flags.DEFINE_integer('min_level', 3, 'Finest pyramid level.')
 flags.DEFINE_integer('max_level', 7, 'Coarsest pyramid level.')
@@ -111,7 +119,8 @@ def main(argv):
       max_failures=FLAGS.max_failures,
       ray_address=FLAGS.ray_address, synthetic_seconds=FLAGS.synthetic_seconds,
       scheduler=FLAGS.scheduler, asha_grace_period=FLAGS.asha_grace_period,
-      asha_reduction_factor=FLAGS.asha_reduction_factor, report_every=FLAGS.report_every)
+      asha_reduction_factor=FLAGS.asha_reduction_factor, report_every=FLAGS.report_every,
+      pyramids=tuple(FLAGS.pyramids) if FLAGS.pyramids else None)
   print(json.dumps(run_search(settings)), flush=True)
 
 

@@ -122,7 +122,7 @@ def pretrain_overrides(settings: CpuProxyCache) -> Dict[str, Any]:
   return {'block_specs': settings.pretrain_block_specs, 'num_repeats': 1,
           'num_filters': settings.pretrain_filters, 'use_separable_conv': False,
           'head_num_convs': 4, 'head_num_filters': settings.pretrain_filters,
-          'head_use_separable_conv': False}
+          'head_use_separable_conv': False, 'pyramids': None}
 
 
 # The key and the folder.
@@ -135,6 +135,7 @@ def cache_key(settings: CpuProxyCache, data: Optional[Mapping[str, Any]] = None,
   user's data or a backbone checkpoint, their fingerprints (`data_fingerprint`,
   `checkpoint_fingerprint`). The synthetic data's key holds neither, as before they existed."""
   model = {**factory.bound_model_arguments(), **pretrain_overrides(settings)}
+  del model['pyramids']  # None (the pretraining stacks one pyramid), as before it existed
   # The precision the backbone trains in on this machine, not only the one asked for: a cache
   # copied between machines that decide differently is not taken for the other's.
   trained_in = precision.training_precision(settings.mixed_precision)[0]

@@ -4,13 +4,14 @@
   unique/total samples, samples per hour, ETA;
 - `best.gin` each time the best reward of a trial that trained to the end (`trained_to_the_end`:
   ASHA did not stop it) improves: a `build_retinanet.block_specs` binding that
-  trains the architecture as is (`--gin_file=demo.gin --gin_file=DIR/best.gin`);
-- `architectures/`: a drawing of each new best (paper Fig. 7);
+  trains the architecture as is (`--gin_file=demo.gin --gin_file=DIR/best.gin`), behind its
+  fixed tables with `--pyramids` (`build_retinanet.pyramids` and `.num_repeats`);
+- `architectures/`: a drawing of each new best (paper Fig. 7; with `--pyramids`, the stack);
 - `search_progress.png`: the paper's Fig. 5, reward over samples and unique against total.
 """
 import pathlib
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -18,7 +19,7 @@ from matplotlib.figure import Figure
 from nasfpn_tf.decoders import block_specs as specs_lib
 from nasfpn_tf.search import search_dir as search_dir_lib
 from nasfpn_tf.utils.files import atomic_write
-from nasfpn_tf.visualization.architecture import draw_spec
+from nasfpn_tf.visualization.architecture import draw_pyramids, draw_spec
 
 # Samples between redraws of search_progress.png (it is also drawn at each new best and at the end).
 REDRAW_EVERY = 25
@@ -35,6 +36,22 @@ def block_specs_binding(block_specs) -> str:
   return f'build_retinanet.block_specs = [\n    {rows},\n]'
 
 
+# In `--pyramids` (`SearchSettings.pyramids`), the repeats that build the sampled table; the
+# others are fixed tables (names of `block_specs.SPECS`), e.g. ('fpn', 'searched', 'searched').
+SEARCHED = 'searched'
+
+
+def pyramid_bindings(pyramids: Optional[Sequence[str]]) -> List[str]:
+  """The gin bindings that stack each sample behind `pyramids`' fixed tables (empty for None):
+  `build_retinanet.pyramids` with None for each searched repeat (None builds
+  `build_retinanet.block_specs`, the sample) and `build_retinanet.num_repeats`."""
+  if not pyramids:
+    return []
+  entries = [None if entry == SEARCHED else entry for entry in pyramids]
+  return [f'build_retinanet.pyramids = {entries!r}',
+          f'build_retinanet.num_repeats = {len(entries)}']
+
+
 def trial_number(record: Dict[str, Any]) -> int:
   """The number people read for a journal line: its 0-based `trial`, counted from 1."""
   return record['trial'] + 1
@@ -46,7 +63,8 @@ def best_gin(record: Dict[str, Any], space_config: Dict[str, int]) -> str:
           f"{record['reward']:.4f}.\n# key {record['key']}\n"
           f"build_retinanet.min_level = {space_config['min_level']}\n"
           f"build_retinanet.max_level = {space_config['max_level']}\n"
-          f"{block_specs_binding(record['block_specs'])}\n")
+          f"{block_specs_binding(record['block_specs'])}\n"
+          + ''.join(f'{line}\n' for line in pyramid_bindings(record.get('pyramids'))))
 
 
 def trained_to_the_end(record: Dict[str, Any]) -> bool:
@@ -145,9 +163,14 @@ class Progress:
     drawing = (self.directory / search_dir_lib.ARCHITECTURES_DIR /
                f"trial{trial_number(self.best):05d}_reward{self.best['reward']:.4f}.png")
     drawing.parent.mkdir(parents=True, exist_ok=True)
-    draw_spec(specs_lib.resolve(self.best['block_specs']), space.min_level, space.max_level,
-              str(drawing), title=f"best after {trial_number(self.best)} samples: reward "
-              f"{self.best['reward']:.4f}")
+    title = f"best after {trial_number(self.best)} samples: reward {self.best['reward']:.4f}"
+    specs = specs_lib.resolve(self.best['block_specs'])
+    if self.best.get('pyramids'):  # the sample behind its fixed tables, one panel per repeat
+      draw_pyramids([None if entry == SEARCHED else entry for entry in self.best['pyramids']],
+                    space.min_level, space.max_level, str(drawing), block_specs=specs,
+                    title=title)
+    else:
+      draw_spec(specs, space.min_level, space.max_level, str(drawing), title=title)
 
   def draw(self) -> None:
     if self.records:

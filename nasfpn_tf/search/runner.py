@@ -27,7 +27,7 @@ import pathlib
 import pickle
 import socket
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import gin
 
@@ -69,17 +69,55 @@ class SearchSettings:
   asha_grace_period: Optional[int] = None  # default: ceil(train steps / factor^2)
   asha_reduction_factor: Optional[float] = None  # default: schedulers.DEFAULT_REDUCTION_FACTOR
   report_every: int = 0  # steps between a trial's reports under ASHA; 0: at the rungs only
+  # Per-repeat tables, e.g. ('fpn', 'searched', 'searched'): each sample stacked behind fixed
+  # tables (names of block_specs.SPECS) in the 'searched' repeats (`progress.pyramid_bindings`).
+  pyramids: Optional[Tuple[str, ...]] = None
 
   IDENTITY = ('algorithm', 'proxy', 'reward', 'target_flops', 'space', 'seed',
               'init_block_specs', 'gin_bindings', 'data_dir', 'backbone_checkpoint',
               'proxy_seeds', 'scheduler', 'asha_grace_period', 'asha_reduction_factor',
-              'report_every')
+              'report_every', 'pyramids')
 
   def identity(self) -> Dict[str, Any]:
     identity = {name: getattr(self, name) for name in self.IDENTITY}
     identity['space'] = self.space.config()
     identity['gin_bindings'] = list(self.gin_bindings)
+    identity['pyramids'] = list(self.pyramids) if self.pyramids else None
     return identity
+
+  def trial_gin_bindings(self) -> List[str]:
+    """The proxy's bindings: `gin_bindings`, then those of `pyramids`."""
+    return list(self.gin_bindings) + progress_lib.pyramid_bindings(self.pyramids)
+
+
+def check_pyramids(settings: SearchSettings) -> None:
+  """--pyramids: 'searched' or a table that builds the space's levels in each entry, at least
+  one 'searched', and no --gin_bindings of its own bindings; ValueError naming the flag."""
+  pyramids = settings.pyramids
+  if not pyramids:
+    return
+  where = f'--pyramids={",".join(pyramids)}'
+  if not isinstance(settings.space, SearchSpace):
+    raise ValueError(f'{where} stacks samples of the NAS-FPN space (block specs), not of '
+                     f'{type(settings.space).__name__}.')
+  if progress_lib.SEARCHED not in pyramids:
+    raise ValueError(f'{where}: no entry is {progress_lib.SEARCHED!r}, so nothing of the '
+                     'network is searched; name the repeats that build the sample.')
+  space = settings.space
+  for i, entry in enumerate(pyramids):
+    if entry == progress_lib.SEARCHED:
+      continue
+    try:
+      specs_lib.validate(specs_lib.resolve(entry, space.min_level, space.max_level),
+                         space.min_level, space.max_level)
+    except ValueError as e:
+      raise ValueError(f'{where}: entry {i} {entry!r} is neither {progress_lib.SEARCHED!r} nor '
+                       f'a table of levels {space.min_level}..{space.max_level}: {e}') from e
+  for binding in settings.gin_bindings:
+    name = binding.split('=')[0].strip()
+    if name in ('build_retinanet.pyramids', 'build_retinanet.num_repeats'):
+      raise ValueError(f'--gin_bindings="{binding}" and {where} both set {name}: --pyramids '
+                       'binds it (num_repeats: one per entry).')
 
 
 def check_search_dir(settings: SearchSettings, record: bool = True) -> None:
@@ -197,6 +235,8 @@ class ControllerSearcher:
         'stopped_at_step': result.get('stopped_at_step'),
         'actions': list(proposal.actions), 'log_probs': list(proposal.log_probs),
         'proposal_index': proposal.index}
+    if self.settings.pyramids:  # the fixed tables the sample was trained behind
+      record['pyramids'] = list(self.settings.pyramids)
     self.journal.append(record)
     self.records.append(record)
     self.controller.feedback(proposal, reward)
@@ -208,7 +248,7 @@ class ControllerSearcher:
     return {
         'key': proposal.key, 'block_specs': specs_lib.to_config(proposal.block_specs),
         'space': s.space.config(), 'proxy': s.proxy, 'seed': s.seed,
-        'gin_bindings': list(s.gin_bindings), 'data_dir': s.data_dir,
+        'gin_bindings': s.trial_gin_bindings(), 'data_dir': s.data_dir,
         'backbone_checkpoint': s.backbone_checkpoint, 'proxy_seeds': s.proxy_seeds,
         'cpus_per_trial': s.cpus_per_trial, 'synthetic_seconds': s.synthetic_seconds,
         'results_dir': str((self.directory / search_dir_lib.RESULTS_DIR).resolve()),
@@ -289,6 +329,7 @@ def run_search(settings: SearchSettings, log=print) -> Dict[str, Any]:
     except ValueError as e:
       raise ValueError(f'--init_block_specs={settings.init_block_specs!r} is not in '
                        f'{settings.space!r}: {e}') from e
+  check_pyramids(settings)
   rewards_lib.check(settings.reward, settings.target_flops, settings.proxy)
   if settings.proxy_seeds < 1:
     raise ValueError(f'--proxy_seeds must be >= 1, got {settings.proxy_seeds}.')
@@ -302,7 +343,7 @@ def run_search(settings: SearchSettings, log=print) -> Dict[str, Any]:
     # trials at the same time; it also parses the proxy's gin, so bindings that do not build
     # fail before the search dir records them.
     from nasfpn_tf.search import proxy  # pylint: disable=g-import-not-at-top
-    proxy.prepare(settings.proxy, proxy_dir(settings), settings.gin_bindings,
+    proxy.prepare(settings.proxy, proxy_dir(settings), settings.trial_gin_bindings(),
                   data_dir=settings.data_dir, backbone_checkpoint=settings.backbone_checkpoint)
   asha = resolve_asha(settings)
   check_search_dir(settings)

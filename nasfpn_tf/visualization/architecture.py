@@ -5,6 +5,9 @@ inputs in the left column as green circles, then the cells left to right in spec
 cells red. Solid arrows are the cells' two chosen inputs; dashed arrows are the dangling
 features the builder adds to an output cell, as `block_specs.wiring` finds them.
 
+`draw_pyramids` draws a stack of different pyramid networks (`build_retinanet.pyramids`, e.g.
+NAS-FPN behind FPN), one panel per repeat.
+
 Used by `experiments/draw_architecture.py` (the docs' figures) and by the architecture search
 (a drawing each time its best architecture improves).
 """
@@ -13,7 +16,8 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from nasfpn_tf.decoders.block_specs import BlockSpec, SpecLike, resolve, wiring
+from nasfpn_tf.decoders.block_specs import BlockSpec, SpecLike, resolve, resolve_pyramids
+from nasfpn_tf.decoders.block_specs import wiring
 
 INPUT_COLOR = '#4caf50'
 OUTPUT_COLOR = '#e53935'
@@ -80,14 +84,59 @@ def draw_spec(spec: SpecLike, min_level: int, max_level: int, path: str,
   Raises the ValueError of `block_specs.wiring` first, so an unbuildable spec is never drawn.
   """
   spec = resolve(spec, min_level, max_level)
+  spec_edges(spec, min_level, max_level)
+  # A bare Figure (no pyplot): no global backend or figure registry to set or clean up.
+  fig = Figure(figsize=_panel_size(spec, min_level, max_level))
+  _draw_panel(fig.subplots(), spec, min_level, max_level,
+              title or f'{len(spec)}-cell pyramid network, P{min_level}-P{max_level}')
+  _finish(fig, path)
+
+
+def draw_pyramids(pyramids: Sequence[Optional[SpecLike]], min_level: int, max_level: int,
+                  path: str, block_specs: SpecLike = 'nasfpn',
+                  title: Optional[str] = None) -> None:
+  """A stack of pyramid networks (`build_retinanet.pyramids`, e.g. ['fpn', 'nasfpn']), one
+  panel per repeat from the first (top) to the last (bottom), each panel's inputs the previous
+  repeat's outputs; entries None draw `block_specs`. Validates the whole stack first
+  (`block_specs.resolve_pyramids`), so an unbuildable one is never drawn."""
+  specs = resolve_pyramids(pyramids, block_specs, len(pyramids), min_level, max_level)
+  sizes = [_panel_size(spec, min_level, max_level) for spec in specs]
+  fig = Figure(figsize=(max(w for w, _ in sizes), sum(h for _, h in sizes) + 0.4))
+  axes = fig.subplots(len(specs), 1, squeeze=False,
+                      gridspec_kw={'height_ratios': [h for _, h in sizes]})[:, 0]
+  for k, (ax, spec, entry) in enumerate(zip(axes, specs, pyramids)):
+    name = entry if isinstance(entry, str) else (
+        f'block_specs {block_specs!r}' if entry is None and isinstance(block_specs, str) else
+        'block_specs' if entry is None else 'rows')
+    inputs = 'backbone' if k == 0 else f'repeat {k - 1}'
+    _draw_panel(ax, spec, min_level, max_level,
+                f'repeat {k}: {name}, {len(spec)} cells (inputs: {inputs} outputs)',
+                input_label='P' if k == 0 else 'in')
+  height = fig.get_figheight()
+  if title:
+    fig.suptitle(title, fontweight='bold')
+  # Room for the title on top and the key at the bottom (inches as figure fractions).
+  _finish(fig, path, rect=(0, 0.25 / height, 1, 1 - (0.45 if title else 0.1) / height))
+
+
+def _panel_size(spec, min_level: int, max_level: int) -> Tuple[float, float]:
+  return 1.5 + 0.9 * (len(spec) + 1), 1.6 + 0.95 * (max_level - min_level + 1)
+
+
+def _finish(fig: Figure, path: str, rect=None) -> None:
+  fig.text(0.99, 0.01, 'sum: sum cell   GP: global-pooling cell', ha='right', fontsize=7,
+           color='#616161')
+  fig.tight_layout(rect=rect)
+  fig.savefig(path, dpi=130)
+
+
+def _draw_panel(ax, spec: Sequence[BlockSpec], min_level: int, max_level: int, title: str,
+                input_label: str = 'P') -> None:
+  """One pyramid network's graph on `ax` (a resolved, valid spec)."""
   edges = spec_edges(spec, min_level, max_level)
   num_inputs = max_level - min_level + 1
   positions = node_positions(spec, min_level, max_level)
   num_columns = len(spec) + 1
-  # A bare Figure (no pyplot): no global backend or figure registry to set or clean up.
-  fig = Figure(figsize=(1.5 + 0.9 * num_columns, 1.6 + 0.95 * num_inputs))
-  ax = fig.subplots()
-
   for src, dst, kind in edges:
     dangling = kind == 'dangling'
     ax.annotate(
@@ -101,7 +150,7 @@ def draw_spec(spec: SpecLike, min_level: int, max_level: int, path: str,
 
   for index, (x, level) in enumerate(positions):
     if index < num_inputs:
-      color, label, text_color = INPUT_COLOR, f'P{level}', 'white'
+      color, label, text_color = INPUT_COLOR, f'{input_label}{level}', 'white'
     else:
       cell = spec[index - num_inputs]
       color = OUTPUT_COLOR if cell.is_output else CELL_COLOR
@@ -121,7 +170,7 @@ def draw_spec(spec: SpecLike, min_level: int, max_level: int, path: str,
   ax.tick_params(length=0)
   for side in ('top', 'right', 'bottom', 'left'):
     ax.spines[side].set_visible(False)
-  ax.set_title(title or f'{len(spec)}-cell pyramid network, P{min_level}-P{max_level}')
+  ax.set_title(title)
   legend = [_node_key(INPUT_COLOR, 'input')]
   if not all(cell.is_output for cell in spec):
     legend.append(_node_key(CELL_COLOR, 'intermediate cell'))
@@ -132,7 +181,3 @@ def draw_spec(spec: SpecLike, min_level: int, max_level: int, path: str,
                          label='dangling feature (added to output)'))
   ax.legend(handles=legend, loc='upper center', bbox_to_anchor=(0.5, -0.1), ncol=len(legend),
             frameon=False, fontsize=8, handletextpad=0.4, columnspacing=1.2)
-  fig.text(0.99, 0.01, 'sum: sum cell   GP: global-pooling cell', ha='right', fontsize=7,
-           color='#616161')
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
