@@ -258,3 +258,26 @@ def test_the_feature_cache_is_shared_with_and_without_a_fixed_fpn():
     finally:
       gin.clear_config()
   assert keys[0] == keys[1] and 'pyramids' not in keys[0]['model']
+
+
+def test_the_cpu_proxy_trains_a_sample_behind_the_fixed_fpn():
+  """What a CPU-proxy trial builds and trains from the proxy's bindings and a sample: the
+  sample stacked behind the FPN, as a pyramid-and-head network on backbone features."""
+  from nasfpn_tf.search import cpu_proxy  # pylint: disable=import-outside-toplevel
+  configurables.parse_gin([], TINY_MODEL + progress.pyramid_bindings(
+      ('fpn', 'searched', 'searched')))
+  try:  # the proxy's model arguments, as CpuSearchProxy.from_gin reads them
+    arguments = {name: factory.model_argument(name) for name in factory.MODEL_ARGUMENTS}
+    settings = cpu_proxy.CpuProxy()
+  finally:
+    gin.clear_config()
+  sample = SearchSpace().sample(np.random.default_rng(0))
+  model = cpu_proxy.build_model(settings, {**arguments,
+                                           'block_specs': specs_lib.to_config(sample)})
+  assert model.decoder.repeat_specs == (specs_lib.fpn(), sample, sample)
+  net = cpu_proxy.feature_network(model)
+  features = {level: tf.random.stateless_normal([1] + shape[1:], [int(level), 0])
+              for level, shape in model.backbone.output_specs.items()}
+  outputs = net(features, training=True)
+  assert sorted(outputs['cls_outputs']) == ['3', '4', '5', '6', '7']
+  assert np.isfinite(outputs['box_outputs']['3'].numpy()).all()
