@@ -105,7 +105,7 @@ def released_params(config, num_classes=80):
   channels = BACKBONE_CHANNELS[config['backbone']]
   width, head_width = config['num_filters'], config['head_num_filters']
   p6p7 = 2 * _conv(width, width, 3)
-  if config['decoder'] == 'nasfcos_fpn':  # MicroDecoder_v2: adapt C2-C5, 7 concat cells
+  if config.get('decoder', 'nasfpn') == 'nasfcos_fpn':  # MicroDecoder_v2: adapt C2-C5, 7 concat cells
     deformable = _conv(width, width, 3) + _conv(width, 54, 3) + 2 * width  # DCN + BN
     pyramid = (sum(_conv(c, width, 1, False) + 2 * width for c in channels)
                + DEFORMABLE_CELL_OPS * deformable + 7 * (4 * width + 2 * width) + p6p7)
