@@ -181,8 +181,9 @@ def _delta(ours, paper):
 def markdown(rows) -> str:
   lines = [
       '| model (gin file) | params | trainable | released, by hand | + deformable kernels '
-      'again | paper | Δ params | FLOPs at 1152x896 | multiply-adds at 1088x800 | paper | Δ |',
-      '|---|---|---|---|---|---|---|---|---|---|---|']
+      'again | paper | Δ ours | Δ counted as the paper | FLOPs at 1152x896 | '
+      'multiply-adds at 1088x800 | paper | Δ |',
+      '|---|---|---|---|---|---|---|---|---|---|---|---|']
   for (label, gin_file, bindings, paper), r in rows:
     paper_params, paper_macs = paper or (None, None)
     released = r['released']
@@ -190,8 +191,10 @@ def markdown(rows) -> str:
     name = f'{label} (`{gin_file}`' + (f', {", ".join(bindings)}' if bindings else '') + ')'
     lines.append(
         f'| {name} | {_m(r["params"])} | {_m(r["trainable"])} | {_m(released["total"])} | '
-        f'{_m(released["paper_convention"])} | {_m(paper_params)} | '
-        f'{_delta(r["params"], paper_params)} | {r["flops"] / 1e9:.1f}G | '
+        f'{_m(released["paper_convention"])} | '
+        f'{"—" if paper_params is None else f"{paper_params / 1e6:.1f}M"} | '
+        f'{_delta(r["params"], paper_params)} | '
+        f'{_delta(released["paper_convention"], paper_params)} | {r["flops"] / 1e9:.1f}G | '
         f'{"—" if macs is None else f"{macs / 1e9:.1f}G"} | '
         f'{"—" if paper_macs is None else f"{paper_macs / 1e9:.1f}G"} | '
         f'{_delta(macs, paper_macs)} |')
