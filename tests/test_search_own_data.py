@@ -165,7 +165,8 @@ def test_a_trial_parses_gin_once_and_never_rebinds_it(coco_records, coco_proxy, 
 def test_neg_loss_is_the_loss_on_all_heldout_images_at_once(coco_records, coco_proxy):
   folder = proxy.prepare('cpu', coco_proxy[0], TINY, data_dir=coco_records['data_dir'])
   task = cpu_proxy.CpuSearchProxy.from_gin(folder)
-  model = task.new_model(block_specs_lib.resolve('fpn', 3, 7), seed=3)
+  model = task.new_model(
+      {'block_specs': block_specs_lib.to_config(block_specs_lib.resolve('fpn', 3, 7))}, seed=3)
   measured = task.run(model, seed=3)  # 3 held-out batches
   # The same trained layers on the 8 held-out images as one batch, the loss called directly.
   net = cpu_proxy.feature_network(model)

@@ -108,7 +108,7 @@ def test_a_restart_continues_without_losing_or_repeating_a_sample(tmp_path, algo
     # The same policy as a controller that saw every reward without a restart.
     reference = controllers.make_controller('ppo', SMALL, seed=3)
     for record in records:
-      reference.feedback(runner._proposal(record), record['reward'])  # pylint: disable=protected-access
+      reference.feedback(runner._proposal(record, SMALL), record['reward'])  # pylint: disable=protected-access
     for ours, theirs in zip(second.controller.state()['weights'], reference.state()['weights']):
       np.testing.assert_array_equal(ours, theirs)
 

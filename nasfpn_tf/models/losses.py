@@ -129,6 +129,17 @@ class RetinaNetLoss:
     return {'total_loss': cls_loss + self.box_loss_weight * box_loss,
             'cls_loss': cls_loss, 'box_loss': box_loss}
 
+  def normalizers(self, labels: Mapping[str, Targets]) -> Dict[str, Tuple[tf.Tensor, float]]:
+    """{term: (n, offset)}: `__call__` divides the term's sum over the batch by n + offset (here
+    the positives + 1 for both), so that sums over batches can be divided once (the CPU proxy's
+    held-out loss)."""
+    positives = tf.reduce_sum(tf.cast(_flatten(labels['box_weights']), tf.float32))
+    return {'cls_loss': (positives, 1.0), 'box_loss': (positives, 1.0)}
+
+  def term_weights(self) -> Dict[str, float]:
+    """{term: its weight in 'total_loss'}."""
+    return {'cls_loss': 1.0, 'box_loss': self.box_loss_weight}
+
 
 def giou_loss(predicted: tf.Tensor, targets: tf.Tensor, eps: float = 1e-6) -> tf.Tensor:
   """1 - GIoU of the boxes that distances [..., 4] (t, l, b, r) from the same point describe
@@ -197,6 +208,22 @@ class FCOSLoss:
     return {'total_loss': (cls_loss + self.box_loss_weight * box_loss +
                            self.centerness_loss_weight * centerness_loss),
             'cls_loss': cls_loss, 'box_loss': box_loss, 'centerness_loss': centerness_loss}
+
+  def normalizers(self, labels: Mapping[str, Targets]) -> Dict[str, Tuple[tf.Tensor, float]]:
+    """{term: (n, offset)} as `RetinaNetLoss.normalizers`: positives + 1 for the class and
+    centerness terms, the sum of the positives' centerness targets for the box term."""
+    positives = tf.cast(_flatten(labels['box_weights']), tf.float32)
+    centerness_targets = fcos_targets.centerness(
+        tf.cast(_flatten(labels['box_targets'], 4), tf.float32)) * positives
+    num_positives = tf.reduce_sum(positives)
+    return {'cls_loss': (num_positives, 1.0),
+            'box_loss': (tf.reduce_sum(centerness_targets), 0.0),
+            'centerness_loss': (num_positives, 1.0)}
+
+  def term_weights(self) -> Dict[str, float]:
+    """{term: its weight in 'total_loss'}."""
+    return {'cls_loss': 1.0, 'box_loss': self.box_loss_weight,
+            'centerness_loss': self.centerness_loss_weight}
 
 
 def exit_loss_keys(num_exits: int) -> Tuple[str, ...]:

@@ -17,6 +17,10 @@ architecture: `python -m nasfpn_tf.main --gin_file=demo.gin --gin_file=DIR/best.
 NAS-FPN behind a fixed FPN (docs/pyramids.md): `--pyramids=fpn,searched,searched` trains each
 sample stacked twice behind an FPN, each repeat with its own weights.
 
+NAS-FCOS (docs/nasfcos.md#searching-nas-fcos): `--space=nasfcos_fpn` searches FCOS's pyramid,
+then `--space=nasfcos_head --fixed_pyramid=PYRAMID_SEARCH_DIR` its head on the pyramid found
+(progressive search), with NAS-FCOS's reward, the negative held-out loss, by default.
+
 More architectures per hour: `--scheduler=asha` stops weak trials early (Ray Tune's ASHA on the
 held-out reward a trial reports at intermediate steps; docs/search.md#early-stopping-with-asha).
 """
@@ -25,12 +29,12 @@ import json
 from absl import app, flags
 
 from nasfpn_tf.search import configurables
+from nasfpn_tf.search import progressive
 from nasfpn_tf.search.controllers import CONTROLLERS
 from nasfpn_tf.search import rewards
 from nasfpn_tf.search import search_dir as search_dir_lib
 from nasfpn_tf.search import schedulers
 from nasfpn_tf.search.runner import SearchSettings, run_search
-from nasfpn_tf.search.space import SearchSpace
 from nasfpn_tf.search.trials import PROXIES
 
 FLAGS = flags.FLAGS
@@ -61,9 +65,18 @@ flags.DEFINE_string('proxy_dir', None, 'What the trials share, such as the CPU p
                     'backbone features; default '
                     f'SEARCH_DIR/{search_dir_lib.PROXY_DIR}. Point searches on the same proxy to '
                     'one dir to build it once.')
-flags.DEFINE_enum('reward', 'ap', list(rewards.KINDS), 'ap: the paper\'s; ap_flops: AP x '
+flags.DEFINE_enum('reward', None, list(rewards.KINDS), 'ap: the paper\'s; ap_flops: AP x '
                   '(FLOPs/--target_flops)^w, to aim at a compute budget; neg_loss: NAS-FCOS\'s '
-                  'negative held-out focal + box loss (--proxy=cpu).')
+                  'negative held-out loss (--proxy=cpu). Default: ap for --space=nasfpn, '
+                  'neg_loss for the NAS-FCOS spaces.')
+flags.DEFINE_enum('space', 'nasfpn', list(progressive.SPACE_NAMES), 'nasfpn: NAS-FPN pyramids '
+                  '(--num_cells, --min_level, --max_level); nasfcos_fpn: NAS-FCOS pyramids of '
+                  '--num_cells cells over C3-C5, trained in FCOS with its own head; '
+                  'nasfcos_head: NAS-FCOS heads on --fixed_pyramid (progressive search).')
+flags.DEFINE_string('fixed_pyramid', None, '--space=nasfcos_head: the pyramid the heads are '
+                    'trained on: the search dir of a --space=nasfcos_fpn search (its best pyramid '
+                    'that trained to the end), a pyramid key, or a name of nasfcos_specs.SPECS; '
+                    'default: the published NAS-FCOS pyramid (nasfcos_fpn).')
 flags.DEFINE_integer('proxy_seeds', 1, 'Trainings of each architecture (seeds --seed, '
                      '--seed+1, ...); its reward is their rewards\' mean, and the journal keeps '
                      'each seed\'s result.', lower_bound=1)
@@ -77,9 +90,10 @@ flags.DEFINE_list('pyramids', None, 'Search the NAS-FPN behind fixed pyramids: o
                   'searched (the sample), e.g. fpn,searched,searched: the sample stacked twice '
                   'behind an FPN. Binds build_retinanet.pyramids and .num_repeats for the proxy; '
                   'default: the proxy\'s gin stacks the sample alone.')
-flags.DEFINE_integer('num_cells', 7, 'Merging cells per pyramid network.')
-flags.DEFINE_integer('min_level', 3, 'Finest pyramid level.')
-flags.DEFINE_integer('max_level', 7, 'Coarsest pyramid level.')
+flags.DEFINE_integer('num_cells', 7, 'Merging cells per pyramid network (NAS-FCOS: basic '
+                     'blocks).')
+flags.DEFINE_integer('min_level', 3, 'Finest pyramid level (--space=nasfpn).')
+flags.DEFINE_integer('max_level', 7, 'Coarsest pyramid level (--space=nasfpn).')
 flags.DEFINE_integer('seed', 0, 'Seeds the controller and every proxy training.')
 flags.DEFINE_float('cpus_per_trial', 2, 'CPUs Ray reserves per trial (and TensorFlow\'s thread '
                    'pools in it).')
@@ -108,10 +122,13 @@ flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings for the controller a
 def main(argv):
   del argv
   configurables.parse_gin(gin_bindings=FLAGS.gin_bindings)
+  space = progressive.make_space(
+      FLAGS.space, FLAGS.num_cells, FLAGS.min_level, FLAGS.max_level, FLAGS.fixed_pyramid,
+      levels_given=FLAGS['min_level'].present or FLAGS['max_level'].present)
   settings = SearchSettings(
       search_dir=FLAGS.search_dir, algorithm=FLAGS.algorithm, num_trials=FLAGS.num_trials,
-      proxy=FLAGS.proxy, reward=FLAGS.reward, target_flops=FLAGS.target_flops,
-      space=SearchSpace(FLAGS.num_cells, FLAGS.min_level, FLAGS.max_level), seed=FLAGS.seed,
+      proxy=FLAGS.proxy, reward=FLAGS.reward or progressive.DEFAULT_REWARDS[FLAGS.space],
+      target_flops=FLAGS.target_flops, space=space, seed=FLAGS.seed,
       init_block_specs=FLAGS.init_block_specs, gin_bindings=tuple(FLAGS.gin_bindings),
       data_dir=FLAGS.data_dir, backbone_checkpoint=FLAGS.backbone_checkpoint,
       proxy_seeds=FLAGS.proxy_seeds, proxy_dir=FLAGS.proxy_dir,

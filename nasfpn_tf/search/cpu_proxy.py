@@ -3,12 +3,14 @@
 `CpuSearchProxy` is the proxy task as an object: built once from its data and backbone features
 (a `feature_cache` folder) and its settings (the model's arguments, `CpuProxy`, the loss), read
 from the parsed gin config in `from_gin`, it never reads gin again: each trial builds the
-package's RetinaNet from those arguments with the candidate's block specs (`new_model`), `run`
-trains its `decoder` and `head` (the backbone stays frozen: its features come from the cache),
-SGD with momentum on `RetinaNetLoss`, a cosine learning rate after a linear warm-up
-(`CosineDecayWithWarmup`), batches drawn with the trial's seed, then scores it on the held-out
-features: COCO AP through the model's own post-processing and `evaluate_detector`, and the
-held-out loss (the training loss on the held-out images' anchor labels, NAS-FCOS's reward).
+package's RetinaNet from those arguments with the candidate's (its pyramid, or a NAS-FCOS
+pyramid or head: `new_model`), `run` trains its `decoder` and `head` (the backbone stays frozen:
+its features come from the cache), SGD with momentum on the detector's loss (`RetinaNetLoss`, or
+`FCOSLoss` when `build_retinanet.detector = 'fcos'`: the cache then holds FCOS's point targets),
+a cosine learning rate after a linear warm-up (`CosineDecayWithWarmup`), batches drawn with the
+trial's seed, then scores it on the held-out features: COCO AP through the model's own
+post-processing and `evaluate_detector`, and the held-out loss (the training loss on the
+held-out images' labels, NAS-FCOS's reward).
 """
 import dataclasses
 import gc
@@ -19,10 +21,8 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from nasfpn_tf.decoders import block_specs as block_specs_lib
 from nasfpn_tf.evaluation import evaluate
 from nasfpn_tf.models import factory
-from nasfpn_tf.models.losses import RetinaNetLoss
 from nasfpn_tf.models.retinanet import RetinaNet
 from nasfpn_tf.search import feature_cache
 from nasfpn_tf.training import precision
@@ -70,12 +70,13 @@ def build_model(settings: CpuProxy,
 
 
 def feature_network(model: tf_keras.Model) -> tf_keras.Model:
-  """The model's pyramid and head as one Keras model on backbone features {'3': C3, ...}."""
+  """The model's pyramid and head as one Keras model on backbone features {'3': C3, ...}: the
+  model's raw outputs ('cls_outputs', 'box_outputs', an FCOS's 'centerness_outputs')."""
   inputs = {level: tf_keras.Input(shape[1:], name=f'c{level}')
             for level, shape in model.backbone.output_specs.items()}
-  cls_outputs, box_outputs = model.head(model.decoder(inputs))
-  return tf_keras.Model(inputs, {'cls_outputs': cls_outputs, 'box_outputs': box_outputs},
-                        name='pyramid_and_head')
+  outputs = model.head(model.decoder(inputs))
+  names = ('cls_outputs', 'box_outputs', 'centerness_outputs')
+  return tf_keras.Model(inputs, dict(zip(names, outputs)), name='pyramid_and_head')
 
 
 def batch_order(num_images: int, num_steps: int, batch_size: int, seed: int) -> np.ndarray:
@@ -87,12 +88,13 @@ def batch_order(num_images: int, num_steps: int, batch_size: int, seed: int) -> 
 
 
 def _as_loss_labels(labels: Mapping[str, Any]) -> Dict[str, Any]:
-  """Cached anchor labels (narrow dtypes) as `RetinaNetLoss` takes them."""
+  """Cached anchor labels, or FCOS's point labels (narrow dtypes), as the loss takes them."""
   labels = dict(labels)
   labels['cls_targets'] = tf.nest.map_structure(lambda t: tf.cast(t, tf.int32),
                                                 labels['cls_targets'])
   for key in ('box_targets', 'cls_weights', 'box_weights'):
-    labels[key] = tf.nest.map_structure(lambda t: tf.cast(t, tf.float32), labels[key])
+    if key in labels:  # FCOS's have no class weights
+      labels[key] = tf.nest.map_structure(lambda t: tf.cast(t, tf.float32), labels[key])
   return labels
 
 
@@ -105,7 +107,7 @@ def check_report_steps(report_steps: Sequence[int], settings: CpuProxy) -> None:
 
 
 def train(net: tf_keras.Model, train_split: Mapping[str, Any], settings: CpuProxy,
-          loss_fn: RetinaNetLoss, seed: int, report_steps: Sequence[int] = (),
+          loss_fn, seed: int, report_steps: Sequence[int] = (),
           report: Optional[Callable[[int, float], None]] = None) -> float:
   """Trains `net` on the cached split; returns the mean loss of its last steps. With `report`,
   calls report(step, mean loss of the last steps so far) after each of `report_steps` (steps
@@ -153,6 +155,9 @@ def evaluate_on_heldout(model: tf_keras.Model, net: tf_keras.Model,
   @tf.function
   def detect(features):
     outputs = net({k: tf.cast(v, tf.float32) for k, v in features.items()}, training=False)
+    if model.detector == 'fcos':  # as RetinaNet.detect
+      return model.detection_generator(outputs['cls_outputs'], outputs['box_outputs'],
+                                       outputs['centerness_outputs'], model.points)
     return model.detection_generator(outputs['cls_outputs'], outputs['box_outputs'],
                                      model.anchor_boxes)
 
@@ -161,12 +166,14 @@ def evaluate_on_heldout(model: tf_keras.Model, net: tf_keras.Model,
   return evaluate.evaluate_detector(detect, dataset)
 
 
-def heldout_loss(net: tf_keras.Model, heldout_split: Mapping[str, Any], loss_fn: RetinaNetLoss,
+def heldout_loss(net: tf_keras.Model, heldout_split: Mapping[str, Any], loss_fn,
                  batch_size: int) -> Dict[str, float]:
-  """{'heldout_loss', 'heldout_cls_loss', 'heldout_box_loss'}: `loss_fn` on every held-out image
-  at once (its anchor labels, `heldout_split['targets']`), computed `batch_size` images at a
-  time. RetinaNetLoss divides each batch's sums by its positives + 1; undone per batch and
-  divided once by all positives + 1, the result does not depend on the batch size."""
+  """{'heldout_loss', 'heldout_<term>' for each term of the loss (cls_loss, box_loss, an FCOS's
+  centerness_loss)}: `loss_fn` (`RetinaNetLoss` or `FCOSLoss`) on every held-out image at once
+  (their labels, `heldout_split['targets']`), computed `batch_size` images at a time. The loss
+  divides each batch's sum of a term by n + offset (`loss_fn.normalizers`: positives + 1, or
+  FCOS's centerness sum); undone per batch and divided once by the sums of n + offset, the
+  result does not depend on the batch size."""
   targets = heldout_split['targets']
   features = heldout_split['features']
 
@@ -174,22 +181,25 @@ def heldout_loss(net: tf_keras.Model, heldout_split: Mapping[str, Any], loss_fn:
   def sums(batch_features, batch_targets):
     outputs = net({k: tf.cast(v, tf.float32) for k, v in batch_features.items()},
                   training=False)
-    losses = loss_fn(outputs, _as_loss_labels(batch_targets))
-    positives = tf.reduce_sum(tf.cast(batch_targets['box_weights'], tf.float32))
-    return losses['cls_loss'] * (positives + 1.0), losses['box_loss'] * (positives + 1.0), \
-        positives
+    labels = _as_loss_labels(batch_targets)
+    losses = loss_fn(outputs, labels)
+    return {term: (losses[term] * (n + offset), n, offset)
+            for term, (n, offset) in loss_fn.normalizers(labels).items()}
 
-  cls_sum = box_sum = positives = 0.0
+  totals = {}  # term -> [sum of the term, sum of its n, its offset]
   num_images = len(next(iter(features.values())))
   for start in range(0, num_images, batch_size):
     batch = slice(start, start + batch_size)
     batch_sums = sums({k: v[batch] for k, v in features.items()},
                       tf.nest.map_structure(lambda t: t[batch], targets))
-    cls_sum, box_sum, positives = (a + float(b) for a, b in zip(
-        (cls_sum, box_sum, positives), batch_sums))
-  cls_loss, box_loss = cls_sum / (positives + 1.0), box_sum / (positives + 1.0)
-  return {'heldout_loss': cls_loss + loss_fn.box_loss_weight * box_loss,
-          'heldout_cls_loss': cls_loss, 'heldout_box_loss': box_loss}
+    for term, (term_sum, n, offset) in batch_sums.items():
+      total = totals.setdefault(term, [0.0, 0.0, float(offset)])
+      total[0], total[1] = total[0] + float(term_sum), total[1] + float(n)
+  terms = {term: term_sum / (n + offset) if n + offset > 0 else 0.0
+           for term, (term_sum, n, offset) in totals.items()}
+  weights = loss_fn.term_weights()
+  return {'heldout_loss': sum(weights[term] * value for term, value in terms.items()),
+          **{f'heldout_{term}': value for term, value in terms.items()}}
 
 
 class CpuSearchProxy:
@@ -201,9 +211,10 @@ class CpuSearchProxy:
   """
 
   def __init__(self, cache: Mapping[str, Any], model_arguments: Mapping[str, Any],
-               settings: CpuProxy, loss_fn: RetinaNetLoss):
-    """cache: `feature_cache.load`'s; model_arguments: every RetinaNet argument but the block
-    specs (a trial's); loss_fn: the training loss, also the held-out loss."""
+               settings: CpuProxy, loss_fn):
+    """cache: `feature_cache.load`'s; model_arguments: every RetinaNet argument but the
+    candidate's (a trial's); loss_fn: the training loss (`factory.build_loss` of the model's
+    detector), also the held-out loss."""
     self.cache = cache
     self.model_arguments = dict(model_arguments)
     self.settings = settings
@@ -215,21 +226,21 @@ class CpuSearchProxy:
 
   @classmethod
   def from_gin(cls, cache_folder: str) -> 'CpuSearchProxy':
-    """The proxy of the parsed gin config (`CpuProxy`, `build_retinanet`, `RetinaNetLoss`
+    """The proxy of the parsed gin config (`CpuProxy`, `build_retinanet`, the loss's
     bindings) on the cache in `cache_folder` (`feature_cache.prepare`'s)."""
     arguments = {name: factory.model_argument(name) for name in factory.MODEL_ARGUMENTS}
     return cls(feature_cache.load(cache_folder), arguments, CpuProxy(),
-               RetinaNetLoss(num_classes=arguments['num_classes']))
+               factory.build_loss(arguments))
 
-  def new_model(self, block_specs, seed: int) -> tf_keras.Model:
-    """The trial's RetinaNet with `block_specs` (resolved rows) as its pyramid, initialised with
+  def new_model(self, candidate: Mapping[str, Any], seed: int) -> tf_keras.Model:
+    """The trial's model: the proxy's with the `build_retinanet` arguments `candidate` (its
+    pyramid, `{'block_specs': rows}`, or a search space's `model_arguments`), initialised with
     `seed` (its head from the pretraining one with `pretrained_head`)."""
     # Trials in one process do not pile up models, traced functions and layer names.
     tf_keras.backend.clear_session()
     gc.collect()
     tf_keras.utils.set_random_seed(seed)
-    model = build_model(self.settings, {**self.model_arguments,
-                                        'block_specs': block_specs_lib.to_config(block_specs)})
+    model = build_model(self.settings, {**self.model_arguments, **candidate})
     if self.settings.pretrained_head:
       _load_head(model, self.cache['head'])
     return model

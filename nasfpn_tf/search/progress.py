@@ -7,6 +7,9 @@
   trains the architecture as is (`--gin_file=demo.gin --gin_file=DIR/best.gin`), behind its
   fixed tables with `--pyramids` (`build_retinanet.pyramids` and `.num_repeats`);
 - `architectures/`: a drawing of each new best (paper Fig. 7; with `--pyramids`, the stack);
+- a NAS-FCOS space's best.gin and drawing: FCOS with the sampled pyramid, or the sampled head on
+  the space's fixed pyramid (drawn, the head's key in the title);
+  `--gin_file=fcos_demo.gin --gin_file=DIR/best.gin`;
 - `search_progress.png`: the paper's Fig. 5, reward over samples and unique against total.
 """
 import pathlib
@@ -18,8 +21,10 @@ from matplotlib.figure import Figure
 
 from nasfpn_tf.decoders import block_specs as specs_lib
 from nasfpn_tf.search import search_dir as search_dir_lib
+from nasfpn_tf.search import space as space_lib
 from nasfpn_tf.utils.files import atomic_write
 from nasfpn_tf.visualization.architecture import draw_pyramids, draw_spec
+from nasfpn_tf.visualization.nasfcos_architecture import draw_nasfcos_spec
 
 # Samples between redraws of search_progress.png (it is also drawn at each new best and at the end).
 REDRAW_EVERY = 25
@@ -30,10 +35,17 @@ def _duration(seconds: float) -> str:
   return f'{minutes // 60}h{minutes % 60:02d}m' if minutes >= 60 else f'{minutes}m'
 
 
+def _binding(name: str, value) -> str:
+  """A `build_retinanet.<name>` gin binding; a list of rows (block specs) a row a line."""
+  if isinstance(value, list) and value and isinstance(value[0], (list, tuple)):
+    rows = ',\n    '.join(repr(row) for row in value)
+    return f'build_retinanet.{name} = [\n    {rows},\n]'
+  return f'build_retinanet.{name} = {value!r}'
+
+
 def block_specs_binding(block_specs) -> str:
   """The `build_retinanet.block_specs = [...]` gin binding of a table (rows or BlockSpecs)."""
-  rows = ',\n    '.join(repr(row) for row in specs_lib.to_config(specs_lib.resolve(block_specs)))
-  return f'build_retinanet.block_specs = [\n    {rows},\n]'
+  return _binding('block_specs', specs_lib.to_config(specs_lib.resolve(block_specs)))
 
 
 # In `--pyramids` (`SearchSettings.pyramids`), the repeats that build the sampled table; the
@@ -57,12 +69,18 @@ def trial_number(record: Dict[str, Any]) -> int:
   return record['trial'] + 1
 
 
-def best_gin(record: Dict[str, Any], space_config: Dict[str, int]) -> str:
-  """The gin text that trains the architecture of `record` (a journal line)."""
-  return (f"# Best architecture of the search so far: trial {trial_number(record)}, reward "
-          f"{record['reward']:.4f}.\n# key {record['key']}\n"
-          f"build_retinanet.min_level = {space_config['min_level']}\n"
-          f"build_retinanet.max_level = {space_config['max_level']}\n"
+def best_gin(record: Dict[str, Any], space_config: Dict[str, Any]) -> str:
+  """The gin text that trains the architecture of `record` (a journal line of a search in the
+  space of `space_config`): NAS-FPN's levels and table (behind its --pyramids), or FCOS with a
+  NAS-FCOS space's `model_arguments` (its pyramid, or its head on the fixed pyramid)."""
+  space = space_lib.from_config(space_config)
+  header = (f"# Best architecture of the search so far: trial {trial_number(record)}, reward "
+            f"{record['reward']:.4f}.\n# key {record['key']}\n")
+  if space.NAME != space_lib.SearchSpace.NAME:
+    arguments = {'detector': space.DETECTOR, **space.model_arguments(record['block_specs'])}
+    return header + ''.join(_binding(name, value) + '\n' for name, value in arguments.items())
+  return (header + f"build_retinanet.min_level = {space.min_level}\n"
+          f"build_retinanet.max_level = {space.max_level}\n"
           f"{block_specs_binding(record['block_specs'])}\n"
           + ''.join(f'{line}\n' for line in pyramid_bindings(record.get('pyramids'))))
 
@@ -164,6 +182,12 @@ class Progress:
                f"trial{trial_number(self.best):05d}_reward{self.best['reward']:.4f}.png")
     drawing.parent.mkdir(parents=True, exist_ok=True)
     title = f"best after {trial_number(self.best)} samples: reward {self.best['reward']:.4f}"
+    if space.NAME != space_lib.SearchSpace.NAME:  # NAS-FCOS: a head search draws its pyramid
+      pyramid = getattr(space, 'pyramid', self.best['block_specs'])
+      if pyramid is not self.best['block_specs']:
+        title += f"\nhead {self.best['key']}"
+      draw_nasfcos_spec(pyramid, str(drawing), title=title)
+      return
     specs = specs_lib.resolve(self.best['block_specs'])
     if self.best.get('pyramids'):  # the sample behind its fixed tables, one panel per repeat
       draw_pyramids([None if entry == SEARCHED else entry for entry in self.best['pyramids']],

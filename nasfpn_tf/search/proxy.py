@@ -127,22 +127,32 @@ def _gin_files(proxy: str, gin_file: Optional[str]) -> Sequence[str]:
   return [gin_file or PROXIES[proxy]]
 
 
+def space_bindings(space) -> list:
+  """The gin bindings a search space's trials need under every other binding: FCOS for the
+  NAS-FCOS spaces (`DETECTOR`), so the CPU proxy's cache holds FCOS's point targets and its
+  backbone is pretrained in an FCOS (with `CpuProxyCache.pretrain_block_specs`)."""
+  if space is None or space.DETECTOR == 'retinanet':
+    return []
+  return [f'build_retinanet.detector = {space.DETECTOR!r}']
+
+
 def prepare(proxy: str = 'cpu', work_dir: str = DEFAULT_WORK_DIR, gin_bindings=(),
             gin_file: Optional[str] = None, data_dir: Optional[str] = None,
-            backbone_checkpoint: Optional[str] = None) -> Optional[str]:
+            backbone_checkpoint: Optional[str] = None, space=None) -> Optional[str]:
   """Builds what the trials of `proxy` share, if missing: the CPU proxy's cache folder (returned)
   for its gin config, the user's records in `data_dir` (default: the embedded synthetic data)
   and `backbone_checkpoint` (default: the backbone pretrained on the proxy's images); the paper
   proxy shares nothing (None). Leaves the proxy's gin config parsed: `data_bindings` (the label
-  map's num_classes), then `gin_bindings`. ValueError naming the flag, binding, file or
-  checkpoint at fault."""
+  map's num_classes), then `gin_bindings`, then `space_bindings(space)` (a search space; None:
+  NAS-FPN's). ValueError naming the flag, binding, file or checkpoint at fault."""
   files = _gin_files(proxy, gin_file)
   if proxy != 'cpu':
     if backbone_checkpoint:
       raise ValueError(f'--backbone_checkpoint is the CPU proxy\'s; --proxy={proxy} trains the '
                        'whole model (bind RetinaNetTrainer.init_checkpoint to start it from one).')
     return None
-  bindings = cache_inputs.data_bindings(data_dir) + list(gin_bindings)
+  bindings = (cache_inputs.data_bindings(data_dir) + list(gin_bindings)
+              + space_bindings(space))
   configurables.parse_gin(files, bindings)
   folder, built = feature_cache.prepare(work_dir, data_dir, backbone_checkpoint)
   if built:  # The build bound its pretraining's settings.
@@ -161,6 +171,19 @@ def _resolve_block_specs(block_specs, min_level: int, max_level: int, where: str
   return specs
 
 
+def _model_arguments(block_specs, space, min_level: int, max_level: int,
+                     where: str) -> Dict[str, Any]:
+  """The `build_retinanet` arguments of the trial's candidate: a NAS-FPN pyramid resolved for
+  the proxy's levels, or a spec of a NAS-FCOS `space` (ValueError naming it when outside)."""
+  if space is None or space.DETECTOR == 'retinanet':
+    return {'block_specs': block_specs_lib.to_config(
+        _resolve_block_specs(block_specs, min_level, max_level, where))}
+  try:
+    return space.model_arguments(block_specs)
+  except (ValueError, TypeError, KeyError) as e:
+    raise ValueError(f'{block_specs!r} is not a spec of the search space {space!r}: {e}') from e
+
+
 @contextlib.contextmanager
 def _builds(proxy: str, where: str):
   """Any error while the trial's model is built says that the proxy does not build, and where."""
@@ -175,10 +198,15 @@ def run_trial(block_specs, proxy: str = 'cpu', seed: int = 0,
               num_threads: Optional[int] = None, data_dir: Optional[str] = None,
               gin_file: Optional[str] = None, backbone_checkpoint: Optional[str] = None,
               num_seeds: int = 1, report_steps: Sequence[int] = (),
-              report: Optional[Callable[[int, Dict[str, Any]], None]] = None) -> TrialResult:
+              report: Optional[Callable[[int, Dict[str, Any]], None]] = None,
+              space=None) -> TrialResult:
   """Trains `block_specs` (rows (level, op, (in0, in1), is_output), or a name of
   `block_specs.SPECS`) on `proxy` with seeds seed .. seed + num_seeds - 1 and returns what it
   measured (several seeds: their mean, each kept, `TrialResult.mean_of`).
+
+  space: a NAS-FCOS search space (`nasfcos_space`): `block_specs` is then one of its specs,
+  trained in FCOS as its `model_arguments` build it (`space_bindings`); None or NAS-FPN's: a
+  NAS-FPN pyramid for the proxy's levels.
 
   report: with the CPU proxy and one seed, called as report(step, result so far as
   `TrialResult.to_dict()`) after each of `report_steps` (the held-out evaluation at that step;
@@ -204,20 +232,21 @@ def run_trial(block_specs, proxy: str = 'cpu', seed: int = 0,
   if proxy == 'paper' and not data_dir:
     raise ValueError("proxy 'paper' trains on COCO records: pass data_dir, a folder of "
                      'proxy_train-*/proxy_heldout-* records written by nasfpn_tf.search.heldout.')
-  cache_folder = prepare(proxy, work_dir, gin_bindings, gin_file, data_dir, backbone_checkpoint)
-  bindings = cache_inputs.data_bindings(data_dir) + list(gin_bindings) if proxy == 'cpu' else \
-      list(gin_bindings)
+  cache_folder = prepare(proxy, work_dir, gin_bindings, gin_file, data_dir, backbone_checkpoint,
+                         space)
+  bindings = (cache_inputs.data_bindings(data_dir) if proxy == 'cpu' else []) + \
+      list(gin_bindings) + space_bindings(space)
   where = f'gin files {list(files)} with bindings {bindings}'
   results = []
   if proxy == 'cpu':
     task = cpu_proxy.CpuSearchProxy.from_gin(cache_folder)
     cpu_proxy.check_report_steps(report_steps, task.settings)  # before a model is built
-    specs = _resolve_block_specs(block_specs, task.model_arguments['min_level'],
+    arguments = _model_arguments(block_specs, space, task.model_arguments['min_level'],
                                  task.model_arguments['max_level'], where)
     for trial_seed in seeds:
       seed_start = time.perf_counter()
       with _builds(proxy, where):
-        model = task.new_model(specs, trial_seed)
+        model = task.new_model(arguments, trial_seed)
       counted = {}  # the model's FLOPs and params, counted once
 
       def on_report(step, measured, model=model, seed_start=seed_start, counted=counted):
@@ -228,9 +257,10 @@ def run_trial(block_specs, proxy: str = 'cpu', seed: int = 0,
       results.append(_result(model, measured, time.perf_counter() - seed_start, counted))
   else:
     configurables.parse_gin(files, bindings)
-    specs = _resolve_block_specs(block_specs, factory.model_argument('min_level'),
+    arguments = _model_arguments(block_specs, space, factory.model_argument('min_level'),
                                  factory.model_argument('max_level'), where)
-    gin.bind_parameter('build_retinanet.block_specs', block_specs_lib.to_config(specs))
+    for name, value in arguments.items():
+      gin.bind_parameter(f'build_retinanet.{name}', value)
     for binding, split in (('build_train_dataset.file_pattern', heldout.TRAIN_PREFIX),
                            ('build_eval_dataset.file_pattern', heldout.HELDOUT_PREFIX)):
       gin.bind_parameter(binding, heldout.record_pattern(data_dir, split))
@@ -240,8 +270,7 @@ def run_trial(block_specs, proxy: str = 'cpu', seed: int = 0,
       tf_keras.backend.clear_session()
       gc.collect()
       tf_keras.utils.set_random_seed(trial_seed)
-      trial = json.dumps([block_specs_lib.to_config(specs), trial_seed, list(files),
-                          list(gin_bindings), data_dir])
+      trial = json.dumps([arguments, trial_seed, list(files), list(bindings), data_dir])
       model_dir = os.path.join(work_dir, 'paper_trials',
                                hashlib.sha256(trial.encode()).hexdigest()[:16])
       with _builds(proxy, where):

@@ -1,9 +1,11 @@
 """The search loop: a controller behind a Ray Tune `Searcher`, its samples in a journal.
 
 The search dir is the whole state of a search:
-- `search.json`: what the search is (`SearchSettings.IDENTITY`: space, algorithm, proxy, reward,
-  seed, data_dir, backbone checkpoint, proxy seeds ...); a rerun with other settings is refused,
-  naming the one that differs (a setting newer than the file counts at its default).
+- `search.json`: what the search is (`SearchSettings.IDENTITY`: the space (its --space name and
+  fields: NAS-FPN's, NAS-FCOS's pyramid or head space, the head's fixed pyramid), algorithm,
+  proxy, reward, seed, data_dir, backbone checkpoint, proxy seeds ...); a rerun with other
+  settings is refused, naming the one that differs (a setting newer than the file counts at its
+  default).
 - `trials.jsonl` (`Journal`): one line per finished sample, the source of truth. The controller's
   state (`controller.pkl`) is saved after each line with the number of lines it has seen; on a
   restart the lines it missed are fed back to it again, so kill -9 anywhere loses nothing.
@@ -52,7 +54,7 @@ class SearchSettings:
   proxy: str = 'cpu'
   reward: str = 'ap'
   target_flops: Optional[float] = None
-  space: SearchSpace = SearchSpace()
+  space: Any = SearchSpace()  # any space of `space.spaces()`
   seed: int = 0
   init_block_specs: Optional[str] = None
   gin_bindings: Sequence[str] = ()
@@ -81,6 +83,7 @@ class SearchSettings:
   def identity(self) -> Dict[str, Any]:
     identity = {name: getattr(self, name) for name in self.IDENTITY}
     identity['space'] = self.space.config()
+    identity['space_name'] = self.space.NAME  # --space, named apart for a plain refusal
     identity['gin_bindings'] = list(self.gin_bindings)
     identity['pyramids'] = list(self.pyramids) if self.pyramids else None
     return identity
@@ -124,6 +127,7 @@ def check_search_dir(settings: SearchSettings, record: bool = True) -> None:
   """Refuses a search dir that holds another search; with `record`, writes `search.json` in a
   new one (`search_dir.check_identity`; a setting newer than the file counts at its default)."""
   defaults = {f.name: f.default for f in dataclasses.fields(SearchSettings)}
+  defaults['space_name'] = SearchSpace.NAME  # dirs from before --space searched NAS-FPN
   search_dir_lib.check_identity(settings.search_dir, settings.identity(), record, defaults)
 
 
@@ -165,7 +169,7 @@ class ControllerSearcher:
       self.controller.load_state(saved['state'])
       seen = saved['num_records']
     for record in self.records[seen:]:
-      self.controller.feedback(_proposal(record), record['reward'])
+      self.controller.feedback(_proposal(record, self.settings.space), record['reward'])
     if seen < len(self.records):
       self._save_controller()
 
@@ -230,7 +234,7 @@ class ControllerSearcher:
                                 target_flops=self.settings.target_flops)
     record = {
         'trial': len(self.records), 'key': proposal.key,
-        'block_specs': specs_lib.to_config(proposal.block_specs), 'reward': reward,
+        'block_specs': self.settings.space.spec_config(proposal.block_specs), 'reward': reward,
         'seconds': seconds, 'cached': cached, 'result': result, 'node_id': node_id,
         'stopped_at_step': result.get('stopped_at_step'),
         'actions': list(proposal.actions), 'log_probs': list(proposal.log_probs),
@@ -246,7 +250,7 @@ class ControllerSearcher:
   def _trial_config(self, proposal) -> Dict[str, Any]:
     s = self.settings
     return {
-        'key': proposal.key, 'block_specs': specs_lib.to_config(proposal.block_specs),
+        'key': proposal.key, 'block_specs': s.space.spec_config(proposal.block_specs),
         'space': s.space.config(), 'proxy': s.proxy, 'seed': s.seed,
         'gin_bindings': s.trial_gin_bindings(), 'data_dir': s.data_dir,
         'backbone_checkpoint': s.backbone_checkpoint, 'proxy_seeds': s.proxy_seeds,
@@ -273,10 +277,11 @@ def proxy_dir(settings: SearchSettings) -> str:
   return str(pathlib.Path(settings.proxy_dir or default).resolve())
 
 
-def _proposal(record: Dict[str, Any]) -> controllers_lib.Proposal:
-  """The proposal a journal line records, to feed back again after a restart."""
+def _proposal(record: Dict[str, Any], space) -> controllers_lib.Proposal:
+  """The proposal a journal line of a search in `space` records, to feed back again after a
+  restart."""
   return controllers_lib.Proposal(
-      block_specs=specs_lib.resolve(record['block_specs']), key=record['key'],
+      block_specs=space.decode(record['actions']), key=record['key'],
       actions=tuple(record['actions']), log_probs=tuple(record['log_probs']),
       index=record['proposal_index'])
 
@@ -344,7 +349,8 @@ def run_search(settings: SearchSettings, log=print) -> Dict[str, Any]:
     # fail before the search dir records them.
     from nasfpn_tf.search import proxy  # pylint: disable=g-import-not-at-top
     proxy.prepare(settings.proxy, proxy_dir(settings), settings.trial_gin_bindings(),
-                  data_dir=settings.data_dir, backbone_checkpoint=settings.backbone_checkpoint)
+                  data_dir=settings.data_dir, backbone_checkpoint=settings.backbone_checkpoint,
+                  space=settings.space)
   asha = resolve_asha(settings)
   check_search_dir(settings)
   searcher = ControllerSearcher(settings, log, asha)

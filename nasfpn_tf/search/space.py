@@ -44,6 +44,9 @@ class SearchSpace:
   min_level: int = 3
   max_level: int = 7
 
+  NAME = 'nasfpn'  # --space
+  DETECTOR = 'retinanet'  # the detector its proxy trains (`build_retinanet.detector`)
+
   def __post_init__(self):
     if self.max_level <= self.min_level:
       raise ValueError(f'SearchSpace needs min_level < max_level, got {self.min_level}..'
@@ -212,7 +215,16 @@ class SearchSpace:
 
     return count(0, (1,) * self.num_levels, frozenset())
 
+  def spec_config(self, block_specs: specs_lib.SpecLike):
+    """A spec of the space as JSON-ready rows (a journal line's `block_specs`)."""
+    return specs_lib.to_config(specs_lib.resolve(block_specs, self.min_level, self.max_level))
+
+  def model_arguments(self, block_specs: specs_lib.SpecLike) -> Dict[str, object]:
+    """The `build_retinanet` arguments that build a spec of the space into the proxy's model."""
+    return {'block_specs': self.spec_config(block_specs)}
+
   def config(self) -> Dict[str, int]:
+    """The fields (no name: a search dir recorded before other spaces existed reads the same)."""
     return dataclasses.asdict(self)
 
   @classmethod
@@ -227,6 +239,8 @@ class SearchSpace:
     return tuple(actions)
 
   def _check(self, actions: Tuple[int, ...]) -> None:
+    """ValueError naming the first step whose action its options do not allow (the message of
+    the space's `_invalid_message`). The NAS-FCOS spaces share it."""
     if len(actions) != self.num_decisions:
       raise ValueError(f'{self!r} takes {self.num_decisions} decisions, got '
                        f'{len(actions)}.')
@@ -249,3 +263,22 @@ class SearchSpace:
     why = ('inputs are the candidates so far' if field == 'input0' else
            'the second input is another candidate so far than the first')
     return f'cell {cell}: {field} {action} is not allowed: {why}; valid: {valid}.'
+
+
+def spaces() -> Dict[str, type]:
+  """The search spaces by their --space name: NAS-FPN's and NAS-FCOS's two."""
+  from nasfpn_tf.search import nasfcos_space  # pylint: disable=g-import-not-at-top  (imports us)
+  return {SearchSpace.NAME: SearchSpace, **nasfcos_space.SPACES}
+
+
+def from_config(config: Dict[str, object]):
+  """The space of a `config()` of any space: NAS-FCOS's name theirs under 'space'; a config
+  without one is NAS-FPN's."""
+  config = dict(config)
+  name = config.get('space', SearchSpace.NAME)
+  known = spaces()
+  if name not in known:
+    raise ValueError(f'Unknown search space {name!r} in {config!r}; spaces are {sorted(known)}.')
+  if name == SearchSpace.NAME:
+    config.pop('space', None)
+  return known[name].from_config(config)

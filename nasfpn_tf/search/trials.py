@@ -23,8 +23,8 @@ import numpy as np
 
 from nasfpn_tf.decoders import block_specs as specs_lib
 from nasfpn_tf.search import rewards
+from nasfpn_tf.search import space as space_lib
 from nasfpn_tf.search.journal import ResultStore
-from nasfpn_tf.search.space import SearchSpace
 
 # `synthetic` trains nothing: its AP is the fraction of the controller's decisions that agree
 # with a target table. It tests the search machinery (Ray, the journal, resuming) and compares
@@ -38,23 +38,23 @@ TARGET_SEED = 20190416
 SYNTHETIC_STEPS = 100
 
 
-def synthetic_target(space: SearchSpace) -> Sequence[specs_lib.BlockSpec]:
-  """The table the synthetic reward aims at: the paper's NAS-FPN where the space holds it, else a
-  fixed sample."""
+def synthetic_target(space) -> Sequence[specs_lib.BlockSpec]:
+  """The spec the synthetic reward aims at: the paper's NAS-FPN where the space holds it, else a
+  fixed sample (of any space of `space.spaces()`)."""
   if space.contains(specs_lib.NASFPN):
     return specs_lib.NASFPN
   return space.sample(np.random.default_rng(TARGET_SEED))
 
 
-def synthetic_result(space: SearchSpace, block_specs) -> Dict[str, Any]:
+def synthetic_result(space, block_specs) -> Dict[str, Any]:
   """{'ap': the fraction of decisions that agree with `synthetic_target`, 'flops': 0}.
 
-  Decisions are read off the canonical key (level, op, input pair per cell), so samples that
-  build the same network get the same reward, as a trained proxy gives them.
+  Decisions are read off the canonical key (e.g. NAS-FPN's level, op, input pair per cell), so
+  samples that build the same network get the same reward, as a trained proxy gives them.
   """
   def decisions(specs):
     return [field for cell in space.key(specs).split('/') for field in re.split('[:,]', cell)]
-  sample, target = decisions(specs_lib.resolve(block_specs)), decisions(synthetic_target(space))
+  sample, target = decisions(block_specs), decisions(synthetic_target(space))
   return {'ap': float(np.mean([a == b for a, b in zip(sample, target)])), 'flops': 0}
 
 
@@ -101,7 +101,7 @@ def train_architecture(config: Dict[str, Any]) -> None:
 def _run_synthetic(config: Dict[str, Any], report) -> Dict[str, Any]:
   """The synthetic proxy's trial: waits --synthetic_seconds, spread over its steps, reporting
   `synthetic_curve` at `report_steps` when `report` is given."""
-  result = synthetic_result(SearchSpace.from_config(config['space']), config['block_specs'])
+  result = synthetic_result(space_lib.from_config(config['space']), config['block_specs'])
   seconds, done = config.get('synthetic_seconds', 0.0), 0
   for step in (config.get('report_steps') or []) if report else []:
     time.sleep(seconds * (step - done) / SYNTHETIC_STEPS)
@@ -122,4 +122,4 @@ def _run_proxy(config: Dict[str, Any], report=None) -> Dict[str, Any]:
       num_threads=max(1, int(config['cpus_per_trial'])), data_dir=config['data_dir'],
       backbone_checkpoint=config.get('backbone_checkpoint'),
       num_seeds=config.get('proxy_seeds', 1), report_steps=config.get('report_steps') or (),
-      report=report).to_dict()
+      report=report, space=space_lib.from_config(config['space'])).to_dict()
