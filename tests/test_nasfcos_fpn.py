@@ -10,6 +10,7 @@ from nasfpn_tf.decoders import nasfcos_specs as specs_lib
 from nasfpn_tf.decoders.nasfcos_fpn import NASFCOSFPN
 from nasfpn_tf.layers.nasfcos_cell import NASFCOSCell
 from nasfpn_tf.search.nasfcos_space import NASFCOSFPNSpace
+from training_helpers import HALF_PRECISION_HELD_BACK
 
 FILTERS = 8
 SIZE = 128  # C2 is SIZE/4 square; P7 is 1x1
@@ -228,6 +229,7 @@ def test_drawing(tmp_path):
   assert not (tmp_path / 'bad.png').exists()
 
 
+@HALF_PRECISION_HELD_BACK
 def test_mixed_precision_and_every_weight_trains():
   """Under mixed_bfloat16 the outputs are bfloat16 and a loss reaches every trainable weight
   (each op, both aggregations, the adapt convs and P6-P7)."""

@@ -210,6 +210,9 @@ def test_export_writes_metadata_unless_told_not_to(model, bare, tmp_path, monkey
   assert summary['metadata'] == 'mediapipe_object_detector'
   written = (tmp_path / 'with.tflite').read_bytes()
   assert written == tflite_metadata.with_metadata(bare, NAMES, 9)
+  # The same bytes whenever written: the labels' zip entry carries a fixed date, not the clock's.
+  with zipfile.ZipFile(io.BytesIO(written)) as archive:
+    assert archive.getinfo(tflite_metadata.LABELS_FILE).date_time == (1980, 1, 1, 0, 0, 0)
   summary = tflite.export_model_tflite(model, str(tmp_path / 'bare.tflite'), label_map=NAMES,
                                        metadata=False)
   assert summary['metadata'] is None

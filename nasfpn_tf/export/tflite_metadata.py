@@ -169,7 +169,8 @@ def with_metadata(content: bytes, labels: Mapping[int, Optional[str]],
                   num_foreground: int) -> bytes:
   """`content` (a detection .tflite of `tflite.convert`) with MediaPipe ObjectDetector metadata:
   the ModelMetadata under TFLITE_METADATA (replacing one already there) and labels.txt (from
-  `labels` {class id: name}, `num_foreground` lines) appended as a zip archive."""
+  `labels` {class id: name}, `num_foreground` lines) appended as a zip archive; the same bytes
+  for the same arguments."""
   roles = output_roles(content)
   model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(content, 0))
   buffer = schema.BufferT()
@@ -184,8 +185,11 @@ def with_metadata(content: bytes, labels: Mapping[int, Optional[str]],
   builder.Finish(model.Pack(builder), b'TFL3')
   out = io.BytesIO(bytes(builder.Output()))
   out.seek(0, io.SEEK_END)
+  # A fixed entry date (zip's earliest) keeps the file the same bytes for the same model
+  # whenever it is written.
+  entry = zipfile.ZipInfo(LABELS_FILE, date_time=(1980, 1, 1, 0, 0, 0))
   with zipfile.ZipFile(out, 'a') as archive:
-    archive.writestr(LABELS_FILE, '\n'.join(label_lines(labels, num_foreground)) + '\n')
+    archive.writestr(entry, '\n'.join(label_lines(labels, num_foreground)) + '\n')
   return out.getvalue()
 
 
