@@ -6,33 +6,26 @@ A search is only as good as its reward. This trains FPN (`block_specs.fpn()`), t
 NAS-FPN and `--num_random` distinct random samples of the search space (`search.space.
 SearchSpace`, 7 cells over P3-P7), each with two seeds on the proxy (gin_configs/
 search_proxy_cpu.gin plus `--gin_bindings`) and once with a `--long_factor` times longer schedule
-(a third seed). Every trial keeps both rewards the CPU proxy measures in one evaluation: the
-held-out AP (`--reward=ap`) and the held-out focal + box loss (`--reward=neg_loss` is its
-negative; `search.rewards` computes both). For each reward setting of a search
-
-  ap_x1, neg_loss_x1  the reward of one seed (the first --seed), as `--proxy_seeds=1` gives it;
-  ap_x2, neg_loss_x2  the mean reward of the two seeds, as `--proxy_seeds=2` gives it;
-
-it reports Kendall's tau-b (`kendall_tau`)
+(a third seed), or takes the long trials of another gate's dir (`--reference_dir`: a cheaper proxy
+ranked against the same reference). Every trial keeps the held-out AP (`--reward=ap`) and the
+held-out focal + box loss (`--reward=neg_loss` is its negative; `search.rewards`). For each reward
+setting (ap_x1, neg_loss_x1: the first --seed's reward, as `--proxy_seeds=1` gives it; ap_x2,
+neg_loss_x2: the two seeds' mean, as `--proxy_seeds=2`) it reports Kendall's tau-b
 
   tau_seeds   (x1 settings) the first seed's reward against the second's: is it reproducible?
   tau_long    the reward against the long schedule's held-out AP, the reference: does the short
               proxy rank as a longer training does?
 
-over all architectures and over the better half of them by the reference (whose order is what a
-search needs most, and what broken samples do not test; None, "constant" in the table, where a
-ranking is constant, such as AP 0 everywhere after too short a training), and
-`seconds_per_trial`: what the setting costs a search per architecture (x1: the mean short trial,
-x2: twice it; the AP and the loss come from the same trial, so their costs are the same). It
-prints them as a markdown table, draws `gate.png` (a row per reward: seed against seed, then x1
-and x2 against the reference) and ends with one JSON line.
+over all architectures and over the better half by the reference (None, "constant" in the table,
+where a ranking is constant), and `seconds_per_trial` (x1: the mean short trial, x2: twice it).
+It prints a markdown table, draws `gate.png` (a row per reward: seed against seed, then x1 and x2
+against the reference) and ends with one JSON line.
 
-It runs for hours, so it resumes: every finished trial is one line of the output dir's journal
-(`search.journal.Journal`, `search_dir.TRIALS_FILE`), and the same command run again trains only
-the trials not there. The output dir records the gate's configuration (`search_dir.
-GATE_IDENTITY_FILE`, checked by `search_dir.check_identity` as a search dir is): another one is
-refused, naming the settings that differ. A journal written before the gate kept the held-out
-loss is refused too (its trials lack it): use a new --output_dir (--work_dir keeps the cache).
+It resumes: every finished trial is one line of the output dir's journal (`search.journal.
+Journal`, `search_dir.TRIALS_FILE`); the same command again trains only the trials not there.
+The dir records the gate's configuration (`search_dir.GATE_IDENTITY_FILE`, checked by
+`search_dir.check_identity`): another one is refused, naming the settings that differ, as is a
+journal written before the gate kept the held-out loss.
 """
 import collections
 import datetime
@@ -43,7 +36,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -65,13 +58,14 @@ _LONG_SEED = None
 _LONG_FACTOR = None
 _GIN_BINDINGS = None
 _TF_THREADS = None
+_REFERENCE_DIR = None
 
 
 def define_flags():
   """The script's flags, defined only when it runs: tests load it beside modules that define
   flags of the same names (output_dir)."""
   global _OUTPUT_DIR, _WORK_DIR, _NUM_RANDOM, _SAMPLE_SEED, _SEEDS, _LONG_SEED, _LONG_FACTOR
-  global _GIN_BINDINGS, _TF_THREADS
+  global _GIN_BINDINGS, _TF_THREADS, _REFERENCE_DIR
   _OUTPUT_DIR = flags.DEFINE_string(
       'output_dir', 'runs/search_proxy_gate',
       f'{search_dir_lib.TRIALS_FILE}, {search_dir_lib.GATE_IDENTITY_FILE} and '
@@ -89,6 +83,10 @@ def define_flags():
                                             "file, e.g. 'CpuProxy.train_steps = 200'.")
   _TF_THREADS = flags.DEFINE_integer('tf_threads', None, "TensorFlow's thread pools (default: "
                                       "TensorFlow's own).")
+  _REFERENCE_DIR = flags.DEFINE_string(
+      'reference_dir', None, "Another gate's --output_dir of the same architectures and long "
+      'seed: its long trials are the reference and only the short ones train here (a cheaper '
+      'proxy ranked against the same longer training).')
 
 
 SPACE = SearchSpace(num_cells=7, min_level=3, max_level=7)
@@ -370,16 +368,45 @@ def cpu_trial_fn(work_dir: str, bindings: Sequence[str],
   return trial_fn
 
 
+def reference_trials(reference_dir: str, archs: Dict[str, Any],
+                     long_seed: int) -> Tuple[List[Dict[str, Any]], int]:
+  """(the long trials, their long_factor) of the gate in `reference_dir`, which must have run
+  the same architectures with the same long seed to the end; ValueError naming the dir if not."""
+  try:
+    with open(os.path.join(reference_dir, search_dir_lib.GATE_IDENTITY_FILE)) as f:
+      other = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'--reference_dir={reference_dir} holds no proxy gate: {e}') from e
+  if other.get('architectures') != json.loads(json.dumps(archs)) or \
+      other.get('long_seed') != long_seed:
+    raise ValueError(f'--reference_dir={reference_dir} ran other architectures or another '
+                     f"long seed ({other.get('long_seed')}): give the same --num_random, "
+                     '--sample_seed and --long_seed.')
+  long = [r for r in read_records(reference_dir)
+          if r['schedule'] == 'long' and r['seed'] == long_seed]
+  missing = sorted(set(archs) - {r['arch'] for r in long})
+  if missing:
+    raise ValueError(f'--reference_dir={reference_dir} lacks the long trials of {missing}.')
+  return long, other['long_factor']
+
+
 def gate(output_dir: str, work_dir: Optional[str], archs: Dict[str, Any], seeds: Sequence[int],
          long_seed: int, long_factor: int, gin_bindings: Sequence[str],
          say: Callable[[str], None] = print,
-         trial_fn: Optional[Callable[[Trial], Dict[str, Any]]] = None) -> Dict[str, Any]:
+         trial_fn: Optional[Callable[[Trial], Dict[str, Any]]] = None,
+         reference_dir: Optional[str] = None) -> Dict[str, Any]:
   """Checks the gate dir, builds the proxy's cache, runs the missing trials, draws gate.png;
-  returns the summary. trial_fn: instead of the CPU proxy's (tests)."""
+  returns the summary. trial_fn: instead of the CPU proxy's (tests). reference_dir: another
+  gate's dir whose long trials (and long_factor) are the reference: only the short trials run."""
   if len(seeds) != 2 or len(set(list(seeds) + [long_seed])) != 3:
     raise ValueError(f'give two --seed values, both other than --long_seed ({list(seeds)}, '
                      f'{long_seed}).')
+  reference = []
+  if reference_dir:
+    reference, long_factor = reference_trials(reference_dir, archs, long_seed)
   identity = gate_identity(archs, seeds, long_seed, long_factor, gin_bindings)
+  if reference_dir:
+    identity['reference_dir'] = os.path.abspath(reference_dir)
   check_gate_dir(output_dir, identity, record=False)
   if trial_fn is None:
     # pylint: disable=g-import-not-at-top
@@ -391,7 +418,8 @@ def gate(output_dir: str, work_dir: Optional[str], archs: Dict[str, Any], seeds:
     long_bindings = list(gin_bindings) + [f'CpuProxy.train_steps = {long_factor * short_steps}']
     trial_fn = cpu_trial_fn(work_dir, gin_bindings, long_bindings)
   check_gate_dir(output_dir, identity)
-  records = run_gate(output_dir, plan(archs, seeds, long_seed), trial_fn, long_factor, say)
+  trials = [t for t in plan(archs, seeds, long_seed) if not (reference and t.schedule == 'long')]
+  records = run_gate(output_dir, trials, trial_fn, long_factor, say) + reference
   plot(records, list(archs), seeds, long_seed, long_factor,
        os.path.join(output_dir, search_dir_lib.GATE_PNG))
   return summarize(records, list(archs), seeds, long_seed)
@@ -409,7 +437,8 @@ def main(argv):
   try:
     summary = gate(_OUTPUT_DIR.value, _WORK_DIR.value,
                    architectures(_NUM_RANDOM.value, _SAMPLE_SEED.value), _SEEDS.value,
-                   _LONG_SEED.value, _LONG_FACTOR.value, list(_GIN_BINDINGS.value), say)
+                   _LONG_SEED.value, _LONG_FACTOR.value, list(_GIN_BINDINGS.value), say,
+                   reference_dir=_REFERENCE_DIR.value)
   except ValueError as e:
     sys.exit(f'search_proxy_gate: error: {e}')
   print(markdown_table(summary), flush=True)

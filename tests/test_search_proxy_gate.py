@@ -239,3 +239,29 @@ def test_the_cpu_trial_records_ap_and_loss_with_the_long_schedules_bindings(monk
                    ('cpu', 3, 'w', ['a = 1', 'CpuProxy.train_steps = 12'])]
   assert short['ap'] == 0.25 and short['heldout_loss'] == 1.25 and short['seconds'] == 3.0
   assert 'cpu_seconds' in short and 'load_average' in short
+
+
+def test_a_reference_dir_gives_the_long_trials_and_only_short_ones_train(tmp_path):
+  full, _ = _run(tmp_path / 'full')
+  calls = []
+  summary, _ = _run(tmp_path / 'cheap', _stand_in(calls), long_factor=7,
+                    reference_dir=str(tmp_path / 'full'))
+  assert sorted(calls) == sorted((a, s, 'short') for a in ARCHS for s in (1, 2))
+  assert summary == full  # the same short numbers against the same long trials
+  recorded = json.loads((tmp_path / 'cheap' / search_dir_lib.GATE_IDENTITY_FILE).read_text())
+  assert recorded['long_factor'] == 3  # the reference's, not the flag's
+  assert recorded['reference_dir'] == str(tmp_path / 'full')
+  assert {r['schedule'] for r in Journal(tmp_path / 'cheap' / search_dir_lib.TRIALS_FILE).read()
+          } == {'short'}
+  other = _archs()
+  other['random_07'] = [[4, 'sum', [0, 1], False]]
+  with pytest.raises(ValueError, match=r'--reference_dir=.*full ran other architectures'):
+    _run(tmp_path / 'c2', archs=other, reference_dir=str(tmp_path / 'full'))
+  with pytest.raises(ValueError, match=r'--reference_dir=.*nowhere holds no proxy gate'):
+    _run(tmp_path / 'c3', reference_dir=str(tmp_path / 'nowhere'))
+  partial = tmp_path / 'partial'
+  trial_fn = _stand_in([], kill_at=22)
+  with pytest.raises(trial_fn.Killed):
+    _run(partial, trial_fn)
+  with pytest.raises(ValueError, match=r"partial lacks the long trials of \['nasfpn', 'random_00', "):
+    _run(tmp_path / 'c4', reference_dir=str(partial))
