@@ -26,6 +26,7 @@ readable image.
 """
 import glob
 import json
+import math
 import os
 import sys
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
@@ -167,8 +168,9 @@ def load_detector(path: str, soft_nms_sigma: Optional[float] = None,
   """(detector, label map {id: name}) of a SavedModel folder, .tflite file or model dir;
   `soft_nms_sigma` (model dirs only) overrides the model's post-processing, `tta` (model dirs
   only) detects with test-time augmentation."""
-  if soft_nms_sigma is not None and soft_nms_sigma < 0:
-    raise ValueError(f'--soft_nms_sigma={soft_nms_sigma}: give a number >= 0 (0: hard NMS).')
+  if soft_nms_sigma is not None and not (soft_nms_sigma >= 0 and math.isfinite(soft_nms_sigma)):
+    raise ValueError(f'--soft_nms_sigma={soft_nms_sigma}: give a finite number >= 0 (0: hard '
+                     'NMS).')
   if tta is not None and (path.endswith('.tflite') or
                           os.path.isfile(os.path.join(path, 'saved_model.pb'))):
     raise ValueError(f'--tta_scales / --tta_flip: --model={path} is an export, whose graph runs '

@@ -125,6 +125,9 @@ BACKBONE_SPECS = {str(level): tf.TensorShape([None, 128 >> level, 128 >> level, 
     (dict(block_specs='[[4, "sum", [1, 2]]]'), (3, 5), r'nasfpn_tf\.block_specs = .*cell 0'),
     (dict(block_specs='[[4, "sum", [1, 2], true'), (3, 5), r'nasfpn_tf\.block_specs = .*Expect'),
     (dict(num_repeats=0), (3, 7), r'task\.model\.decoder\.nasfpn_tf\.num_repeats = 0'),
+    (dict(num_filters=0), (3, 7), r'task\.model\.decoder\.nasfpn_tf\.num_filters = 0'),
+    (dict(merge_filters=-8), (3, 7),
+     r'task\.model\.decoder\.nasfpn_tf\.merge_filters = -8 must be >= 1 \(0: num_filters\)'),
 ])
 def test_bad_decoder_settings_name_the_config_field(settings, levels, message):
   config = exp_factory.get_exp_config('retinanet_resnet_nasfpn_tf_coco').task.model

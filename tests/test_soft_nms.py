@@ -111,6 +111,13 @@ def test_detection_generator_soft_nms_matches_numpy():
   assert np.all(detections['num_detections'] > hard_detections['num_detections'].numpy())
 
 
+@pytest.mark.parametrize('sigma', [-1.0, float('nan'), float('inf')])
+def test_bad_predict_sigma_is_named(sigma, tmp_path):
+  # Refused before the model is looked at, naming predict's flag.
+  with pytest.raises(ValueError, match=rf'--soft_nms_sigma={sigma}: give a finite number >= 0'):
+    predict.load_detector(str(tmp_path), soft_nms_sigma=sigma)
+
+
 @pytest.mark.parametrize('sigma', [-0.1, float('nan'), float('inf'), 'wide', True])
 def test_bad_sigma_is_named(sigma):
   with pytest.raises(ValueError, match=r'build_retinanet\.soft_nms_sigma'):

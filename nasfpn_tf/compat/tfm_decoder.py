@@ -93,6 +93,9 @@ def build_nasfpn_tf_decoder(
   for name in ('num_filters', 'num_repeats'):
     if getattr(config, name) < 1:
       raise ValueError(f'{_FIELD}.{name} = {getattr(config, name)} must be >= 1.')
+  if config.merge_filters < 0:
+    raise ValueError(f'{_FIELD}.merge_filters = {config.merge_filters} must be >= 1 (0: '
+                     'num_filters).')
   levels = {level: shape for level, shape in input_specs.items()
             if min_level <= int(level) <= max_level}
   norm = model_config.norm_activation
