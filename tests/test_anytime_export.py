@@ -2,8 +2,6 @@
 metrics; its checkpoints refuse a plain config naming the binding; the SavedModel serves every
 exit (fresh process, uint8 tensors and encoded JPEGs); the TFLite file of an early exit runs in
 the stock interpreter with builtin ops and the post-processing op only."""
-import contextlib
-import io
 import json
 import re
 import shutil
@@ -22,7 +20,7 @@ from nasfpn_tf.training import trainer as trainer_lib
 from nasfpn_tf.utils import model_stats
 from training_helpers import assert_same_detections, keras_detections, pairwise_iou
 from training_helpers import read_scalars, records_and_encoded_images, run_main
-from training_helpers import serve_in_fresh_process, spread_scores, tiny_bindings
+from training_helpers import serve_in_fresh_process, tiny_bindings, train_tiny_model
 
 ANYTIME = ['build_retinanet.num_repeats = 2', 'build_retinanet.anytime = True',
            # A near-untrained model: keep every candidate so there are detections to compare.
@@ -32,14 +30,10 @@ ANYTIME = ['build_retinanet.num_repeats = 2', 'build_retinanet.anytime = True',
 def trained(synthetic_records, tmp_path_factory):
   """A 2-exit anytime model trained and evaluated 2 steps: (model_dir, trainer, printed)."""
   model_dir = tmp_path_factory.mktemp('anytime')
-  config.parse_gin([], tiny_bindings(synthetic_records, train_steps=2) + ANYTIME)
-  printed = io.StringIO()
-  with contextlib.redirect_stdout(printed):
-    trainer = trainer_lib.RetinaNetTrainer(str(model_dir), tf.distribute.get_strategy(),
-                                           mode='train_and_eval')
-    spread_scores(trainer.model)  # The head is shared: every exit's scores spread.
-    trainer.run()
-  return model_dir, trainer, printed.getvalue()
+  # The head is shared: every exit's scores spread.
+  trainer, printed = train_tiny_model(synthetic_records, model_dir, ANYTIME,
+                                      mode='train_and_eval')
+  return model_dir, trainer, printed
 
 
 def test_training_logs_each_exit_and_evaluation_scores_each_exit(trained):

@@ -3,8 +3,6 @@ its own table with its own weights, the parameters add up part by part, the conf
 and the default model is what it was; bad bindings are named; a stack trains through the
 trainer, exports to a SavedModel and a TFLite file that detect what the Keras model detects, and
 is drawn; the search trains its samples behind a fixed FPN and records it."""
-import contextlib
-import io
 import json
 
 import gin
@@ -23,12 +21,11 @@ from nasfpn_tf.models.retinanet import RetinaNet
 from nasfpn_tf.search import configurables, feature_cache, progress, runner
 from nasfpn_tf.search.space import SearchSpace
 from nasfpn_tf.search import search_dir as search_dir_lib
-from nasfpn_tf.training import trainer as trainer_lib
 from nasfpn_tf.visualization.architecture import draw_pyramids
 from training_helpers import TINY_MODEL, assert_same_detections, drive_in_process
 from training_helpers import keras_detections, pairwise_iou, read_png, read_scalars
 from training_helpers import records_and_encoded_images, run_main
-from training_helpers import spread_scores, tiny_bindings
+from training_helpers import train_tiny_model
 
 # Backbone features C3-C5 of a 128 px image, 8 channels: P6 and P7 are pooled from them.
 FEATURES = {'3': [None, 16, 16, 8], '4': [None, 8, 8, 8], '5': [None, 4, 4, 8]}
@@ -148,12 +145,7 @@ STACK = ['build_retinanet.num_repeats = 2', "build_retinanet.pyramids = ['fpn', 
 def trained(synthetic_records, tmp_path_factory):
   """FPN then NAS-FPN, trained 2 steps through the trainer: the model dir."""
   model_dir = tmp_path_factory.mktemp('pyramids')
-  config.parse_gin([], tiny_bindings(synthetic_records, train_steps=2) + STACK)
-  with contextlib.redirect_stdout(io.StringIO()):
-    trainer = trainer_lib.RetinaNetTrainer(str(model_dir), tf.distribute.get_strategy(),
-                                           mode='train')
-    spread_scores(trainer.model)
-    trainer.run()
+  train_tiny_model(synthetic_records, model_dir, STACK)
   return model_dir
 
 

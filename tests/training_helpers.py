@@ -1,4 +1,5 @@
-"""What the test files share: tiny-model gin bindings and model config, readers of what training
+"""What the test files share: tiny-model gin bindings and model config, a tiny model trained a few
+steps, readers of what training
 writes, the matching of one detector's detections against another's, a SavedModel served in a
 fresh process, the loading of experiment scripts, the lookup of the coco128 sample, a search
 driven without Ray, a mixed-precision policy set for one block, the deadline of every
@@ -70,6 +71,23 @@ def spread_scores(model, seed=0):
   kernel = model.head.classifier.kernel
   kernel.assign(tf.random.stateless_normal(kernel.shape, [seed, 0], stddev=0.1, dtype=kernel.dtype))
 
+
+def train_tiny_model(records, model_dir, bindings=(), mode='train', **trainer):
+  """TINY_MODEL plus `bindings`, its classifier drawn wide (`spread_scores`: an untrained model's
+  scores spread, so there are detections to compare), trained 2 steps (or `trainer`'s
+  train_steps) on `records` through the trainer in `mode` (train, or train_and_eval), writing
+  `model_dir`. Returns (the trainer, what it printed)."""
+  # pylint: disable=import-outside-toplevel
+  from nasfpn_tf import config
+  from nasfpn_tf.training import trainer as trainer_lib
+  config.parse_gin([], tiny_bindings(records, **{'train_steps': 2, **trainer}) + list(bindings))
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    trained = trainer_lib.RetinaNetTrainer(str(model_dir), tf.distribute.get_strategy(),
+                                           mode=mode)
+    spread_scores(trained.model)
+    trained.run()
+  return trained, printed.getvalue()
 
 def read_scalars(log_dir):
   """{tag: {step: value}} of the TensorBoard scalars under `log_dir`."""
