@@ -277,24 +277,36 @@ def _as_mediapipe_reports(raw, count):
   return reports
 
 
-def test_mediapipe_object_detector_returns_the_keras_models_best_detections(
-    model, bare, coco128_dir, tmp_path):
+def _mediapipe_python_or_skip():
   python = mediapipe_python()
   if python is None:
     message = 'no Python with mediapipe: `make mediapipe-venv` or $NASFPN_MEDIAPIPE_PYTHON'
     if os.environ.get('CI') == 'true':  # `make test` builds it: CI must run this, not skip it
       pytest.fail(f'{message}; CI=true, where this test must run', pytrace=False)
     pytest.skip(message)
-  # A real photo, cropped square and resized to the model's 128 px input, so that neither side
-  # resizes (MediaPipe stretches to the input size, our pipeline pads).
-  photo = Image.open(sorted((coco128_dir / 'train2017').glob('*.jpg'))[0]).convert('RGB')
+  return python
+
+
+def _square_photo(coco128_dir, index, path=None):
+  """coco128's `index`-th JPEG, cropped square and resized to the model's 128 px input, so that
+  neither side resizes (MediaPipe stretches to the input size, our pipeline pads); saved as a
+  JPEG at `path` if given. Returns its pixels [128, 128, 3] uint8."""
+  photo = Image.open(sorted((coco128_dir / 'train2017').glob('*.jpg'))[index]).convert('RGB')
   side = min(photo.size)
-  photo.crop((0, 0, side, side)).resize((128, 128), Image.BILINEAR).save(tmp_path / 'photo.jpg',
-                                                                           quality=95)
-  (tmp_path / 'model.tflite').write_bytes(tflite_metadata.with_metadata(bare, NAMES, 9))
-  count = 5
+  photo = photo.crop((0, 0, side, side)).resize((128, 128), Image.BILINEAR)
+  if path:
+    photo.save(path, quality=95)
+  return np.asarray(photo)
+
+
+def _mediapipe_detects_as_the_interpreter(model_file, python, coco128_dir, tmp_path, count=5):
+  """MediaPipe's ObjectDetector on a real photo (coco128's first JPEG) with `model_file`: it
+  reads the file's outputs as the metadata says, so it reports the interpreter's first `count`
+  detections, in order, with their labels, scores and boxes (MediaPipe's in whole pixels).
+  Returns the interpreter's detector and the pixels MediaPipe decoded ([1, 128, 128, 3])."""
+  _square_photo(coco128_dir, 0, tmp_path / 'photo.jpg')
   found = json.loads(subprocess.run(
-      [python, '-c', _DETECT, str(tmp_path / 'model.tflite'), str(tmp_path / 'photo.jpg'),
+      [python, '-c', _DETECT, str(model_file), str(tmp_path / 'photo.jpg'),
        str(count), str(tmp_path / 'pixels.npy')], capture_output=True, text=True, check=True,
       timeout=SUBPROCESS_TIMEOUT).stdout.strip().splitlines()[-1])
   assert len(found) == count
@@ -302,13 +314,20 @@ def test_mediapipe_object_detector_returns_the_keras_models_best_detections(
   # which moves an untrained model's scores by up to 0.01).
   pixels = np.load(tmp_path / 'pixels.npy').astype(np.float32)[np.newaxis]
   assert pixels.shape == (1, 128, 128, 3)
-  detector = tflite_runtime.TFLiteDetector(model_content=bare)
-  # MediaPipe reads the file's outputs as the metadata says: the interpreter's detections, in
-  # order, with their labels, scores and boxes (MediaPipe's in whole pixels).
+  detector = tflite_runtime.TFLiteDetector(model_path=str(model_file))
   for (x, y, width, height, name, score), (box, expected_name, expected_score) in zip(
       found, _as_mediapipe_reports(detector.raw(pixels), count)):
     assert (name, score) == (expected_name, pytest.approx(expected_score, abs=1e-6))
     np.testing.assert_allclose([x, y, width, height], box, atol=1.0)
+  return detector, pixels
+
+
+def test_mediapipe_object_detector_returns_the_keras_models_best_detections(
+    model, bare, coco128_dir, tmp_path):
+  python = _mediapipe_python_or_skip()
+  (tmp_path / 'model.tflite').write_bytes(tflite_metadata.with_metadata(bare, NAMES, 9))
+  detector, pixels = _mediapipe_detects_as_the_interpreter(tmp_path / 'model.tflite', python,
+                                                           coco128_dir, tmp_path)
   # And the file's best three are the Keras model's (`tflite_postprocess`: lower down, the op's
   # NMS on unclipped boxes may keep a box that the Keras NMS, on clipped ones, drops).
   in_file = {k: v[0] for k, v in detector(pixels).items()}
@@ -318,3 +337,30 @@ def test_mediapipe_object_detector_returns_the_keras_models_best_detections(
                              atol=0.02)
   np.testing.assert_allclose(in_file['detection_boxes'][:3], keras['detection_boxes'][:3],
                              atol=2.0)
+
+
+# A tiny NAS-FPNLite as the mobile gin files build it (nasfpn_lite_mnv2_*: MobileNetV2, P3-P6,
+# separable convolutions in the pyramid and the head).
+TINY_NASFPN_LITE = TINY_MODEL + [
+    "build_retinanet.backbone = 'mobilenetv2'", 'build_retinanet.max_level = 6',
+    "build_retinanet.block_specs = 'nasfpn_lite'", 'build_retinanet.use_separable_conv = True',
+    'build_retinanet.head_use_separable_conv = True']
+
+
+def test_mediapipe_runs_the_int8_nasfpn_lite_export_as_is(coco128_dir, tmp_path):
+  # The mobile model as the TFLite export writes it by default for phones: int8 with uint8
+  # input, the metadata on; MediaPipe passes the photo's uint8 pixels as they are.
+  python = _mediapipe_python_or_skip()
+  config.parse_gin([], TINY_NASFPN_LITE)
+  lite = factory.build_retinanet()
+  # Untrained, the MobileNetV2 and the separable pyramid and head hand the classifier features
+  # of about 1e-3: its pointwise kernel drawn this wide spreads the scores over (0.05, 0.6).
+  kernel = lite.head.classifier.pointwise_kernel
+  kernel.assign(tf.random.stateless_normal(kernel.shape, [0, 0], stddev=1000.0))
+  calibration = [_square_photo(coco128_dir, i)[np.newaxis].astype(np.float32)
+                 for i in range(1, 5)]
+  summary = tflite.export_model_tflite(lite, str(tmp_path / 'lite.tflite'), 'int8',
+                                       calibration, label_map=NAMES)
+  assert summary['metadata'] == 'mediapipe_object_detector'
+  assert summary['inputs']['images']['dtype'] == 'uint8'
+  _mediapipe_detects_as_the_interpreter(tmp_path / 'lite.tflite', python, coco128_dir, tmp_path)
