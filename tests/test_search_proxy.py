@@ -94,6 +94,36 @@ def test_intermediate_reports_evaluate_without_changing_the_training(cpu_work_di
                     report_steps=[1], report=print)
 
 
+def test_the_head_starts_from_the_pretraining_one_where_it_is_that_head(cpu_work_dir):
+  """CpuProxy.pretrained_head: None (default) loads the cache's head where the trial's head has
+  its shapes (4 convs of CpuProxyCache.pretrain_filters = 16), not where it differs (TINY_CPU's
+  1-conv head); False never; True, where it differs, names the bindings."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from nasfpn_tf.search import cpu_proxy  # pylint: disable=g-import-not-at-top
+  folder = proxy.prepare('cpu', cpu_work_dir[0], TINY_CPU)
+  task = cpu_proxy.CpuSearchProxy.from_gin(folder)
+  assert task.settings.pretrained_head is None
+  cached = task.cache['head']
+  pretraining_head = {'block_specs': 'nasfpn', 'head_num_convs': 4}
+
+  def head_is_cached(t, candidate):
+    weights = t.new_model(candidate, seed=3).head.get_weights()
+    return len(weights) == len(cached) and all(
+        np.array_equal(w, c) for w, c in zip(weights, cached))
+
+  def with_setting(value):
+    return cpu_proxy.CpuSearchProxy(task.cache, task.model_arguments,
+                                    dataclasses.replace(task.settings, pretrained_head=value),
+                                    task.loss_fn)
+
+  assert head_is_cached(task, pretraining_head)
+  assert not head_is_cached(task, {'block_specs': 'nasfpn'})  # 1 conv: its initialisation
+  assert not head_is_cached(with_setting(False), pretraining_head)
+  assert head_is_cached(with_setting(True), pretraining_head)
+  with pytest.raises(ValueError, match='needs the pretraining head: build_retinanet.head_num_'):
+    with_setting(True).new_model({'block_specs': 'nasfpn'}, seed=3)
+
+
 def test_heldout_split_is_carved_from_training_images(cpu_work_dir):
   folder = _cache_folder(cpu_work_dir[0])
   records = str(folder / 'records')

@@ -41,8 +41,11 @@ class CpuProxy:
   sixth of it), then a cosine to 0 at the last step; SGD momentum; mixed_precision as
   `RetinaNetTrainer.mixed_precision` (bfloat16 where the trainer trusts it, else float32);
   eval_batch_size for the held-out images. pretrained_head: start the head from the cache's
-  pretraining head (`feature_cache.HEAD_FILE`) instead of its initialisation; the head must
-  then be the pretraining one (4 convs of CpuProxyCache.pretrain_filters).
+  pretraining head (`feature_cache.HEAD_FILE`) instead of its initialisation. None (the
+  default): wherever the cache has one (a backbone from --backbone_checkpoint comes without)
+  and the trial's head is the pretraining one, weight for weight (4 convs of
+  CpuProxyCache.pretrain_filters; not a searched head); True: always, an error where it cannot;
+  False: never.
   """
   train_steps: int = 300
   batch_size: int = 8
@@ -51,7 +54,7 @@ class CpuProxy:
   momentum: float = 0.9
   mixed_precision: Optional[str] = 'bfloat16'
   eval_batch_size: int = 50
-  pretrained_head: bool = False
+  pretrained_head: Optional[bool] = None
 
 
 def build_model(settings: CpuProxy,
@@ -219,10 +222,10 @@ class CpuSearchProxy:
     self.model_arguments = dict(model_arguments)
     self.settings = settings
     self.loss_fn = loss_fn
-    if settings.pretrained_head and cache['head'] is None:
+    if settings.pretrained_head is True and cache['head'] is None:
       raise ValueError('CpuProxy.pretrained_head = True needs the pretraining head, and this '
                        "cache's backbone came from --backbone_checkpoint, untrained with a head; "
-                       'leave pretrained_head False.')
+                       'leave CpuProxy.pretrained_head unset.')
 
   @classmethod
   def from_gin(cls, cache_folder: str) -> 'CpuSearchProxy':
@@ -235,14 +238,16 @@ class CpuSearchProxy:
   def new_model(self, candidate: Mapping[str, Any], seed: int) -> tf_keras.Model:
     """The trial's model: the proxy's with the `build_retinanet` arguments `candidate` (its
     pyramid, `{'block_specs': rows}`, or a search space's `model_arguments`), initialised with
-    `seed` (its head from the pretraining one with `pretrained_head`)."""
+    `seed` (its head from the pretraining one as `CpuProxy.pretrained_head` says)."""
     # Trials in one process do not pile up models, traced functions and layer names.
     tf_keras.backend.clear_session()
     gc.collect()
     tf_keras.utils.set_random_seed(seed)
     model = build_model(self.settings, {**self.model_arguments, **candidate})
-    if self.settings.pretrained_head:
-      _load_head(model, self.cache['head'])
+    head, wanted = self.cache['head'], self.settings.pretrained_head
+    if wanted or (wanted is None and head is not None and _head_shapes(model) == [
+        w.shape for w in head]):
+      _load_head(model, head)
     return model
 
   def train(self, model: tf_keras.Model, seed: int, report_steps: Sequence[int] = (),
@@ -277,9 +282,13 @@ class CpuSearchProxy:
             'final_loss': final_loss}
 
 
+def _head_shapes(model: tf_keras.Model):
+  return [tuple(w.shape) for w in model.head.weights]
+
+
 def _load_head(model: tf_keras.Model, weights) -> None:
   """The pretraining head's weights into the trial's head, whose shapes must be the same."""
-  shapes = [tuple(w.shape) for w in model.head.weights]
+  shapes = _head_shapes(model)
   if shapes != [w.shape for w in weights]:
     raise ValueError('CpuProxy.pretrained_head = True needs the pretraining head: '
                      'build_retinanet.head_num_convs = 4 and head_num_filters = '
