@@ -141,11 +141,12 @@ demo-steps: $(DEMO_RECORDS)/train-label_map.json $(DEMO_RECORDS)/val-label_map.j
 	@echo "[demo] exported $(DEMO_EXPORT)/saved_model and $(DEMO_EXPORT)/model.tflite;" \
 	  "drawn detections in $(DEMO_DIR)/predictions/"
 
-# The generator writes annotations/instances_val.json last.
+# The generator writes annotations/instances_val.json last. Two processes draw the images (the
+# same bytes as one).
 $(DEMO_DATA)/annotations/instances_val.json: | $(STAMP)
 	$(call demo_timed,generate,$(DEMO_ENV) $(PY) -m nasfpn_tf.data.synthetic \
 	  --output_dir=$(DEMO_DATA) --num_train=$(DEMO_NUM_TRAIN) --num_val=$(DEMO_NUM_VAL) \
-	  --image_size=$(DEMO_IMAGE_SIZE) --seed=$(DEMO_SEED))
+	  --image_size=$(DEMO_IMAGE_SIZE) --seed=$(DEMO_SEED) --num_processes=2)
 
 # The converter writes the label map after the shards.
 $(DEMO_RECORDS)/%-label_map.json: $(DEMO_DATA)/annotations/instances_val.json

@@ -72,6 +72,24 @@ def test_same_seed_same_bytes_other_seed_differs(dataset, tmp_path):
   assert all(other[name] != reference[name] for name in reference)
 
 
+def test_two_processes_write_the_same_bytes(dataset, tmp_path):
+  """make demo draws with --num_processes=2: the files must be those of one process."""
+  output_dir, summary = dataset
+  assert synthetic.generate(tmp_path, num_train=12, num_val=5, seed=0,
+                            num_processes=2) == {**summary, 'output_dir': str(tmp_path)}
+  assert _files(tmp_path) == _files(output_dir)
+  with pytest.raises(ValueError, match='num_processes must be >= 1, got 0'):
+    synthetic.generate(tmp_path / 'none', num_train=1, num_val=1, num_processes=0)
+
+
+def test_the_generator_imports_no_tensorflow():
+  """The generator needs none, and importing it (about 5 s of make demo's generate) is avoided."""
+  code = 'import sys; import nasfpn_tf.data.synthetic; print("tensorflow" in sys.modules)'
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          check=True, cwd=REPO, timeout=SUBPROCESS_TIMEOUT)
+  assert result.stdout.strip() == 'False'
+
+
 def test_boxes_are_tight_around_visible_pixels():
   for index in range(30):
     image, objects = synthetic.render(3, 'train', index)
