@@ -230,10 +230,11 @@ def test_bad_input_is_named_before_any_trial(coco_records, tmp_path):
   def prepare(bindings, **kwargs):
     return proxy.prepare('cpu', str(tmp_path / 'work'), bindings, **kwargs)
 
-  # Too few images for the default split (400 of 2000 held out: 5 of 24).
-  with pytest.raises(ValueError, match=r'24 images are too few .*holds out 5 of 24 \('
-                     r'CpuProxyCache.num_heldout = 400 of CpuProxyCache.num_images = 2000\)'):
-    prepare(training_helpers.TINY_NETWORK, data_dir=data_dir)
+  # Too few images for the split (200 of the default 1200 held out: 4 of 24).
+  with pytest.raises(ValueError, match=r'24 images are too few .*holds out 4 of 24 \('
+                     r'CpuProxyCache.num_heldout = 200 of CpuProxyCache.num_images = 1200\)'):
+    prepare(training_helpers.TINY_NETWORK + ['CpuProxyCache.num_heldout = 200'],
+            data_dir=data_dir)
   assert not [p for p in (tmp_path / 'work' / feature_cache.CACHES_DIR).iterdir() if p.is_dir()]
   # No records, a file that is no TFRecord, a record that is no tf.Example.
   empty = tmp_path / 'empty'

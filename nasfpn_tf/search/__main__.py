@@ -47,7 +47,7 @@ flags.DEFINE_enum('algorithm', 'ppo', sorted(CONTROLLERS), 'The controller: the 
 flags.DEFINE_integer('num_trials', 100, 'Samples in all, duplicates included (each key is '
                      'trained once); raise it to extend a finished search.')
 flags.DEFINE_enum('proxy', 'cpu', list(PROXIES), 'cpu: the embedded data (or --data_dir), '
-                  'frozen cached backbone features, ~1 min a trial on 2 cores; paper: the '
+                  'frozen cached backbone features, ~30 s a trial on 2 cores; paper: the '
                   'paper\'s proxy (ResNet-10, 512 px, 10 epochs) on --data_dir; synthetic: no '
                   'training, agreement with a target table (tests the search machinery).')
 flags.DEFINE_string('data_dir', None, '--proxy=cpu: a folder of your converter records '

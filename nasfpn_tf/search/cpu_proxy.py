@@ -47,10 +47,10 @@ class CpuProxy:
   CpuProxyCache.pretrain_filters; not a searched head); True: always, an error where it cannot;
   False: never.
   """
-  train_steps: int = 300
+  train_steps: int = 150
   batch_size: int = 8
   learning_rate: float = 0.04
-  warmup_steps: int = 50
+  warmup_steps: int = 25
   momentum: float = 0.9
   mixed_precision: Optional[str] = 'bfloat16'
   eval_batch_size: int = 50

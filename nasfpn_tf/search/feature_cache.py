@@ -89,10 +89,10 @@ class CpuProxyCache:
     `pretrain_learning_rate` after `pretrain_warmup_steps`, the gin's `build_train_dataset`
     augmentation, in `mixed_precision` (bfloat16 where the trainer trusts it).
   """
-  num_images: int = 2000
+  num_images: int = 1200
   num_heldout: int = 400
   data_seed: int = 0
-  pretrain_steps: int = 1000
+  pretrain_steps: int = 400
   pretrain_block_specs: str = 'fpn'
   pretrain_filters: int = 64
   pretrain_batch_size: int = 8
