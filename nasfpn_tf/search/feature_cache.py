@@ -205,7 +205,7 @@ def _synthetic_records(records: str, settings: CpuProxyCache, folder: str) -> Di
   _say(f'Generating {settings.num_images} synthetic training images in {raw}.')
   synthetic.generate(raw, num_train=settings.num_images, num_val=0,
                      image_size=max(factory.model_argument('image_size')),
-                     seed=settings.data_seed)
+                     seed=settings.data_seed, num_processes=2)  # the same bytes as one
   summary = heldout.make_proxy_records(
       os.path.join(raw, 'annotations', 'instances_train.json'), os.path.join(raw, 'train'),
       records, settings.num_heldout, settings.data_seed, num_shards=1, num_threads=2)
