@@ -127,7 +127,7 @@ BACKBONE_SPECS = {str(level): tf.TensorShape([None, 128 >> level, 128 >> level, 
     (dict(num_repeats=0), (3, 7), r'task\.model\.decoder\.nasfpn_tf\.num_repeats = 0'),
     (dict(num_filters=0), (3, 7), r'task\.model\.decoder\.nasfpn_tf\.num_filters = 0'),
     (dict(merge_filters=-8), (3, 7),
-     r'task\.model\.decoder\.nasfpn_tf\.merge_filters = -8 must be >= 1 \(0: num_filters\)'),
+     r'task\.model\.decoder\.nasfpn_tf\.merge_filters = -8 must be >= 0 \(0: num_filters\)'),
 ])
 def test_bad_decoder_settings_name_the_config_field(settings, levels, message):
   config = exp_factory.get_exp_config('retinanet_resnet_nasfpn_tf_coco').task.model

@@ -1,9 +1,8 @@
 """What the test files share: tiny-model gin bindings and model config, a tiny model trained a few
-steps, readers of what training
-writes, the matching of one detector's detections against another's, a SavedModel served in a
-fresh process, the loading of experiment scripts, the lookup of the coco128 sample, a search
-driven without Ray, a mixed-precision policy set for one block, the deadline of every
-subprocess a test starts, and free ports for a server a test starts."""
+steps, readers of what training writes, the matching of one detector's detections against
+another's, a SavedModel served in a fresh process, the loading of experiment scripts, the lookup
+of the coco128 sample, a search driven without Ray, a mixed-precision policy set for one block,
+the deadline of every subprocess a test starts, and free ports for a server a test starts."""
 import contextlib
 import importlib.util
 import io
@@ -88,6 +87,7 @@ def train_tiny_model(records, model_dir, bindings=(), mode='train', **trainer):
     spread_scores(trained.model)
     trained.run()
   return trained, printed.getvalue()
+
 
 def read_scalars(log_dir):
   """{tag: {step: value}} of the TensorBoard scalars under `log_dir`."""

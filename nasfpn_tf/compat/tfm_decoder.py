@@ -94,7 +94,7 @@ def build_nasfpn_tf_decoder(
     if getattr(config, name) < 1:
       raise ValueError(f'{_FIELD}.{name} = {getattr(config, name)} must be >= 1.')
   if config.merge_filters < 0:
-    raise ValueError(f'{_FIELD}.merge_filters = {config.merge_filters} must be >= 1 (0: '
+    raise ValueError(f'{_FIELD}.merge_filters = {config.merge_filters} must be >= 0 (0: '
                      'num_filters).')
   levels = {level: shape for level, shape in input_specs.items()
             if min_level <= int(level) <= max_level}

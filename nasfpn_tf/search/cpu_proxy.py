@@ -245,8 +245,7 @@ class CpuSearchProxy:
     tf_keras.utils.set_random_seed(seed)
     model = build_model(self.settings, {**self.model_arguments, **candidate})
     head, wanted = self.cache['head'], self.settings.pretrained_head
-    if wanted or (wanted is None and head is not None and _head_shapes(model) == [
-        w.shape for w in head]):
+    if wanted or (wanted is None and head is not None and _head_fits(model, head)):
       _load_head(model, head)
     return model
 
@@ -282,14 +281,15 @@ class CpuSearchProxy:
             'final_loss': final_loss}
 
 
-def _head_shapes(model: tf_keras.Model):
-  return [tuple(w.shape) for w in model.head.weights]
+def _head_fits(model: tf_keras.Model, weights) -> bool:
+  """Whether `weights` (the pretraining head's) have the shapes of the model's head weights."""
+  return [tuple(w.shape) for w in model.head.weights] == [w.shape for w in weights]
 
 
 def _load_head(model: tf_keras.Model, weights) -> None:
   """The pretraining head's weights into the trial's head, whose shapes must be the same."""
-  shapes = _head_shapes(model)
-  if shapes != [w.shape for w in weights]:
+  if not _head_fits(model, weights):
+    shapes = [tuple(w.shape) for w in model.head.weights]
     raise ValueError('CpuProxy.pretrained_head = True needs the pretraining head: '
                      'build_retinanet.head_num_convs = 4 and head_num_filters = '
                      'CpuProxyCache.pretrain_filters (the head has weights of shapes '
