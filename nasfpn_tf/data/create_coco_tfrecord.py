@@ -8,6 +8,16 @@ Writes `{prefix}-00000-of-00032.tfrecord` ... and `{prefix}-label_map.json` (cat
 then prints one JSON line on stdout saying what was written, converted, clipped and skipped (and
 why), so a partly broken dataset never loses data silently. Examples use the TFM keys of
 `nasfpn_tf.data.tfexample`; class labels are the json's own category ids.
+
+Repeating the three flags converts several splits in one process (one TensorFlow start; what
+`make demo` runs), paired by position and converted in that order, one JSON line each, as
+separate runs would write them:
+
+  python -m nasfpn_tf.data.create_coco_tfrecord --num_shards=2 \
+      --annotations_file=data/annotations/instances_train.json --image_dir=data/train \
+      --output_prefix=records/train \
+      --annotations_file=data/annotations/instances_val.json --image_dir=data/val \
+      --output_prefix=records/val
 """
 import collections
 import concurrent.futures
@@ -251,29 +261,53 @@ def convert(annotations_file, image_dir, output_prefix, num_shards=1, num_thread
   }
 
 
+def paired_conversions(annotations_files, image_dirs, output_prefixes):
+  """The (annotations file, image dir, output prefix) of each conversion that the repeated flags
+  name, paired by position; raises CocoFormatError naming the flags when their counts differ or
+  two conversions would write the same prefix."""
+  counts = [len(annotations_files), len(image_dirs), len(output_prefixes)]
+  if len(set(counts)) > 1:
+    raise CocoFormatError('--annotations_file, --image_dir and --output_prefix pair up by '
+                          'position, one of each per conversion: got {}, {} and {}'.format(*counts))
+  seen = set()
+  for prefix in output_prefixes:
+    if os.path.normpath(prefix) in seen:
+      raise CocoFormatError(f'--output_prefix={prefix} is given twice: the second conversion '
+                            'would overwrite the first')
+    seen.add(os.path.normpath(prefix))
+  return list(zip(annotations_files, image_dirs, output_prefixes))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   values = flags.FLAGS
   try:
-    summary = convert(values.annotations_file, values.image_dir, values.output_prefix,
-                      values.num_shards, values.num_threads)
+    conversions = paired_conversions(values.annotations_file, values.image_dir,
+                                     values.output_prefix)
+    for annotations_file, image_dir, output_prefix in conversions:
+      # One line per conversion as it finishes: a later failure keeps the earlier ones' lines.
+      print(json.dumps(convert(annotations_file, image_dir, output_prefix, values.num_shards,
+                               values.num_threads)), flush=True)
   except CocoFormatError as e:
     sys.exit(f'create_coco_tfrecord: {e}')
-  print(json.dumps(summary), flush=True)
 
 
 if __name__ == '__main__':
   # Defined only when run: the module is also a library (the search's held-out split, the
   # experiments), imported beside flags of the importer's own such as --num_threads.
-  flags.DEFINE_string('annotations_file', None,
-                      'COCO instances json (e.g. annotations/instances_train2017.json).')
-  flags.DEFINE_string('image_dir', None, "Folder that the json's image `file_name`s are relative to.")
-  flags.DEFINE_string('output_prefix', None,
-                      'Output path prefix: shards go to {prefix}-SSSSS-of-NNNNN.tfrecord and the '
-                      'category map to {prefix}-label_map.json; missing folders are created.')
-  flags.DEFINE_integer('num_shards', 1, 'Number of TFRecord shards; written images go round robin '
-                       'in json order.', lower_bound=1)
+  flags.DEFINE_multi_string('annotations_file', None,
+                            'COCO instances json (e.g. annotations/instances_train2017.json). '
+                            'Repeat the three flags to convert several splits in one process, '
+                            'paired by position, in order.')
+  flags.DEFINE_multi_string('image_dir', None,
+                            "Folder that the json's image `file_name`s are relative to.")
+  flags.DEFINE_multi_string('output_prefix', None,
+                            'Output path prefix: shards go to {prefix}-SSSSS-of-NNNNN.tfrecord '
+                            'and the category map to {prefix}-label_map.json, written after the '
+                            'shards; missing folders are created.')
+  flags.DEFINE_integer('num_shards', 1, 'Number of TFRecord shards (of each conversion); written '
+                       'images go round robin in json order.', lower_bound=1)
   flags.DEFINE_integer('num_threads', 8, 'Threads reading, checking and re-encoding images.',
                        lower_bound=1)
   flags.mark_flags_as_required(['annotations_file', 'image_dir', 'output_prefix'])
