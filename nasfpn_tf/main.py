@@ -23,7 +23,13 @@ and last checkpoint (not --gin_file):
   python -m nasfpn_tf.main --mode=export_tflite --model_dir=runs/demo \
       --tflite_path=exports/demo.tflite --quantization=float16
 
-Each prints a JSON summary of what it wrote.
+Each prints a JSON summary of what it wrote. --mode=export writes both from one restore, in one
+process (what `make demo` runs; faster than the two modes one after the other, each of which
+starts TensorFlow and restores the checkpoint), and prints the two summaries, the SavedModel's
+first:
+
+  python -m nasfpn_tf.main --mode=export --model_dir=runs/demo --export_dir=exports/demo/1 \
+      --tflite_path=exports/demo.tflite
 
 --mode=eval --tta_scales=1.0,1.25 --tta_flip evaluates with test-time augmentation (docs/tta.md).
 """
@@ -52,7 +58,7 @@ _GIN_BINDINGS = flags.DEFINE_multi_string(
     "top of the model dir's model_config.json: post-processing settings such as "
     "'build_retinanet.max_detections = 300' (a change to the network fails against the "
     'checkpoint).')
-EXPORT_MODES = ('export_saved_model', 'export_tflite')
+EXPORT_MODES = ('export_saved_model', 'export_tflite', 'export')
 SHOW_CONFIG = 'show_config'
 _MODE = flags.DEFINE_enum(
     'mode', 'train', list(trainer_lib.MODES) + list(EXPORT_MODES) + [SHOW_CONFIG],
@@ -61,7 +67,8 @@ _MODE = flags.DEFINE_enum(
     'every RetinaNetTrainer.eval_every_steps and at the end. export_saved_model: the last '
     'checkpoint, built from the model dir\'s model_config.json, as a SavedModel for TF '
     'Serving in --export_dir (signatures: nasfpn_tf/export/saved_model.py); export_tflite: as a '
-    'TFLite file at --tflite_path. show_config: print the run the gin files resolve to (train '
+    'TFLite file at --tflite_path; export: both, from one restore (one JSON summary line '
+    'each, the SavedModel\'s first). show_config: print the run the gin files resolve to (train '
     'steps, batch, weight decay, momentum, precision, the learning rate at step 0, the end of '
     'warm-up and each decay, image size, parameter count) as one JSON line; it reads no data, '
     'trains nothing and needs no --model_dir.')
@@ -70,16 +77,16 @@ _MODEL_DIR = flags.DEFINE_string(
     'operative_config.gin and eval_metrics.json; created if missing. The exports read it. '
     'Required except for --mode=show_config.')
 _EXPORT_DIR = flags.DEFINE_string(
-    'export_dir', None, 'For --mode=export_saved_model: the SavedModel folder to write: new, '
-    'empty, or an earlier export, which is replaced (to keep it, export to another folder); TF '
-    'Serving loads <base>/<version>, e.g. exports/nasfpn/1.')
+    'export_dir', None, 'For --mode=export_saved_model and export: the SavedModel folder to '
+    'write: new, empty, or an earlier export, which is replaced (to keep it, export to another '
+    'folder); TF Serving loads <base>/<version>, e.g. exports/nasfpn/1.')
 _TFLITE_PATH = flags.DEFINE_string(
-    'tflite_path', None, 'For --mode=export_tflite: the .tflite file to write; its label map '
-    'goes beside it as <stem>.labels.json.')
+    'tflite_path', None, 'For --mode=export_tflite and export: the .tflite file to write; its '
+    'label map goes beside it as <stem>.labels.json.')
 _QUANTIZATION = flags.DEFINE_enum(
     'quantization', 'float32', ['float32', 'float16', 'dynamic', 'int8'],
-    'For --mode=export_tflite: float32; float16 weights; dynamic (int8 weights, activations '
-    'quantized on the fly); int8 (full integer with uint8 input, calibrated on '
+    'For --mode=export_tflite and export: float32; float16 weights; dynamic (int8 weights, '
+    'activations quantized on the fly); int8 (full integer with uint8 input, calibrated on '
     '--representative_file_pattern).')
 _REPRESENTATIVE_FILE_PATTERN = flags.DEFINE_string(
     'representative_file_pattern', None, 'For --quantization=int8: TFRecords whose first '
@@ -93,16 +100,18 @@ _TFLITE_UINT8_INPUT = flags.DEFINE_bool(
     '(--notflite_uint8_input: float32 pixels, quantized inside). Outputs are float32 boxes, '
     'classes and scores in every variant (TFLite_Detection_PostProcess computes in float).')
 _TFLITE_FAST_NMS = flags.DEFINE_bool(
-    'tflite_fast_nms', False, 'For --mode=export_tflite: the post-processing op\'s fast NMS (one '
-    'class per anchor, class-agnostic suppression) instead of the regular per-class NMS that '
-    'matches the SavedModel; faster on phones, slightly different detections.')
+    'tflite_fast_nms', False, 'For --mode=export_tflite and export: the post-processing op\'s '
+    'fast NMS (one class per anchor, class-agnostic suppression) instead of the regular '
+    'per-class NMS that matches the SavedModel; faster on phones, slightly different '
+    'detections.')
 _TFLITE_METADATA = flags.DEFINE_bool(
-    'tflite_metadata', True, 'For --mode=export_tflite: write the TFLite metadata that MediaPipe '
-    "Tasks' ObjectDetector needs (labels from the label map, input normalization, output "
-    'roles; docs/mediapipe.md) into the file; the TFLite interpreter ignores it. '
+    'tflite_metadata', True, 'For --mode=export_tflite and export: write the TFLite metadata '
+    "that MediaPipe Tasks' ObjectDetector needs (labels from the label map, input "
+    'normalization, output roles; docs/mediapipe.md) into the file; the TFLite interpreter '
+    'ignores it. '
     '--notflite_metadata: the bare model.')
 _TFLITE_EXIT = flags.DEFINE_integer(
-    'tflite_exit', None, 'For --mode=export_tflite of an anytime model '
+    'tflite_exit', None, 'For --mode=export_tflite (and export) of an anytime model '
     '(build_retinanet.anytime = True): the exit k the file stops at, computing only the first k '
     'pyramids and that exit\'s head (default: the last exit). The SavedModel has every exit as '
     'signatures serving_exit_<k>.')
@@ -163,7 +172,8 @@ def main(argv):
 
 
 def _export() -> None:
-  """The export that --mode names, from --model_dir's own config and last checkpoint."""
+  """The export(s) that --mode names, from --model_dir's own config and last checkpoint,
+  restored once."""
   mode = _MODE.value
   if not (flags.FLAGS['verbosity'].present or flags.FLAGS['v'].present):
     # Saving and converting log every traced function at INFO, burying the summary line.
@@ -171,20 +181,30 @@ def _export() -> None:
   if _GIN_FILE.value:
     raise ValueError(f'--mode={mode} builds the model from {_MODEL_DIR.value}/'
                      'model_config.json, the config of its checkpoints; drop --gin_file.')
-  if mode == 'export_saved_model':
+  saved_model_export = mode in ('export_saved_model', 'export')
+  tflite_export = mode in ('export_tflite', 'export')
+  if not tflite_export:
     if _TFLITE_EXIT.value is not None:
-      raise ValueError('--tflite_exit is for --mode=export_tflite; the SavedModel holds every '
-                       'exit (signatures serving_exit_<k>).')
+      raise ValueError('--tflite_exit is for --mode=export_tflite or export; the SavedModel '
+                       'holds every exit (signatures serving_exit_<k>).')
     if flags.FLAGS['tflite_metadata'].present:
-      raise ValueError('--tflite_metadata is for --mode=export_tflite; a SavedModel carries '
-                       'its label map in its assets.')
-    if not _EXPORT_DIR.value:
-      raise ValueError('--mode=export_saved_model needs --export_dir.')
+      raise ValueError('--tflite_metadata is for --mode=export_tflite or export; a SavedModel '
+                       'carries its label map in its assets.')
+  if saved_model_export and not _EXPORT_DIR.value:
+    raise ValueError(f'--mode={mode} needs --export_dir.')
+  if tflite_export and not _TFLITE_PATH.value:
+    raise ValueError(f'--mode={mode} needs --tflite_path.')
+  restored = None
+  if saved_model_export and tflite_export:
+    # Both from one restore, before either writes: a model dir that cannot be loaded leaves no
+    # half of the pair.
+    restored = saved_model.load_model(_MODEL_DIR.value, _GIN_BINDINGS.value)
+  if saved_model_export:
     summary = saved_model.export_saved_model(_MODEL_DIR.value, _EXPORT_DIR.value,
-                                             _GIN_BINDINGS.value, _EXPORT_LABEL_MAP.value)
-  else:
-    if not _TFLITE_PATH.value:
-      raise ValueError('--mode=export_tflite needs --tflite_path.')
+                                             _GIN_BINDINGS.value, _EXPORT_LABEL_MAP.value,
+                                             restored)
+    print(json.dumps(summary, default=str), flush=True)
+  if tflite_export:
     # Imported here so the other modes never load the TFLite conversion code.
     from nasfpn_tf.export import tflite  # pylint: disable=g-import-not-at-top
     summary = tflite.export_tflite(
@@ -193,8 +213,8 @@ def _export() -> None:
         num_representative_images=_NUM_REPRESENTATIVE_IMAGES.value,
         int8_io=_TFLITE_UINT8_INPUT.value, use_regular_nms=not _TFLITE_FAST_NMS.value,
         gin_bindings=_GIN_BINDINGS.value, label_map_path=_EXPORT_LABEL_MAP.value,
-        num_repeats=_TFLITE_EXIT.value, metadata=_TFLITE_METADATA.value)
-  print(json.dumps(summary, default=str), flush=True)
+        num_repeats=_TFLITE_EXIT.value, metadata=_TFLITE_METADATA.value, restored=restored)
+    print(json.dumps(summary, default=str), flush=True)
 
 
 if __name__ == '__main__':

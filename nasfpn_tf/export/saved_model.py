@@ -53,13 +53,17 @@ SIGNATURE_INPUTS = {
 }
 
 
+# What `load_model` returns: (model, checkpoint path, step).
+Restored = Tuple[RetinaNet, str, int]
+
+
 def exit_signature_inputs(exit_number: int) -> Dict[str, str]:
   """The signatures of an anytime model's exit `exit_number` -> their input's name."""
   return {f'serving_exit_{exit_number}': 'images',
           f'serving_exit_{exit_number}_encoded_image': 'encoded_image'}
 
 
-def load_model(model_dir: str, gin_bindings: Sequence[str] = ()) -> Tuple[RetinaNet, str, int]:
+def load_model(model_dir: str, gin_bindings: Sequence[str] = ()) -> Restored:
   """The model of `model_dir`'s recorded config with its last checkpoint restored (float32,
   whatever precision it trained in); returns (model, checkpoint path, step).
 
@@ -194,9 +198,12 @@ def _decode_image(data: tf.Tensor) -> tf.Tensor:
 
 
 def export_saved_model(model_dir: str, export_dir: str, gin_bindings: Sequence[str] = (),
-                       label_map_path: Optional[str] = None) -> Mapping[str, Any]:
+                       label_map_path: Optional[str] = None,
+                       restored: Optional[Restored] = None) -> Mapping[str, Any]:
   """Writes the SavedModel of `model_dir`'s last checkpoint to `export_dir` and returns a
   summary. See `load_model` for `gin_bindings`, `model_label_map` for `label_map_path`.
+  `restored`: what `load_model(model_dir, gin_bindings)` returned, when the caller has it (one
+  restore for several exports, as `nasfpn_tf.main --mode=export`).
 
   `export_dir` is new, empty, or an earlier SavedModel, which is replaced (a rerun exports
   again; the summary's `replaced` says so): to keep both, export to another folder, such as the
@@ -209,7 +216,7 @@ def export_saved_model(model_dir: str, export_dir: str, gin_bindings: Sequence[s
     raise ValueError(f'export dir {export_dir} exists and holds something other than a '
                      'SavedModel: remove it or choose another (TF Serving reads versions as '
                      '<base>/<number>).')
-  model, checkpoint, step = load_model(model_dir, gin_bindings)
+  model, checkpoint, step = restored or load_model(model_dir, gin_bindings)
   label_map, label_map_source = model_label_map(model.get_config()['num_classes'], label_map_path)
   with tempfile.TemporaryDirectory() as scratch, files.atomic_directory(
       export_dir, replace=replaced) as staging:

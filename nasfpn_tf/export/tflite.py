@@ -22,7 +22,7 @@ from nasfpn_tf.data import label_map as label_map_lib
 from nasfpn_tf.export import tflite_metadata
 from nasfpn_tf.export import tflite_postprocess
 from nasfpn_tf.export import tflite_runtime
-from nasfpn_tf.export.saved_model import load_model, model_label_map
+from nasfpn_tf.export.saved_model import Restored, load_model, model_label_map
 from nasfpn_tf.models.retinanet import RetinaNet
 from nasfpn_tf.utils import files
 
@@ -177,7 +177,8 @@ def export_tflite(model_dir: str, tflite_path: str, quantization: str = 'float32
                   num_representative_images: int = 100, int8_io: bool = True,
                   use_regular_nms: bool = True, gin_bindings: Sequence[str] = (),
                   label_map_path: Optional[str] = None,
-                  num_repeats: Optional[int] = None, metadata: bool = True) -> Dict[str, Any]:
+                  num_repeats: Optional[int] = None, metadata: bool = True,
+                  restored: Optional[Restored] = None) -> Dict[str, Any]:
   """Writes the TFLite model of `model_dir`'s last checkpoint (built from its operative config)
   to `tflite_path`, and `<stem>.labels.json` beside it; returns a summary: path, size_bytes,
   quantization, int8_io, image_size, exit, postprocess (the op's attributes), labels, ops,
@@ -192,10 +193,12 @@ def export_tflite(model_dir: str, tflite_path: str, quantization: str = 'float32
   `num_repeats`: the exit of an anytime model the file stops at (None: the last).
   `metadata`: write the TFLite metadata MediaPipe Tasks' ObjectDetector needs (`tflite_metadata`).
   Like saved_model.load_model, it leaves the model dir's operative config parsed in gin.
+  `restored`: what `load_model(model_dir, gin_bindings)` returned, when the caller has it (one
+  restore for several exports, as `nasfpn_tf.main --mode=export`).
   """
   if quantization not in QUANTIZATIONS:
     raise ValueError(f'quantization {quantization!r} is not one of {list(QUANTIZATIONS)}.')
-  model, checkpoint, step = load_model(model_dir, gin_bindings)
+  model, checkpoint, step = restored or load_model(model_dir, gin_bindings)
   if num_repeats is not None:
     if not model.anytime:
       raise ValueError(f'exit {num_repeats} (--tflite_exit): {model_dir} holds no anytime model '
