@@ -130,11 +130,9 @@ demo-steps: $(DEMO_RECORDS)/train-label_map.json $(DEMO_RECORDS)/val-label_map.j
 	  m = json.load(open('$(DEMO_DIR)/eval_metrics.json')); \
 	  print('COCO box metrics of $(DEMO_DIR) at step', m['step'], 'on the demo val split:'); \
 	  print(format_metrics(m)); print('AP50 = %.3f (the demo aims at >= 0.6)' % m['AP50'])"
-	$(call demo_timed,export SavedModel,$(DEMO_ENV) $(PY) -m nasfpn_tf.main \
-	  --mode=export_saved_model --model_dir=$(DEMO_DIR) --export_dir=$(DEMO_EXPORT)/saved_model)
-	$(call demo_timed,export TFLite,$(DEMO_ENV) $(PY) -m nasfpn_tf.main --mode=export_tflite \
-	  --model_dir=$(DEMO_DIR) --tflite_path=$(DEMO_EXPORT)/model.tflite \
-	  --quantization=$(DEMO_TFLITE_QUANTIZATION))
+	$(call demo_timed,export SavedModel + TFLite,$(DEMO_ENV) $(PY) -m nasfpn_tf.main \
+	  --mode=export --model_dir=$(DEMO_DIR) --export_dir=$(DEMO_EXPORT)/saved_model \
+	  --tflite_path=$(DEMO_EXPORT)/model.tflite --quantization=$(DEMO_TFLITE_QUANTIZATION))
 	$(call demo_timed,predict,$(DEMO_ENV) $(PY) -m nasfpn_tf.predict \
 	  --model=$(DEMO_EXPORT)/saved_model --output_dir=$(DEMO_DIR)/predictions \
 	  --min_score=$(DEMO_MIN_SCORE) $(foreach image,$(DEMO_PREDICT_IMAGES),--input=$(image)))
@@ -148,12 +146,16 @@ $(DEMO_DATA)/annotations/instances_val.json: | $(STAMP)
 	  --output_dir=$(DEMO_DATA) --num_train=$(DEMO_NUM_TRAIN) --num_val=$(DEMO_NUM_VAL) \
 	  --image_size=$(DEMO_IMAGE_SIZE) --seed=$(DEMO_SEED) --num_processes=2)
 
-# The converter writes the label map after the shards.
-$(DEMO_RECORDS)/%-label_map.json: $(DEMO_DATA)/annotations/instances_val.json
-	$(call demo_timed,convert $*,$(DEMO_ENV) $(PY) -m nasfpn_tf.data.create_coco_tfrecord \
-	  --annotations_file=$(DEMO_DATA)/annotations/instances_$*.json \
-	  --image_dir=$(DEMO_DATA)/$* --output_prefix=$(DEMO_RECORDS)/$* --num_shards=2 \
-	  --num_threads=2 > $(DEMO_RECORDS)-$*.json)
+# One converter process (one TensorFlow start) writes both splits, train then val, each split's
+# label map after its shards, and a JSON summary line of each into $(DEMO_DIR)/records.jsonl. A
+# pattern rule with two targets (% is `records`) runs once for both, in any GNU make (grouped
+# targets, &:, need make 4.3), and again when either label map is missing.
+$(DEMO_DIR)/%/train-label_map.json $(DEMO_DIR)/%/val-label_map.json: \
+    $(DEMO_DATA)/annotations/instances_val.json
+	$(call demo_timed,convert train + val,$(DEMO_ENV) $(PY) -m nasfpn_tf.data.create_coco_tfrecord \
+	  $(foreach split,train val,--annotations_file=$(DEMO_DATA)/annotations/instances_$(split).json \
+	    --image_dir=$(DEMO_DATA)/$(split) --output_prefix=$(DEMO_DIR)/$*/$(split)) \
+	  --num_shards=2 --num_threads=2 > $(DEMO_DIR)/$*.jsonl)
 
 # make search-demo: a short architecture search (PPO) on the CPU proxy into $(SEARCH_DIR), timed.
 # The proxy's shared cache (a backbone trained once, its features) is built first; every trial
