@@ -75,6 +75,19 @@ def test_images_without_detections_count_as_misses():
   assert metrics['AR100'] == pytest.approx((1 + 0.5) / 2)
 
 
+def test_evaluate_leaves_the_results_as_they_were_and_can_run_again():
+  """pycocotools' loadRes adds keys to the detections it takes: the evaluator hands it copies,
+  so a second evaluation, after more detections came in, scores all of them by hand's count."""
+  evaluator = _evaluator()
+  evaluator.update(['1'], _detections([_perfect(IMAGES[0][3])]))
+  kept = [dict(result) for result in evaluator._results]  # pylint: disable=protected-access
+  assert evaluator.evaluate()['AP'] == pytest.approx((1 + 51 / 101) / 2)
+  assert evaluator._results == kept  # pylint: disable=protected-access
+  assert not {'id', 'area', 'iscrowd', 'segmentation'} & set(kept[0])
+  evaluator.update(['2'], _detections([_perfect(IMAGES[1][3])]))
+  assert evaluator.evaluate()['AP'] == pytest.approx(1.0)
+
+
 def test_shifted_box_counts_for_ap50_not_ap75():
   evaluator = CocoEvaluator()
   evaluator.add_groundtruth(b'5', 100, 100, [[0, 0, 0.4, 0.4]], [3], [False])

@@ -203,8 +203,10 @@ def test_fcos_heldout_loss_is_the_loss_on_all_heldout_images_at_once(work_dir):
   folder = proxy.prepare('cpu', work_dir, TINY_FCOS_CPU, space=space)
   task = cpu_proxy.CpuSearchProxy.from_gin(folder)
   assert isinstance(task.loss_fn, FCOSLoss)
-  net = cpu_proxy.feature_network(task.new_model(space.model_arguments(SKIP_PYRAMID), seed=2))
-  measured = cpu_proxy.heldout_loss(net, task.cache['heldout'], task.loss_fn, batch_size=3)
+  model = task.new_model(space.model_arguments(SKIP_PYRAMID), seed=2)
+  net = cpu_proxy.feature_network(model)
+  _, measured = cpu_proxy.evaluate_heldout(model, net, task.cache['heldout'], task.loss_fn,
+                                           batch_size=3)
   features = {k: tf.cast(v, tf.float32) for k, v in task.cache['heldout']['features'].items()}
   labels = cpu_proxy._as_loss_labels(task.cache['heldout']['targets'])  # pylint: disable=protected-access
   direct = task.loss_fn(net(features, training=False), labels)

@@ -23,6 +23,7 @@ from nasfpn_tf import config
 from nasfpn_tf.data import create_coco_tfrecord
 from nasfpn_tf.data import input_pipeline
 from nasfpn_tf.decoders import block_specs as block_specs_lib
+from nasfpn_tf.evaluation import evaluate
 from nasfpn_tf.models import backbones
 from nasfpn_tf.models import factory
 from nasfpn_tf.models.losses import RetinaNetLoss
@@ -162,14 +163,29 @@ def test_a_trial_parses_gin_once_and_never_rebinds_it(coco_records, coco_proxy, 
   assert parses[0][1][0] == 'build_retinanet.num_classes = 91'
 
 
-def test_neg_loss_is_the_loss_on_all_heldout_images_at_once(coco_records, coco_proxy):
+def test_neg_loss_is_the_loss_on_all_heldout_images_at_once(coco_records, coco_proxy,
+                                                           monkeypatch):
+  """The held-out loss equals the loss on all held-out images at once, and the detections that
+  the same forward pass gives are those of a detection pass of their own."""
   folder = proxy.prepare('cpu', coco_proxy[0], TINY, data_dir=coco_records['data_dir'])
   task = cpu_proxy.CpuSearchProxy.from_gin(folder)
   model = task.new_model(
       {'block_specs': block_specs_lib.to_config(block_specs_lib.resolve('fpn', 3, 7))}, seed=3)
-  measured = task.run(model, seed=3)  # 3 held-out batches
+  net, _ = task.train(model, seed=3)
+  # Scores of 0.9 from the class biases: detections to score (the tiny training finds none).
+  model.head.classifier.bias.assign(tf.fill(model.head.classifier.bias.shape, 2.2))
+  scored = []  # the detections evaluate_detector scores, batch by batch
+
+  def recording(detect_fn, dataset):
+    def detect(inputs):
+      scored.append({k: np.asarray(v) for k, v in detect_fn(inputs).items()})
+      return scored[-1]
+    return real_evaluate_detector(detect, dataset)
+
+  real_evaluate_detector = evaluate.evaluate_detector
+  monkeypatch.setattr(evaluate, 'evaluate_detector', recording)
+  measured = task.evaluate(model, net)  # 3 held-out batches
   # The same trained layers on the 8 held-out images as one batch, the loss called directly.
-  net = cpu_proxy.feature_network(model)
   heldout_split = task.cache['heldout']
   outputs = net({k: tf.cast(v, tf.float32) for k, v in heldout_split['features'].items()},
                 training=False)
@@ -184,6 +200,21 @@ def test_neg_loss_is_the_loss_on_all_heldout_images_at_once(coco_records, coco_p
   assert measured['heldout_box_loss'] == pytest.approx(float(direct['box_loss']), rel=1e-4)
   assert float(tf.reduce_sum(labels['box_weights'])) > 0  # positives: the box loss counts
   assert rewards.reward(measured, 'neg_loss') == -measured['heldout_loss']
+  # The detections of that pass: the model's post-processing on the raw outputs, batch by batch
+  # (scores tie closely here: the same batches keep NMS's order).
+  @tf.function
+  def detect(features):
+    raw = net({k: tf.cast(v, tf.float32) for k, v in features.items()}, training=False)
+    return model.detection_generator(raw['cls_outputs'], raw['box_outputs'], model.anchor_boxes)
+
+  size = task.settings.eval_batch_size
+  alone = [detect({k: v[start:start + size] for k, v in heldout_split['features'].items()})
+           for start in range(0, 8, size)]
+  assert len(scored) == len(alone) == 3 and int(np.sum(alone[0]['num_detections'])) > 0
+  for key in ('num_detections', 'detection_classes', 'detection_scores', 'detection_boxes'):
+    np.testing.assert_allclose(np.concatenate([batch[key] for batch in scored]),
+                               np.concatenate([batch[key] for batch in alone]),
+                               rtol=1e-5, atol=1e-5, err_msg=key)
 
 
 def test_proxy_seeds_journal_each_seed_and_reward_their_mean(coco_records, coco_proxy, tmp_path,

@@ -12,7 +12,6 @@ object's *segmentation* area, so record-built ground truth should carry `area`; 
 a fallback and can move objects between ranges.
 """
 import contextlib
-import copy
 import io
 import json
 
@@ -226,7 +225,9 @@ class CocoEvaluator:
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with quiet:
       if self._results:
-        detections = gt.loadRes(copy.deepcopy(self._results))
+        # loadRes adds keys to each detection dict (id, area, segmentation) and replaces none of
+        # their values in place: a copy of each dict keeps this evaluator's results as they were.
+        detections = gt.loadRes([dict(result) for result in self._results])
       else:  # loadRes cannot take an empty list; an empty result set scores 0 recall.
         detections = _coco({'images': gt.dataset['images'], 'categories': gt.dataset['categories'],
                             'annotations': []})

@@ -8,13 +8,13 @@ pyramid or head: `new_model`), `run` trains its `decoder` and `head` (the backbo
 its features come from the cache), SGD with momentum on the detector's loss (`RetinaNetLoss`, or
 `FCOSLoss` when `build_retinanet.detector = 'fcos'`: the cache then holds FCOS's point targets),
 a cosine learning rate after a linear warm-up (`CosineDecayWithWarmup`), batches drawn with the
-trial's seed, then scores it on the held-out features: COCO AP through the model's own
-post-processing and `evaluate_detector`, and the held-out loss (the training loss on the
-held-out images' labels, NAS-FCOS's reward).
+trial's seed, then scores it on the held-out features, one forward pass giving both: COCO AP
+through the model's own post-processing and `evaluate_detector`, and the held-out loss (the
+training loss on the held-out images' labels, NAS-FCOS's reward).
 """
 import dataclasses
 import gc
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import gin
 import numpy as np
@@ -150,59 +150,53 @@ def train(net: tf_keras.Model, train_split: Mapping[str, Any], settings: CpuProx
   return float(np.mean([float(l) for l in losses[-_FINAL_LOSS_STEPS:]]))
 
 
-def evaluate_on_heldout(model: tf_keras.Model, net: tf_keras.Model,
-                        heldout_split: Mapping[str, Any],
-                        batch_size: int) -> evaluate.Evaluation:
-  """COCO metrics of the trained pyramid and head on the held-out features, through the model's
-  own post-processing."""
+def evaluate_heldout(model: tf_keras.Model, net: tf_keras.Model,
+                     heldout_split: Mapping[str, Any], loss_fn,
+                     batch_size: int) -> Tuple[evaluate.Evaluation, Dict[str, float]]:
+  """(COCO metrics, held-out loss) of the trained pyramid and head on the held-out features, from
+  one forward pass per batch of `batch_size` images (one traced function gives both).
+
+  The metrics: the model's own post-processing, scored by `evaluate_detector`. The loss:
+  {'heldout_loss', 'heldout_<term>' for each term of the loss (cls_loss, box_loss, an FCOS's
+  centerness_loss)}, `loss_fn` (`RetinaNetLoss` or `FCOSLoss`) on every held-out image at once
+  (their labels, `heldout_split['targets']`). The loss divides each batch's sum of a term by
+  n + offset (`loss_fn.normalizers`: positives + 1, or FCOS's centerness sum); undone per batch
+  and divided once by the sums of n + offset, the result does not depend on the batch size."""
   @tf.function
-  def detect(features):
-    outputs = net({k: tf.cast(v, tf.float32) for k, v in features.items()}, training=False)
-    if model.detector == 'fcos':  # as RetinaNet.detect
-      return model.detection_generator(outputs['cls_outputs'], outputs['box_outputs'],
-                                       outputs['centerness_outputs'], model.points)
-    return model.detection_generator(outputs['cls_outputs'], outputs['box_outputs'],
-                                     model.anchor_boxes)
-
-  dataset = tf.data.Dataset.from_tensor_slices(
-      (heldout_split['features'], heldout_split['labels'])).batch(batch_size)
-  return evaluate.evaluate_detector(detect, dataset)
-
-
-def heldout_loss(net: tf_keras.Model, heldout_split: Mapping[str, Any], loss_fn,
-                 batch_size: int) -> Dict[str, float]:
-  """{'heldout_loss', 'heldout_<term>' for each term of the loss (cls_loss, box_loss, an FCOS's
-  centerness_loss)}: `loss_fn` (`RetinaNetLoss` or `FCOSLoss`) on every held-out image at once
-  (their labels, `heldout_split['targets']`), computed `batch_size` images at a time. The loss
-  divides each batch's sum of a term by n + offset (`loss_fn.normalizers`: positives + 1, or
-  FCOS's centerness sum); undone per batch and divided once by the sums of n + offset, the
-  result does not depend on the batch size."""
-  targets = heldout_split['targets']
-  features = heldout_split['features']
-
-  @tf.function
-  def sums(batch_features, batch_targets):
-    outputs = net({k: tf.cast(v, tf.float32) for k, v in batch_features.items()},
+  def forward(inputs):
+    outputs = net({k: tf.cast(v, tf.float32) for k, v in inputs['features'].items()},
                   training=False)
-    labels = _as_loss_labels(batch_targets)
+    labels = _as_loss_labels(inputs['targets'])
     losses = loss_fn(outputs, labels)
-    return {term: (losses[term] * (n + offset), n, offset)
+    sums = {term: (losses[term] * (n + offset), n, offset)
             for term, (n, offset) in loss_fn.normalizers(labels).items()}
+    if model.detector == 'fcos':  # as RetinaNet.detect
+      detections = model.detection_generator(outputs['cls_outputs'], outputs['box_outputs'],
+                                             outputs['centerness_outputs'], model.points)
+    else:
+      detections = model.detection_generator(outputs['cls_outputs'], outputs['box_outputs'],
+                                             model.anchor_boxes)
+    return detections, sums
 
   totals = {}  # term -> [sum of the term, sum of its n, its offset]
-  num_images = len(next(iter(features.values())))
-  for start in range(0, num_images, batch_size):
-    batch = slice(start, start + batch_size)
-    batch_sums = sums({k: v[batch] for k, v in features.items()},
-                      tf.nest.map_structure(lambda t: t[batch], targets))
+
+  def detect(inputs):
+    detections, batch_sums = forward(inputs)
     for term, (term_sum, n, offset) in batch_sums.items():
       total = totals.setdefault(term, [0.0, 0.0, float(offset)])
       total[0], total[1] = total[0] + float(term_sum), total[1] + float(n)
+    return detections
+
+  dataset = tf.data.Dataset.from_tensor_slices(
+      ({'features': heldout_split['features'], 'targets': heldout_split['targets']},
+       heldout_split['labels'])).batch(batch_size)
+  evaluation = evaluate.evaluate_detector(detect, dataset)
   terms = {term: term_sum / (n + offset) if n + offset > 0 else 0.0
            for term, (term_sum, n, offset) in totals.items()}
   weights = loss_fn.term_weights()
-  return {'heldout_loss': sum(weights[term] * value for term, value in terms.items()),
-          **{f'heldout_{term}': value for term, value in terms.items()}}
+  return evaluation, {
+      'heldout_loss': sum(weights[term] * value for term, value in terms.items()),
+      **{f'heldout_{term}': value for term, value in terms.items()}}
 
 
 class CpuSearchProxy:
@@ -266,11 +260,9 @@ class CpuSearchProxy:
   def evaluate(self, model: tf_keras.Model, net: tf_keras.Model) -> Dict[str, float]:
     """{'ap', 'ap50', 'heldout_loss', 'heldout_cls_loss', 'heldout_box_loss'} on the held-out
     features."""
-    metrics = evaluate_on_heldout(model, net, self.cache['heldout'],
-                                  self.settings.eval_batch_size).metrics
-    return {'ap': metrics['AP'], 'ap50': metrics['AP50'],
-            **heldout_loss(net, self.cache['heldout'], self.loss_fn,
-                           self.settings.eval_batch_size)}
+    evaluation, losses = evaluate_heldout(model, net, self.cache['heldout'], self.loss_fn,
+                                          self.settings.eval_batch_size)
+    return {'ap': evaluation.metrics['AP'], 'ap50': evaluation.metrics['AP50'], **losses}
 
   def run(self, model: tf_keras.Model, seed: int, report_steps: Sequence[int] = (),
           report: Optional[Callable[[int, Dict[str, Any]], None]] = None) -> Dict[str, Any]:
