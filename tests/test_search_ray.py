@@ -86,11 +86,16 @@ def _check_complete(search_dir, num_trials):
   return records
 
 
-def _worker_pids(search_dir):
-  """The worker processes that ran the search's trials (Tune's result.json of each trial)."""
-  return {json.loads(path.read_text().splitlines()[-1])['pid']
+def _last_results(search_dir):
+  """The last result each trial reported (Tune's result.json of each trial)."""
+  return [json.loads(path.read_text().splitlines()[-1])
           for path in pathlib.Path(search_dir).glob(
-              f'{search_dir_lib.RAY_RESULTS_DIR}/run*/*/result.json')}
+              f'{search_dir_lib.RAY_RESULTS_DIR}/run*/*/result.json')]
+
+
+def _worker_pids(search_dir):
+  """The worker processes that ran the search's trials."""
+  return {result['pid'] for result in _last_results(search_dir)}
 
 
 def test_kill_minus_9_of_the_search_loses_and_repeats_nothing(tmp_path):
@@ -117,6 +122,8 @@ def test_kill_minus_9_of_the_search_loses_and_repeats_nothing(tmp_path):
   # No stored result was trained again (each is written once, by the training worker).
   assert all(path.stat().st_mtime_ns == mtime for path, mtime in stored.items())
   assert f'Resuming {search_dir}: {len(before)} samples done' in finished.stdout
+  # The trials ran at the priority of the test (Ray's default worker niceness is 15).
+  assert {result['niceness'] for result in _last_results(search_dir)} == {os.nice(0)}
   summary = json.loads(finished.stdout.strip().splitlines()[-1])
   assert summary['num_trials'] == 12
   assert summary['best_reward'] == max(r['reward'] for r in records)

@@ -392,6 +392,11 @@ def check_reachable(address: str, timeout: float = 10.0) -> None:
 def _run_trials_on_ray(settings: SearchSettings, searcher: ControllerSearcher) -> None:
   # Tune's own tables would bury the search's progress lines.
   os.environ.setdefault('RAY_AIR_NEW_OUTPUT', '0')
+  # Ray starts its workers at niceness 15, below every other process: a trial, the search's
+  # work, then all but stops while anything else runs on the machine. The workers of a Ray this
+  # search starts run at the priority of the rest (Ray's RayConfig worker_niceness; a cluster
+  # joined with --ray_address keeps its own).
+  os.environ.setdefault('RAY_worker_niceness', '0')
   import ray  # pylint: disable=g-import-not-at-top
   from ray import tune  # pylint: disable=g-import-not-at-top
   if settings.ray_address not in (None, 'auto'):

@@ -15,6 +15,7 @@ whole trial's result, whose `reports` keep the intermediate ones.
 """
 import json
 import math
+import os
 import re
 import time
 from typing import Any, Dict, Sequence
@@ -79,7 +80,7 @@ def train_architecture(config: Dict[str, Any]) -> None:
     # As JSON text: Tune flattens nested dicts in what it passes on.
     metrics = {'result_json': json.dumps(result), 'reused': reused,
                'seconds': time.time() - started, 'node_id': node_id, 'step': step,
-               'final': final}
+               'final': final, 'niceness': os.nice(0)}
     if config.get('reward') is not None:  # what ASHA compares
       metrics['reward'] = rewards.reward(result, **config['reward'])
     tune.report(metrics)  # Tune ends the trial here (SystemExit) when ASHA stops it.
