@@ -1,18 +1,25 @@
-r"""The best architecture a search found, trained with the demo settings, against the paper's
-NAS-FPN and FPN at the same settings: does what the proxy ranked first hold up?
+r"""The proxy's top architectures trained with the demo settings, and the best of them against
+the paper's NAS-FPN and FPN at the same settings with several seeds: does what the proxy ranked
+first hold up, and does it beat the table it started from?
 
   .venv/bin/python experiments/search_retrain.py --output_dir=runs/search_retrain \
-      --search_dirs=runs/search_compare/ppo,runs/search_compare/evolution,runs/search_compare/random
+      --search_dirs=runs/search_compare/ppo,runs/search_compare/random --top_k=5 --seeds=0,1,2
 
-Takes the best journal line (highest proxy reward) over --search_dirs, and trains it, 'nasfpn'
-and 'fpn' with gin_configs/demo.gin (what `make demo` runs: the same steps, batch, repeats and
-filters; only the block-spec table differs) with each --seeds seed, on the demo's synthetic data
-(made once in OUTPUT_DIR/data), each in its own model dir OUTPUT_DIR/<name>_seed<seed>, evaluated
-on the validation images. A rerun reuses finished model dirs and resumes an interrupted one.
+As the paper and NAS-FCOS do: the --top_k distinct architectures of highest proxy reward over
+--search_dirs' journals are each trained once (the first seed) with gin_configs/demo.gin (what
+`make demo` runs: the same steps, batch, repeats and filters; only the block-spec table
+differs), on the demo's synthetic data (made once in OUTPUT_DIR/data); the one of highest AP
+among them ("chosen") is then trained with the other --seeds, and 'nasfpn' and 'fpn' with every
+seed. Each run has its own model dir OUTPUT_DIR/<name>_seed<seed> (`searched<rank>`: rank 1 is
+the proxy's best), evaluated on the validation images; a rerun reuses finished model dirs and
+resumes an interrupted one.
 
 Writes OUTPUT_DIR/search_retrain.png (AP per architecture, a point per seed) and
-OUTPUT_DIR/search_retrain.jsonl, and prints one JSON line per run: name, key, proxy_reward (the
-search's reward of that key, None for a table the searches never sampled), seed, AP, AP50, flops.
+OUTPUT_DIR/search_retrain.jsonl, and prints one JSON line per run (name, rank, key,
+proxy_reward: the search's reward of that key, None for a table the searches never sampled;
+seed, AP, AP50, flops), then a summary line: per architecture the mean AP, its spread over seeds
+(max - min) and FLOPs; the chosen one's AP minus NAS-FPN's; and Kendall's tau between the proxy's
+rewards and the retrained APs of the top architectures (do they rank them alike?).
 """
 import json
 import os
@@ -25,8 +32,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+import numpy as np  # noqa: E402
 
 from bench import demo_runs  # noqa: E402
+import search_proxy_gate  # noqa: E402  (kendall_tau)
 from nasfpn_tf import checkpointing  # noqa: E402
 from nasfpn_tf.models.retinanet import RetinaNet  # noqa: E402
 from nasfpn_tf.search.journal import Journal  # noqa: E402
@@ -44,16 +53,20 @@ def define_flags():
   """The script's flags, defined only when it runs: tests import its functions beside other
   experiments that define flags of the same names."""
   flags.DEFINE_string('output_dir', 'runs/search_retrain', 'Model dirs, data, plot and rows.')
-  flags.DEFINE_list('search_dirs', None, 'Search dirs whose best journal line is trained.')
-  flags.DEFINE_list('seeds', ['0', '1'], 'Seeds of every architecture.')
+  flags.DEFINE_list('search_dirs', None, 'Search dirs whose best journal lines are trained.')
+  flags.DEFINE_integer('top_k', 5, 'Distinct architectures of highest proxy reward trained once '
+                       '(the first seed); the best of them gets the other seeds.', lower_bound=1)
+  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds of the chosen architecture and the baselines.')
   flags.DEFINE_integer('train_steps', None, "Steps of every model (default: demo.gin's).",
                        lower_bound=1)
   flags.DEFINE_multi_string('gin_bindings', [], 'Bindings on top of demo.gin for every model.')
   flags.mark_flag_as_required('search_dirs')
 
 
-def best_record(search_dirs: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, float]]:
-  """The best journal line over `search_dirs`, and {key: proxy reward} of every sample."""
+def top_records(search_dirs: Sequence[str],
+                top_k: int) -> Tuple[List[Dict[str, Any]], Dict[str, float]]:
+  """The `top_k` journal lines of highest reward over `search_dirs`, one per key (its best),
+  best first; and {key: best proxy reward} of every sampled key."""
   records = []
   for search_dir in search_dirs:
     search_json = pathlib.Path(search_dir) / search_dir_lib.IDENTITY_FILE
@@ -67,45 +80,85 @@ def best_record(search_dirs: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, f
     records += Journal(pathlib.Path(search_dir) / search_dir_lib.TRIALS_FILE).read()
   if not records:
     raise ValueError(f'--search_dirs {list(search_dirs)}: no finished trial in their journals.')
-  return max(records, key=lambda r: r['reward']), {r['key']: r['reward'] for r in records}
+  best_of_key = {}
+  for record in sorted(records, key=lambda r: -r['reward']):  # stable: the earlier line on ties
+    best_of_key.setdefault(record['key'], record)
+  ranked = list(best_of_key.values())
+  return ranked[:top_k], {key: record['reward'] for key, record in best_of_key.items()}
+
+
+def model_flops(model_dir: pathlib.Path) -> int:
+  """FLOPs of the model trained in `model_dir` (its recorded config; the weights do not count)."""
+  return demo_runs.exit_flops(RetinaNet.from_config(checkpointing.read_model_config(
+      str(model_dir))))
 
 
 def run(output_dir: pathlib.Path, search_dirs: Sequence[str], seeds: Sequence[int],
-        train_steps=None, gin_bindings: Sequence[str] = ()) -> List[Dict[str, Any]]:
-  """Trains (or reuses) the best searched table and the baselines with every seed."""
-  best, rewards = best_record(search_dirs)
+        top_k: int = 5, train_steps=None,
+        gin_bindings: Sequence[str] = ()) -> Tuple[List[Dict[str, Any]], str]:
+  """Trains (or reuses) the top searched tables once, then the best of them and the baselines
+  with every seed; returns the rows (one per run) and the chosen one's name."""
+  top, rewards = top_records(search_dirs, top_k)
   space = SearchSpace(min_level=DEMO_LEVELS['min_level'], max_level=DEMO_LEVELS['max_level'])
-  tables = {'searched': best['block_specs'], **{name: name for name in BASELINES}}
+  tables = {f'searched{rank}': record['block_specs'] for rank, record in enumerate(top, 1)}
+  tables.update({name: name for name in BASELINES})
   output_dir = pathlib.Path(output_dir)
   records = demo_runs.synthetic_records(output_dir / 'data', demo_runs.DEMO_NUM_TRAIN,
                                         demo_runs.DEMO_NUM_VAL)
   bindings = demo_runs.demo_bindings(records, train_steps, gin_bindings)
   rows, flops = [], {}
+
+  def train(name, seed):
+    model_dir = output_dir / f'{name}_seed{seed}'
+    metrics = demo_runs.train_and_evaluate(
+        model_dir, bindings + [block_specs_binding(tables[name])], seed=seed)
+    if name not in flops:
+      flops[name] = model_flops(model_dir)
+    key = space.key(tables[name]) if space.contains(tables[name]) else None  # FPN: 5 cells
+    rank = int(name[len('searched'):]) if name.startswith('searched') else None
+    rows.append({'name': name, 'rank': rank, 'key': key, 'proxy_reward': rewards.get(key),
+                 'seed': seed, 'AP': metrics['AP'], 'AP50': metrics['AP50'],
+                 'flops': flops[name]})
+
+  for rank in range(1, len(top) + 1):
+    train(f'searched{rank}', seeds[0])
+  chosen = max(rows, key=lambda row: row['AP'])['name']  # the first on ties: the proxy's order
   for seed in seeds:  # Seeds outermost: an interrupted run has every architecture once first.
-    for name, table in tables.items():
-      model_dir = output_dir / f'{name}_seed{seed}'
-      metrics = demo_runs.train_and_evaluate(
-          model_dir, bindings + [block_specs_binding(table)], seed=seed)
-      if name not in flops:  # The weights do not change the FLOPs.
-        model = RetinaNet.from_config(checkpointing.read_model_config(str(model_dir)))
-        flops[name] = demo_runs.exit_flops(model)
-      key = space.key(table) if space.contains(table) else None  # FPN has 5 cells, not 7.
-      rows.append({'name': name, 'key': key, 'proxy_reward': rewards.get(key), 'seed': seed,
-                   'AP': metrics['AP'], 'AP50': metrics['AP50'], 'flops': flops[name]})
-  return rows
+    for name in (chosen,) + BASELINES:
+      if not (name == chosen and seed == seeds[0]):
+        train(name, seed)
+  return rows, chosen
+
+
+def summary(rows: Sequence[Dict[str, Any]], chosen: str) -> Dict[str, Any]:
+  """Per architecture: mean AP, spread over seeds (max - min), seeds, FLOPs; the chosen one's
+  mean AP minus NAS-FPN's; Kendall's tau of proxy reward vs AP over the top architectures."""
+  per_name = {}
+  for name in dict.fromkeys(row['name'] for row in rows):
+    aps = [row['AP'] for row in rows if row['name'] == name]
+    per_name[name] = {'mean_ap': float(np.mean(aps)), 'spread': float(max(aps) - min(aps)),
+                      'seeds': len(aps), 'flops': next(r['flops'] for r in rows
+                                                        if r['name'] == name)}
+  first = [row for row in rows if row['rank'] is not None and row['seed'] == rows[0]['seed']]
+  tau = (search_proxy_gate.kendall_tau([r['proxy_reward'] for r in first],
+                                       [r['AP'] for r in first]) if len(first) > 1 else None)
+  result = {'architectures': per_name, 'chosen': chosen, 'top_k_tau_proxy_vs_ap': tau}
+  if 'nasfpn' in per_name:
+    result['chosen_minus_nasfpn_ap'] = per_name[chosen]['mean_ap'] - per_name['nasfpn']['mean_ap']
+  return result
 
 
 def draw(rows: Sequence[Dict[str, Any]], path: str) -> None:
   """AP per architecture: a bar at the mean over seeds, a point per seed."""
   names = list(dict.fromkeys(row['name'] for row in rows))
-  fig = Figure(figsize=(5, 4))
+  fig = Figure(figsize=(max(5.0, 1.1 * len(names)), 4))
   ax = fig.subplots()
   for i, name in enumerate(names):
     aps = [row['AP'] for row in rows if row['name'] == name]
     ax.bar(i, sum(aps) / len(aps), color='#9ecae1')
     ax.plot([i] * len(aps), aps, 'ko', alpha=0.7)
   ax.set_xticks(range(len(names)), names)
-  ax.set(ylabel='AP (demo val)', title='Searched architecture against NAS-FPN and FPN')
+  ax.set(ylabel='AP (demo val)', title='Searched architectures against NAS-FPN and FPN')
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 
@@ -113,10 +166,11 @@ def draw(rows: Sequence[Dict[str, Any]], path: str) -> None:
 def main(argv):
   del argv
   output_dir = pathlib.Path(FLAGS.output_dir)
-  rows = run(output_dir, FLAGS.search_dirs, [int(s) for s in FLAGS.seeds], FLAGS.train_steps,
-             FLAGS.gin_bindings)
+  rows, chosen = run(output_dir, FLAGS.search_dirs, [int(s) for s in FLAGS.seeds], FLAGS.top_k,
+                     FLAGS.train_steps, FLAGS.gin_bindings)
   draw(rows, str(output_dir / 'search_retrain.png'))
   demo_runs.write_rows(rows, output_dir / 'search_retrain.jsonl')
+  print(json.dumps({'summary': summary(rows, chosen)}), flush=True)
 
 
 if __name__ == '__main__':

@@ -49,8 +49,9 @@ def test_rows_and_plot_from_the_journals(tmp_path):
 search_retrain = load_experiment('search_retrain')
 
 
-def test_retrain_takes_the_best_line_over_the_searches(tmp_path):
-  space = SearchSpace()  # demo.gin's levels, P3-P7
+def _searches(tmp_path):
+  """A random and an evolution search over demo.gin's levels (P3-P7) on the synthetic proxy."""
+  space = SearchSpace()
   dirs = []
   for algorithm, num_trials in (('random', 5), ('evolution', 4)):
     settings = runner.SearchSettings(search_dir=str(tmp_path / algorithm), algorithm=algorithm,
@@ -58,12 +59,21 @@ def test_retrain_takes_the_best_line_over_the_searches(tmp_path):
     runner.check_search_dir(settings)
     drive_in_process(runner.ControllerSearcher(settings, log=lambda line: None))
     dirs.append(settings.search_dir)
-  best, rewards = search_retrain.best_record(dirs)
-  records = [r for d in dirs for r in Journal(f'{d}/{search_dir_lib.TRIALS_FILE}').read()]
-  assert best['reward'] == max(r['reward'] for r in records)
-  assert rewards == {r['key']: r['reward'] for r in records}
+  return dirs, [r for d in dirs for r in Journal(f'{d}/{search_dir_lib.TRIALS_FILE}').read()]
+
+
+def test_retrain_takes_the_best_lines_over_the_searches_one_per_key(tmp_path):
+  dirs, records = _searches(tmp_path)
+  best_of_key = {}
+  for record in records:
+    best_of_key[record['key']] = max(best_of_key.get(record['key'], -1.0), record['reward'])
+  top, rewards = search_retrain.top_records(dirs, 3)
+  assert rewards == best_of_key
+  assert [r['reward'] for r in top] == sorted(best_of_key.values(), reverse=True)[:3]
+  assert len({r['key'] for r in top}) == 3
+  assert search_retrain.top_records(dirs, 100)[0][0] == top[0]  # fewer keys than asked: all
   rows = [{'name': name, 'AP': 0.1 * i + 0.01 * seed} for i, name in
-          enumerate(('searched', 'nasfpn', 'fpn')) for seed in (0, 1)]
+          enumerate(('searched1', 'nasfpn', 'fpn')) for seed in (0, 1)]
   with saved_figures() as figures:
     search_retrain.draw(rows, str(tmp_path / 'retrain.png'))
   assert read_png(tmp_path / 'retrain.png').shape == (440, 550, 3)  # 5 x 4 in at 110 dpi
@@ -72,17 +82,56 @@ def test_retrain_takes_the_best_line_over_the_searches(tmp_path):
   np.testing.assert_allclose([bar.get_height() for bar in ax.patches], [0.005, 0.105, 0.205])
   np.testing.assert_allclose([y for _, y in plotted_lines(ax)], [[0, 0.01], [0.1, 0.11],
                                                                 [0.2, 0.21]])
-  assert [t.get_text() for t in ax.get_xticklabels()] == ['searched', 'nasfpn', 'fpn']
+  assert [t.get_text() for t in ax.get_xticklabels()] == ['searched1', 'nasfpn', 'fpn']
+
+
+def test_retrain_trains_the_top_k_once_then_the_best_of_them_and_the_baselines_per_seed(
+    tmp_path, monkeypatch):
+  """The top 3 by proxy reward with the first seed; the one of highest AP among them (rank 2
+  here) with the other seeds, NAS-FPN and FPN with every seed; nothing trained twice."""
+  dirs, _ = _searches(tmp_path)
+  top, _ = search_retrain.top_records(dirs, 3)
+  ap_of = {'searched1': 0.30, 'searched2': 0.40, 'searched3': 0.20, 'nasfpn': 0.35, 'fpn': 0.25}
+  trained = []
+
+  def train_and_evaluate(model_dir, bindings, seed):
+    name = model_dir.name.rsplit('_seed', 1)[0]
+    trained.append((name, seed, bindings[-1]))
+    return {'AP': ap_of[name] + 0.01 * seed, 'AP50': 0.9, 'step': 1}
+
+  monkeypatch.setattr(search_retrain.demo_runs, 'synthetic_records',
+                      lambda *args: {'train': 't', 'val': 'v'})
+  monkeypatch.setattr(search_retrain.demo_runs, 'train_and_evaluate', train_and_evaluate)
+  monkeypatch.setattr(search_retrain, 'model_flops', lambda model_dir: len(model_dir.name))
+  rows, chosen = search_retrain.run(tmp_path / 'retrain', dirs, [0, 1, 2], top_k=3)
+  assert chosen == 'searched2'
+  assert [(name, seed) for name, seed, _ in trained] == [
+      ('searched1', 0), ('searched2', 0), ('searched3', 0), ('nasfpn', 0), ('fpn', 0),
+      ('searched2', 1), ('nasfpn', 1), ('fpn', 1), ('searched2', 2), ('nasfpn', 2), ('fpn', 2)]
+  # Each searched table is trained as the journal has it.
+  for (name, _, binding), record in zip(trained[:3], top):
+    assert binding == search_retrain.block_specs_binding(record['block_specs']), name
+  assert [row['proxy_reward'] for row in rows[:3]] == [r['reward'] for r in top]
+  assert [row['rank'] for row in rows[:3]] == [1, 2, 3]
+  result = search_retrain.summary(rows, chosen)
+  assert result['chosen_minus_nasfpn_ap'] == pytest.approx(0.05)
+  assert result['architectures']['searched2'] == {
+      'mean_ap': pytest.approx(0.41), 'spread': pytest.approx(0.02), 'seeds': 3,
+      'flops': len('searched2_seed0')}
+  # The proxy's rewards of the top 3 paired with their first-seed APs (0.30, 0.40, 0.20).
+  assert result['top_k_tau_proxy_vs_ap'] == pytest.approx(search_retrain.search_proxy_gate
+                                                          .kendall_tau([r['reward'] for r in top],
+                                                                       [0.30, 0.40, 0.20]))
 
 
 def test_retrain_refuses_a_dir_without_a_search_or_over_other_levels(tmp_path):
   with pytest.raises(ValueError, match=r'--search_dirs: .*nothing.* holds no search'):
-    search_retrain.best_record([str(tmp_path / 'nothing')])
+    search_retrain.top_records([str(tmp_path / 'nothing')], 5)
   settings = runner.SearchSettings(search_dir=str(tmp_path / 'p3p4'), algorithm='random',
                                    num_trials=1, proxy='synthetic', space=SPACE)
   runner.check_search_dir(settings)
   with pytest.raises(ValueError, match=r"p3p4 searched levels \{'max_level': 4, 'min_level': 3\}"):
-    search_retrain.best_record([settings.search_dir])
+    search_retrain.top_records([settings.search_dir], 5)
 
 
 asha_samples = load_experiment('asha_samples')
