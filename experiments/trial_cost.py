@@ -12,8 +12,11 @@ missing; give an existing search's `proxy` folder to skip that).
 Prints a JSON line per trial (version, round, architecture, seconds: `TrialResult.seconds`, ap,
 heldout_loss) and a summary: per version the mean seconds of each process's first trial (imports
 and autograph's first conversions) and of the later ones, the later ones' ratio after/before,
-and whether both versions measured the same ap and held-out loss for each architecture (to
---tolerance): a cut that changes what a trial measures is not a pure speed-up.
+and per architecture the range of ap each version measured. Those need not be equal even for one
+version: a trial replays its numbers within a process, but trainings in two processes drift apart
+after a few steps (the XLA-compiled focal loss, docs/results.md), so whether a cut changes what a
+trial measures is for a test on the same trained weights (as tests/test_search_own_data.py
+checks the one-pass evaluation), not for this script.
 """
 import json
 import os
@@ -53,8 +56,6 @@ def define_flags():
                     'Tables of block_specs.SPECS trained one after another in each process.')
   flags.DEFINE_integer('rounds', 2, 'Processes per version, alternating.')
   flags.DEFINE_multi_string('gin_bindings', [], 'Bindings on top of the proxy\'s gin file.')
-  flags.DEFINE_float('tolerance', 1e-6, 'Largest |after - before| of ap and heldout_loss that '
-                     'counts as the same measurement.')
 
 
 def run_version(root: pathlib.Path, work_dir: str, bindings: List[str],
@@ -68,9 +69,9 @@ def run_version(root: pathlib.Path, work_dir: str, bindings: List[str],
           if line.startswith('TRIAL ')]
 
 
-def summary(rows: List[Dict[str, Any]], tolerance: float) -> Dict[str, Any]:
+def summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
   """Mean seconds per version (first trial of a process, later ones), the ratio of the later
-  ones, and whether both versions measured the same per architecture."""
+  ones, and the range of ap per architecture and version."""
   result: Dict[str, Any] = {}
   for version in ('before', 'after'):
     mine = [r for r in rows if r['version'] == version]
@@ -81,13 +82,12 @@ def summary(rows: List[Dict[str, Any]], tolerance: float) -> Dict[str, Any]:
   if result['before']['later_trials_s'] and result['after']['later_trials_s']:
     result['later_ratio_after_before'] = round(
         result['after']['later_trials_s'] / result['before']['later_trials_s'], 3)
-  same = True
-  for row in rows:
-    if row['version'] == 'after':
-      for other in rows:
-        if other['version'] == 'before' and other['architecture'] == row['architecture']:
-          same &= all(abs(row[k] - other[k]) <= tolerance for k in ('ap', 'heldout_loss'))
-  result['same_measurements'] = same
+  for name in dict.fromkeys(r['architecture'] for r in rows):
+    result[f'ap_{name}'] = {
+        version: [round(min(aps), 4), round(max(aps), 4)]
+        for version in ('before', 'after')
+        for aps in [[r['ap'] for r in rows if r['version'] == version and
+                     r['architecture'] == name]] if aps}
   return result
 
 
@@ -105,7 +105,7 @@ def main(argv):
           row.update(version=version, round=round_index, index=index)
           print(json.dumps(row), flush=True)
           rows.append(row)
-  print(json.dumps({'summary': summary(rows, FLAGS.tolerance), 'cpu_count': os.cpu_count(),
+  print(json.dumps({'summary': summary(rows), 'cpu_count': os.cpu_count(),
                     'baseline_ref': FLAGS.baseline_ref}), flush=True)
 
 
