@@ -96,7 +96,8 @@ def main(argv):
   repo = trial_overhead.REPO
   with tempfile.TemporaryDirectory() as scratch:
     before = trial_overhead.checkout(FLAGS.baseline_ref, pathlib.Path(scratch) / 'before')
-    work_dir = FLAGS.work_dir or os.path.join(scratch, 'proxy')
+    # Absolute: each version's process runs in its own code's folder.
+    work_dir = os.path.abspath(FLAGS.work_dir or os.path.join(scratch, 'proxy'))
     rows = []
     for round_index in range(FLAGS.rounds):
       for version, root in (('before', before), ('after', repo)):
