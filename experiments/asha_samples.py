@@ -46,7 +46,7 @@ def define_flags():
   flags.DEFINE_integer('seed', 0, 'Seeds the random search (both) and the proxy trainings.')
   flags.DEFINE_integer('num_cells', 7, 'Merging cells per pyramid network.')
   flags.DEFINE_integer('top_k', 5, 'How many of the best full trials to follow under ASHA.')
-  flags.DEFINE_float('cpus_per_trial', 2, 'CPUs per trial.')
+  flags.DEFINE_float('cpus_per_trial', 1, 'CPUs per trial (as the search\'s flag).')
   flags.DEFINE_float('synthetic_seconds', 0.0, '--proxy=synthetic: seconds a full trial waits.')
   flags.DEFINE_integer('asha_grace_period', None, 'As the search\'s flag.')
   flags.DEFINE_float('asha_reduction_factor', None, 'As the search\'s flag.')

@@ -41,7 +41,7 @@ def define_flags():
   flags.DEFINE_enum('proxy', 'cpu', list(PROXIES), 'The proxy every algorithm trains on.')
   flags.DEFINE_integer('seed', 0, 'Seeds every controller and proxy training.')
   flags.DEFINE_integer('window', 20, 'Samples in the moving average.')
-  flags.DEFINE_float('cpus_per_trial', 2, 'CPUs per trial.')
+  flags.DEFINE_float('cpus_per_trial', 1, 'CPUs per trial (as the search\'s flag).')
   flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings for controllers and proxy.')
 
 

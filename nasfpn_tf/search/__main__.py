@@ -95,8 +95,10 @@ flags.DEFINE_integer('num_cells', 7, 'Merging cells per pyramid network (NAS-FCO
 flags.DEFINE_integer('min_level', 3, 'Finest pyramid level (--space=nasfpn).')
 flags.DEFINE_integer('max_level', 7, 'Coarsest pyramid level (--space=nasfpn).')
 flags.DEFINE_integer('seed', 0, 'Seeds the controller and every proxy training.')
-flags.DEFINE_float('cpus_per_trial', 2, 'CPUs Ray reserves per trial (and TensorFlow\'s thread '
-                   'pools in it).')
+flags.DEFINE_float('cpus_per_trial', 1, 'CPUs Ray reserves per trial (and TensorFlow\'s thread '
+                   'pools in it). 1: as many trials at once as Ray has CPUs, which trains more '
+                   'CPU-proxy trials per hour than fewer trials of more threads; each holds '
+                   'TensorFlow and the proxy\'s cached features in its own memory.')
 flags.DEFINE_float('gpus_per_trial', 0, 'GPUs Ray reserves per trial.')
 flags.DEFINE_integer('max_failures', 2, 'Retries of a trial whose worker dies.')
 flags.DEFINE_string('ray_address', None, 'Join this Ray cluster (e.g. 10.0.0.1:6379 or auto); '

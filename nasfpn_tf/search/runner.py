@@ -62,7 +62,7 @@ class SearchSettings:
   backbone_checkpoint: Optional[str] = None  # cpu: the frozen backbone (default: pretrained)
   proxy_seeds: int = 1  # trainings per architecture (seeds seed..), rewarded their mean
   proxy_dir: Optional[str] = None  # what trials share (the CPU proxy's cache); default DIR/proxy
-  cpus_per_trial: float = 2
+  cpus_per_trial: float = 1  # a trial per core at once (docs/search.md: more samples/h)
   gpus_per_trial: float = 0
   max_failures: int = 2
   ray_address: Optional[str] = None
