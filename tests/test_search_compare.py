@@ -192,3 +192,22 @@ def test_asha_rows_and_what_asha_kept_from_the_journals(tmp_path):
       .replace(ranked[0]['key'], 'other'))
   with pytest.raises(ValueError, match='drew other samples'):
     asha_samples.kept_row(tmp_path, top_k=3)
+
+
+trial_cost = load_experiment('trial_cost')
+
+
+def test_trial_cost_summary_keeps_first_trials_apart_and_ranges_each_architecture():
+  rows = [{'version': version, 'index': index, 'architecture': name, 'seconds': seconds,
+           'ap': ap}
+          for version, index, name, seconds, ap in (
+              ('before', 0, 'nasfpn', 300.0, 0.20), ('before', 1, 'fpn', 50.0, 0.10),
+              ('before', 0, 'nasfpn', 70.0, 0.22), ('before', 1, 'fpn', 54.0, 0.12),
+              ('after', 0, 'nasfpn', 60.0, 0.21), ('after', 1, 'fpn', 40.0, 0.11),
+              ('after', 0, 'nasfpn', 62.0, 0.21), ('after', 1, 'fpn', 44.0, 0.11))]
+  result = trial_cost.summary(rows)
+  assert result['before'] == {'first_trial_s': 185.0, 'later_trials_s': 52.0}
+  assert result['after'] == {'first_trial_s': 61.0, 'later_trials_s': 42.0}
+  assert result['later_ratio_after_before'] == round(42 / 52, 3)
+  assert result['ap_nasfpn'] == {'before': [0.2, 0.22], 'after': [0.21, 0.21]}
+  assert result['ap_fpn'] == {'before': [0.1, 0.12], 'after': [0.11, 0.11]}
