@@ -49,8 +49,11 @@ def test_rows_and_plot_from_the_journals(tmp_path):
 search_retrain = load_experiment('search_retrain')
 
 
-def _searches(tmp_path):
-  """A random and an evolution search over demo.gin's levels (P3-P7) on the synthetic proxy."""
+@pytest.fixture(scope='module')
+def searches(tmp_path_factory):
+  """A random and an evolution search over demo.gin's levels (P3-P7) on the synthetic proxy (the
+  tests only read them): their dirs and journal lines."""
+  tmp_path = tmp_path_factory.mktemp('searches')
   space = SearchSpace()
   dirs = []
   for algorithm, num_trials in (('random', 5), ('evolution', 4)):
@@ -62,8 +65,8 @@ def _searches(tmp_path):
   return dirs, [r for d in dirs for r in Journal(f'{d}/{search_dir_lib.TRIALS_FILE}').read()]
 
 
-def test_retrain_takes_the_best_lines_over_the_searches_one_per_key(tmp_path):
-  dirs, records = _searches(tmp_path)
+def test_retrain_takes_the_best_lines_over_the_searches_one_per_key(tmp_path, searches):
+  dirs, records = searches
   best_of_key = {}
   for record in records:
     best_of_key[record['key']] = max(best_of_key.get(record['key'], -1.0), record['reward'])
@@ -86,10 +89,10 @@ def test_retrain_takes_the_best_lines_over_the_searches_one_per_key(tmp_path):
 
 
 def test_retrain_trains_the_top_k_once_then_the_best_of_them_and_the_baselines_per_seed(
-    tmp_path, monkeypatch):
+    tmp_path, monkeypatch, searches):
   """The top 3 by proxy reward with the first seed; the one of highest AP among them (rank 2
   here) with the other seeds, NAS-FPN and FPN with every seed; nothing trained twice."""
-  dirs, _ = _searches(tmp_path)
+  dirs, _ = searches
   top, _ = search_retrain.top_records(dirs, 3)
   ap_of = {'searched1': 0.30, 'searched2': 0.40, 'searched3': 0.20, 'nasfpn': 0.35, 'fpn': 0.25}
   trained = []
