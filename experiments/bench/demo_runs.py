@@ -58,13 +58,13 @@ def demo_bindings(records: Dict[str, str], train_steps: Optional[int] = None,
 
 
 def train_and_evaluate(model_dir: pathlib.Path, bindings: Sequence[str],
-                       seed: int = 0) -> Dict[str, Any]:
-  """demo.gin with `bindings` trained in `model_dir` and evaluated on the val records; returns
-  its eval_metrics.json. A model dir whose metrics are at the last step is reused as is; an
-  interrupted one resumes from its last checkpoint. `seed` draws the initial weights and the
-  data order."""
+                       seed: int = 0, gin_file: str = DEMO_GIN) -> Dict[str, Any]:
+  """`gin_file` (demo.gin, or a variant that includes it such as fcos_demo.gin) with `bindings`
+  trained in `model_dir` and evaluated on the val records; returns its eval_metrics.json. A
+  model dir whose metrics are at the last step is reused as is; an interrupted one resumes from
+  its last checkpoint. `seed` draws the initial weights and the data order."""
   metrics_path = pathlib.Path(model_dir) / trainer_lib.METRICS_FILE
-  config.parse_gin([DEMO_GIN], bindings)
+  config.parse_gin([gin_file], bindings)
   train_steps = _bound_value('RetinaNetTrainer.train_steps')
   if metrics_path.exists():
     metrics = json.loads(metrics_path.read_text())
