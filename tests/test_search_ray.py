@@ -87,10 +87,11 @@ def _check_complete(search_dir, num_trials):
 
 
 def _last_results(search_dir):
-  """The last result each trial reported (Tune's result.json of each trial)."""
-  return [json.loads(path.read_text().splitlines()[-1])
-          for path in pathlib.Path(search_dir).glob(
-              f'{search_dir_lib.RAY_RESULTS_DIR}/run*/*/result.json')]
+  """The last result each trial reported (Tune's result.json of each trial; a trial killed before
+  its first report has an empty one)."""
+  lines = [path.read_text().splitlines() for path in pathlib.Path(search_dir).glob(
+      f'{search_dir_lib.RAY_RESULTS_DIR}/run*/*/result.json')]
+  return [json.loads(trial[-1]) for trial in lines if trial]
 
 
 def _worker_pids(search_dir):
@@ -123,7 +124,9 @@ def test_kill_minus_9_of_the_search_loses_and_repeats_nothing(tmp_path):
   assert all(path.stat().st_mtime_ns == mtime for path, mtime in stored.items())
   assert f'Resuming {search_dir}: {len(before)} samples done' in finished.stdout
   # The trials ran at the priority of the test (Ray's default worker niceness is 15).
-  assert {result['niceness'] for result in _last_results(search_dir)} == {os.nice(0)}
+  results = _last_results(search_dir)
+  assert results, 'no trial reported to Tune'
+  assert {result['niceness'] for result in results} == {os.nice(0)}
   summary = json.loads(finished.stdout.strip().splitlines()[-1])
   assert summary['num_trials'] == 12
   assert summary['best_reward'] == max(r['reward'] for r in records)
