@@ -199,6 +199,9 @@ def _export() -> None:
     # Both from one restore, before either writes: a model dir that cannot be loaded leaves no
     # half of the pair.
     restored = saved_model.load_model(_MODEL_DIR.value, _GIN_BINDINGS.value)
+    # The TFLite half's own checks too, before the SavedModel is written.
+    from nasfpn_tf.export import tflite  # pylint: disable=g-import-not-at-top
+    tflite.check_exit(restored[0], _TFLITE_EXIT.value, _MODEL_DIR.value)
   if saved_model_export:
     summary = saved_model.export_saved_model(_MODEL_DIR.value, _EXPORT_DIR.value,
                                              _GIN_BINDINGS.value, _EXPORT_LABEL_MAP.value,

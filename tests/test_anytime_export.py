@@ -132,6 +132,11 @@ def test_bad_tflite_exits_are_named(trained, tmp_path):
                                        r'num_repeats = 2'):
     run_main('--mode=export_tflite', f'--model_dir={model_dir}',
              f'--tflite_path={tmp_path / "x.tflite"}', '--tflite_exit=3')
+  # --mode=export checks the TFLite half's exit before it writes the SavedModel.
+  with pytest.raises(SystemExit, match=r'num_repeats=3 is not an exit'):
+    run_main('--mode=export', f'--model_dir={model_dir}', f'--export_dir={tmp_path / "both"}',
+             f'--tflite_path={tmp_path / "both.tflite"}', '--tflite_exit=3')
+  assert not (tmp_path / 'both').exists() and not (tmp_path / 'both.tflite').exists()
   with pytest.raises(SystemExit, match='--tflite_exit is for --mode=export_tflite'):
     run_main('--mode=export_saved_model', f'--model_dir={model_dir}',
              f'--export_dir={tmp_path / "export"}', '--tflite_exit=1')

@@ -172,6 +172,23 @@ def export_model_tflite(model: RetinaNet, tflite_path: str, quantization: str = 
   }
 
 
+def check_quantization(quantization: str) -> None:
+  """ValueError unless `quantization` is one of QUANTIZATIONS."""
+  if quantization not in QUANTIZATIONS:
+    raise ValueError(f'quantization {quantization!r} is not one of {list(QUANTIZATIONS)}.')
+
+
+def check_exit(model, num_repeats: Optional[int], model_dir: str) -> None:
+  """ValueError naming --tflite_exit unless `num_repeats` is None or an exit of `model`, an
+  anytime model (`RetinaNet.check_exit`); builds nothing, so callers check before writing."""
+  if num_repeats is None:
+    return
+  if not model.anytime:
+    raise ValueError(f'exit {num_repeats} (--tflite_exit): {model_dir} holds no anytime model '
+                     '(build_retinanet.anytime = False); only its last exit is trained.')
+  model.check_exit(num_repeats)
+
+
 def export_tflite(model_dir: str, tflite_path: str, quantization: str = 'float32',
                   representative_file_pattern: Optional[str] = None,
                   num_representative_images: int = 100, int8_io: bool = True,
@@ -196,14 +213,9 @@ def export_tflite(model_dir: str, tflite_path: str, quantization: str = 'float32
   `restored`: what `load_model(model_dir, gin_bindings)` returned, when the caller has it (one
   restore for several exports, as `nasfpn_tf.main --mode=export`).
   """
-  if quantization not in QUANTIZATIONS:
-    raise ValueError(f'quantization {quantization!r} is not one of {list(QUANTIZATIONS)}.')
+  check_quantization(quantization)
   model, checkpoint, step = restored or load_model(model_dir, gin_bindings)
-  if num_repeats is not None:
-    if not model.anytime:
-      raise ValueError(f'exit {num_repeats} (--tflite_exit): {model_dir} holds no anytime model '
-                       '(build_retinanet.anytime = False); only its last exit is trained.')
-    model.exit_model(num_repeats)  # A ValueError naming the exits if it is none of them.
+  check_exit(model, num_repeats, model_dir)
   representative_data = None
   if quantization == 'int8':
     if representative_file_pattern is None:

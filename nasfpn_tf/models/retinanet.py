@@ -237,13 +237,18 @@ class RetinaNet(tf_keras.Model):
       return super().call(inputs, training=training, mask=mask)
     return self.exit_model(num_repeats)(inputs, training=training)
 
-  def exit_model(self, num_repeats: int) -> tf_keras.Model:
-    """Exit `num_repeats` as a model of its own sharing these layers and weights: images ->
-    backbone -> the first `num_repeats` pyramids -> that exit's head -> raw outputs."""
+  def check_exit(self, num_repeats: int) -> None:
+    """ValueError naming build_retinanet.num_repeats unless `num_repeats` is one of the exits
+    1..num_repeats; builds nothing."""
     if (isinstance(num_repeats, bool) or not isinstance(num_repeats, numbers.Integral) or
         not 1 <= num_repeats <= self.num_repeats):
       raise ValueError(f'num_repeats={num_repeats!r} is not an exit of this model: give 1..'
                        f'{self.num_repeats} (build_retinanet.num_repeats = {self.num_repeats}).')
+
+  def exit_model(self, num_repeats: int) -> tf_keras.Model:
+    """Exit `num_repeats` as a model of its own sharing these layers and weights: images ->
+    backbone -> the first `num_repeats` pyramids -> that exit's head -> raw outputs."""
+    self.check_exit(num_repeats)
     models = self._exit_models.by_exit
     if num_repeats not in models:
       with tf.init_scope():  # Built once, outside whatever function first asks for it.
