@@ -171,7 +171,7 @@ def test_neg_loss_is_the_loss_on_all_heldout_images_at_once(coco_records, coco_p
   task = cpu_proxy.CpuSearchProxy.from_gin(folder)
   model = task.new_model(
       {'block_specs': block_specs_lib.to_config(block_specs_lib.resolve('fpn', 3, 7))}, seed=3)
-  net, _ = task.train(model, seed=3)
+  net, _, _ = task.train(model, seed=3)
   # Scores of 0.9 from the class biases: detections to score (the tiny training finds none).
   model.head.classifier.bias.assign(tf.fill(model.head.classifier.bias.shape, 2.2))
   scored = []  # the detections evaluate_detector scores, batch by batch
@@ -397,11 +397,16 @@ def test_rewards_of_several_seeds_by_hand():
   with pytest.raises(ValueError, match="'neg_loss': the trial measured no held-out loss"):
     rewards.reward({'ap': 0.3, 'flops': 1.0, 'heldout_loss': None}, 'neg_loss')
   one = proxy.TrialResult(ap=0.2, ap50=0.3, flops=5, params=6, seconds=1.0, steps=4,
-                          final_loss=1.0, heldout_loss=2.0)
-  two = dataclasses.replace(one, ap=0.4, final_loss=3.0, heldout_loss=4.0, seconds=2.0)
+                          final_loss=1.0, heldout_loss=2.0,
+                          phases={'build': 0.1, 'train': 0.5, 'evaluate': 0.2, 'count': 0.1})
+  two = dataclasses.replace(one, ap=0.4, final_loss=3.0, heldout_loss=4.0, seconds=2.0,
+                            phases={'build': 0.2, 'train': 1.0, 'evaluate': 0.4, 'count': 0.3})
   mean = proxy.TrialResult.mean_of([one, two], [7, 8], seconds=3.5)
   assert (mean.ap, mean.final_loss, mean.heldout_loss, mean.seconds) == pytest.approx(
       (0.3, 2.0, 3.0, 3.5))
+  # The seeds' phases add up: the call spent them all.
+  assert mean.phases == pytest.approx({'build': 0.3, 'train': 1.5, 'evaluate': 0.6,
+                                       'count': 0.4})
   assert [s['seed'] for s in mean.to_dict()['seeds']] == [7, 8]
   assert mean.to_dict()['seeds'][1]['heldout_loss'] == 4.0
   assert proxy.TrialResult.mean_of([one], [7], seconds=9.0) == dataclasses.replace(one,

@@ -50,7 +50,11 @@ def test_cpu_trial_measures_ap_flops_and_params(cpu_work_dir):
   assert math.isfinite(result.final_loss) and result.seconds > 0
   assert math.isfinite(result.heldout_loss) and result.heldout_loss > 0
   assert set(result.to_dict()) == {'ap', 'ap50', 'flops', 'params', 'seconds', 'steps',
-                                   'final_loss', 'heldout_loss'}
+                                   'final_loss', 'heldout_loss', 'phases'}
+  # Where the trial's seconds went: each phase measured, together within the whole call's.
+  assert set(result.phases) == {'build', 'train', 'evaluate', 'count'}
+  assert all(value > 0 for value in result.phases.values())
+  assert sum(result.phases.values()) <= result.seconds + 0.05  # each phase rounded to 0.01 s
 
 
 def test_cache_is_reused_and_a_seed_replays(cpu_work_dir, monkeypatch):
@@ -83,6 +87,13 @@ def test_intermediate_reports_evaluate_without_changing_the_training(cpu_work_di
   for step, report in reports:
     assert report['steps'] == step and report['flops'] == first.flops > 0
     assert math.isfinite(report['heldout_loss']) and 0.0 <= report['ap'] <= 1.0
+  # The reports' evaluations count as evaluation, not training: the final result's evaluate
+  # phase holds all three (each report's, so far), its train phase only the steps.
+  evaluations = [report['phases']['evaluate'] for _, report in reports]
+  assert 0 < evaluations[0] < evaluations[1] < result.phases['evaluate']
+  trainings = [report['phases']['train'] for _, report in reports]
+  assert 0 < trainings[0] <= trainings[1] <= result.phases['train']
+  assert result.phases['train'] + result.phases['evaluate'] <= result.seconds + 0.02
   # Three more steps of training moved the held-out loss, as two more moved it again.
   assert len({reports[0][1]['heldout_loss'], reports[1][1]['heldout_loss'],
               result.heldout_loss}) == 3

@@ -293,6 +293,7 @@ def test_the_cpu_proxy_trains_each_trial_on_ray_end_to_end(tmp_path):
     # A training's measurements, not the synthetic proxy's {'ap', 'flops': 0}.
     assert result['steps'] == 3 and math.isfinite(result['final_loss'])
     assert result['flops'] > 0 and result['params'] > 0 and 0.0 <= result['ap'] <= 1.0
+    assert set(result['phases']) == {'build', 'train', 'evaluate', 'count'}  # journaled too
     assert record['reward'] == -result['heldout_loss'] < 0  # --reward=neg_loss
     assert record['cached'] or record['seconds'] >= result['seconds'] > 0
   trained = [r for r in records if not r['cached']]

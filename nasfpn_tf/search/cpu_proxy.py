@@ -14,6 +14,7 @@ training loss on the held-out images' labels, NAS-FCOS's reward).
 """
 import dataclasses
 import gc
+import time
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import gin
@@ -245,17 +246,27 @@ class CpuSearchProxy:
 
   def train(self, model: tf_keras.Model, seed: int, report_steps: Sequence[int] = (),
             report: Optional[Callable[[int, Dict[str, Any]], None]] = None):
-    """(pyramid-and-head network, final training loss): `model`'s pyramid and head trained on
-    the cached training features, batches drawn with `seed`. With `report`, evaluates on the
-    held-out features after each of `report_steps` and calls report(step, {**`evaluate`,
-    'steps': step, 'final_loss': the training loss so far})."""
+    """(pyramid-and-head network, final training loss, seconds): `model`'s pyramid and head
+    trained on the cached training features, batches drawn with `seed`; seconds:
+    {'train_seconds': the steps' (their tracing included), 'evaluate_seconds': the reports'
+    evaluations'}. With `report`, evaluates on the held-out features after each of
+    `report_steps` and calls report(step, {**`evaluate`, 'steps': step, 'final_loss': the
+    training loss so far, **the seconds so far})."""
     net = feature_network(model)
+    start = time.perf_counter()
+    seconds = {'train_seconds': 0.0, 'evaluate_seconds': 0.0}
 
     def evaluate_at(step, loss):
-      report(step, {**self.evaluate(model, net), 'steps': step, 'final_loss': loss})
+      evaluate_start = time.perf_counter()
+      seconds['train_seconds'] = evaluate_start - start - seconds['evaluate_seconds']
+      measured = self.evaluate(model, net)
+      seconds['evaluate_seconds'] += time.perf_counter() - evaluate_start
+      report(step, {**measured, 'steps': step, 'final_loss': loss, **seconds})
 
-    return net, train(net, self.cache['train'], self.settings, self.loss_fn, seed, report_steps,
-                      evaluate_at if report is not None else None)
+    final_loss = train(net, self.cache['train'], self.settings, self.loss_fn, seed, report_steps,
+                       evaluate_at if report is not None else None)
+    seconds['train_seconds'] = time.perf_counter() - start - seconds['evaluate_seconds']
+    return net, final_loss, seconds
 
   def evaluate(self, model: tf_keras.Model, net: tf_keras.Model) -> Dict[str, float]:
     """{'ap', 'ap50', 'heldout_loss', 'heldout_cls_loss', 'heldout_box_loss'} on the held-out
@@ -267,10 +278,14 @@ class CpuSearchProxy:
   def run(self, model: tf_keras.Model, seed: int, report_steps: Sequence[int] = (),
           report: Optional[Callable[[int, Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """`model` (`new_model`'s) trained and evaluated: {'ap', 'ap50', 'heldout_loss', ...,
-    'steps', 'final_loss'}; with `report`, the same at `report_steps` too (see `train`)."""
-    net, final_loss = self.train(model, seed, report_steps, report)
-    return {**self.evaluate(model, net), 'steps': self.settings.train_steps,
-            'final_loss': final_loss}
+    'steps', 'final_loss', 'train_seconds', 'evaluate_seconds' (every evaluation's)}; with
+    `report`, the same at `report_steps` too (see `train`)."""
+    net, final_loss, seconds = self.train(model, seed, report_steps, report)
+    evaluate_start = time.perf_counter()
+    measured = self.evaluate(model, net)
+    return {**measured, 'steps': self.settings.train_steps, 'final_loss': final_loss,
+            'train_seconds': seconds['train_seconds'],
+            'evaluate_seconds': seconds['evaluate_seconds'] + time.perf_counter() - evaluate_start}
 
 
 def _head_fits(model: tf_keras.Model, weights) -> bool:

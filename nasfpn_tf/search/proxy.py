@@ -59,7 +59,10 @@ class TrialResult:
   mean training loss of the last steps, heldout_loss: the loss on the held-out images
   (`cpu_proxy.heldout_loss`; both None for the paper proxy). seeds: with several seeds, each
   one's result ({'seed': s, ...}, without seeds); the fields above are then their mean (flops,
-  params, steps: the same in each) and seconds the whole call's."""
+  params, steps: the same in each) and seconds the whole call's. phases: where a CPU-proxy
+  trial's seconds went, {'build': the model, 'train': the steps (tracing included), 'evaluate':
+  the held-out evaluation(s), intermediate reports' included, 'count': FLOPs and params};
+  over several seeds, their sums; None for the paper proxy."""
   ap: float
   ap50: float
   flops: int
@@ -69,10 +72,14 @@ class TrialResult:
   final_loss: Optional[float]
   heldout_loss: Optional[float] = None
   seeds: Tuple[Dict[str, Any], ...] = ()
+  phases: Optional[Dict[str, float]] = None
 
   def to_dict(self) -> Dict[str, Any]:
-    """The fields as a JSON-ready dict; `seeds` only when there are several."""
+    """The fields as a JSON-ready dict; `seeds` only when there are several, `phases` only
+    when measured."""
     result = dataclasses.asdict(self)
+    if self.phases is None:
+      del result['phases']
     if not self.seeds:
       del result['seeds']
     else:
@@ -90,10 +97,14 @@ class TrialResult:
       values = [getattr(r, name) for r in results]
       return None if any(v is None for v in values) else float(np.mean(values))
 
+    phases = None
+    if all(r.phases is not None for r in results):
+      phases = {name: sum(r.phases[name] for r in results) for name in results[0].phases}
     return cls(ap=mean('ap'), ap50=mean('ap50'), flops=results[0].flops,
                params=results[0].params, seconds=seconds, steps=results[0].steps,
                final_loss=mean('final_loss'), heldout_loss=mean('heldout_loss'),
-               seeds=tuple({'seed': seed, **r.to_dict()} for seed, r in zip(seeds, results)))
+               seeds=tuple({'seed': seed, **r.to_dict()} for seed, r in zip(seeds, results)),
+               phases=phases)
 
 
 def configure_threads(num_threads: Optional[int]) -> None:
@@ -247,7 +258,7 @@ def run_trial(block_specs, proxy: str = 'cpu', seed: int = 0,
       seed_start = time.perf_counter()
       with _builds(proxy, where):
         model = task.new_model(arguments, trial_seed)
-      counted = {}  # the model's FLOPs and params, counted once
+      counted = {'build': time.perf_counter() - seed_start}  # FLOPs, params: counted once
 
       def on_report(step, measured, model=model, seed_start=seed_start, counted=counted):
         report(step, _result(model, measured, time.perf_counter() - seed_start,
@@ -283,17 +294,25 @@ def run_trial(block_specs, proxy: str = 'cpu', seed: int = 0,
 
 
 def _result(model: tf_keras.Model, measured: Dict[str, Any], seconds: float,
-            counted: Optional[Dict[str, int]] = None) -> TrialResult:
-  """`measured` with the model's FLOPs and params, counted into `counted` if it is empty (a dict
-  kept across calls for one model counts them once)."""
+            counted: Optional[Dict[str, Any]] = None) -> TrialResult:
+  """`measured` with the model's FLOPs and params, counted into `counted` unless it has them (a
+  dict kept across calls for one model counts them once). With the CPU proxy's phase seconds in
+  `measured` ('train_seconds', 'evaluate_seconds') and the model's build seconds in `counted`
+  ('build'), the result's `phases`."""
   counted = {} if counted is None else counted
-  if not counted:
+  if 'flops' not in counted:
+    start = time.perf_counter()
     counted.update(flops=model_stats.count_flops(model, list(model.image_size) + [3]),
-                   params=model_stats.count_params(model))
+                   params=model_stats.count_params(model), count=time.perf_counter() - start)
+  phases = None
+  if 'build' in counted and 'train_seconds' in measured:
+    phases = {'build': counted['build'], 'train': measured['train_seconds'],
+              'evaluate': measured['evaluate_seconds'], 'count': counted['count']}
+    phases = {name: round(value, 2) for name, value in phases.items()}
   return TrialResult(ap=float(measured['ap']), ap50=float(measured['ap50']),
                      flops=counted['flops'], params=counted['params'], seconds=seconds,
                      steps=int(measured['steps']), final_loss=measured['final_loss'],
-                     heldout_loss=measured.get('heldout_loss'))
+                     heldout_loss=measured.get('heldout_loss'), phases=phases)
 
 
 def _train_and_evaluate(trainer: trainer_lib.RetinaNetTrainer) -> Dict[str, Any]:
