@@ -12,7 +12,10 @@ comparable budgets and the same command resumes it from the journals. The proxy'
 Writes OUTPUT_DIR/search_compare.png (best and moving-average reward over samples, unique
 architectures) and prints one JSON row per algorithm: algorithm, num_trials, num_unique,
 best_reward, best_key, moving_average_reward (the last --window samples), trial_hours (time
-spent training trials, cached samples excluded).
+spent training trials, cached samples excluded); and for each algorithm but --baseline, whether
+it beats the baseline after the first --burn_in samples (`lead`): both searches' mean reward
+over samples burn_in+1 .. the shorter one's length (the same budget), the difference, its 95%
+bootstrap interval, and the one-sided Mann-Whitney p-value (its rewards larger).
 """
 import json
 import pathlib
@@ -20,6 +23,8 @@ from typing import Any, Dict, List, Sequence
 
 from absl import app, flags
 from matplotlib.figure import Figure
+import numpy as np
+from scipy import stats
 
 from nasfpn_tf.search import configurables
 from nasfpn_tf.search.journal import Journal
@@ -42,6 +47,8 @@ def define_flags():
   flags.DEFINE_integer('seed', 0, 'Seeds every controller and proxy training.')
   flags.DEFINE_integer('window', 20, 'Samples in the moving average.')
   flags.DEFINE_float('cpus_per_trial', 1, 'CPUs per trial (as the search\'s flag).')
+  flags.DEFINE_string('baseline', 'random', 'The algorithm the others are tested against.')
+  flags.DEFINE_integer('burn_in', 20, 'Samples left out of that test (the controller learning).')
   flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings for controllers and proxy.')
 
 
@@ -62,6 +69,44 @@ def compare_rows(output_dir: pathlib.Path, algorithms: Sequence[str],
             [r['reward'] for r in records], window)[-1]),
         'trial_hours': round(sum(r['seconds'] for r in records if not r['cached']) / 3600, 2)})
   return rows
+
+
+def lead(rewards: Sequence[float], baseline: Sequence[float], burn_in: int,
+         resamples: int = 10000, seed: int = 0) -> Dict[str, Any]:
+  """Whether `rewards` beat `baseline` at the same budget: both cut to the shorter one's
+  length, the first `burn_in` samples left out. {'samples': 'first..last' (1-based),
+  'mean', 'baseline_mean', 'difference', 'interval' (95% bootstrap of the difference, both
+  resampled with `seed`), 'p_value' (one-sided Mann-Whitney U: `rewards` larger)}."""
+  budget = min(len(rewards), len(baseline))
+  if budget - burn_in < 2:
+    raise ValueError(f'--burn_in={burn_in} leaves {max(budget - burn_in, 0)} of {budget} '
+                     'samples to compare; give a smaller --burn_in or more samples.')
+  ours = np.asarray(rewards[burn_in:budget], float)
+  theirs = np.asarray(baseline[burn_in:budget], float)
+  rng = np.random.default_rng(seed)
+  differences = (rng.choice(ours, (resamples, len(ours))).mean(axis=1) -
+                 rng.choice(theirs, (resamples, len(theirs))).mean(axis=1))
+  return {'samples': f'{burn_in + 1}..{budget}', 'mean': float(ours.mean()),
+          'baseline_mean': float(theirs.mean()),
+          'difference': float(ours.mean() - theirs.mean()),
+          'interval': [float(v) for v in np.percentile(differences, [2.5, 97.5])],
+          'p_value': float(stats.mannwhitneyu(ours, theirs, alternative='greater').pvalue)}
+
+
+def leads(output_dir: pathlib.Path, algorithms: Sequence[str], baseline: str,
+          burn_in: int) -> List[Dict[str, Any]]:
+  """`lead` of each algorithm but `baseline` over it, as rows {'algorithm', 'baseline',
+  **lead}; none when the baseline has not run."""
+  def rewards(algorithm):
+    return [r['reward'] for r in Journal(output_dir / algorithm /
+                                         search_dir_lib.TRIALS_FILE).read()]
+
+  theirs = rewards(baseline)
+  if not theirs:
+    return []
+  return [{'algorithm': algorithm, 'baseline': baseline,
+           **lead(rewards(algorithm), theirs, burn_in)}
+          for algorithm in algorithms if algorithm != baseline and rewards(algorithm)]
 
 
 def draw(output_dir: pathlib.Path, algorithms: Sequence[str], window: int, path: str) -> None:
@@ -102,6 +147,8 @@ def main(argv):
           proxy_dir=str(output_dir / search_dir_lib.PROXY_DIR)))
       draw(output_dir, FLAGS.algorithms, FLAGS.window, str(output_dir / 'search_compare.png'))
   for row in compare_rows(output_dir, FLAGS.algorithms, FLAGS.window):
+    print(json.dumps(row), flush=True)
+  for row in leads(output_dir, FLAGS.algorithms, FLAGS.baseline, FLAGS.burn_in):
     print(json.dumps(row), flush=True)
 
 

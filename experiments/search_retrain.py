@@ -10,9 +10,11 @@ As the paper and NAS-FCOS do: the --top_k distinct architectures of highest prox
 `make demo` runs: the same steps, batch, repeats and filters; only the block-spec table
 differs), on the demo's synthetic data (made once in OUTPUT_DIR/data); the one of highest AP
 among them ("chosen") is then trained with the other --seeds, and 'nasfpn' and 'fpn' with every
-seed. Each run has its own model dir OUTPUT_DIR/<name>_seed<seed> (`searched<rank>`: rank 1 is
-the proxy's best), evaluated on the validation images; a rerun reuses finished model dirs and
-resumes an interrupted one.
+seed. Each run has its own model dir, OUTPUT_DIR/<nasfpn|fpn>_seed<seed> and for a searched
+table OUTPUT_DIR/searched-<its key's digest>_seed<seed> (`model_dir_name`; in the rows it is
+`searched<rank>`, rank 1 the proxy's best), evaluated on the validation images; a rerun reuses
+finished model dirs and resumes an interrupted one, also after the searches grew and the ranks
+moved (the dir follows the architecture, not its rank).
 
 Writes OUTPUT_DIR/search_retrain.png (AP per architecture, a point per seed) and
 OUTPUT_DIR/search_retrain.jsonl, and prints one JSON line per run (name, rank, key,
@@ -21,6 +23,7 @@ seed, AP, AP50, flops), then a summary line: per architecture the mean AP, its s
 (max - min) and FLOPs; the chosen one's AP minus NAS-FPN's; and Kendall's tau between the proxy's
 rewards and the retrained APs of the top architectures (do they rank them alike?).
 """
+import hashlib
 import json
 import os
 import pathlib
@@ -87,6 +90,14 @@ def top_records(search_dirs: Sequence[str],
   return ranked[:top_k], {key: record['reward'] for key, record in best_of_key.items()}
 
 
+def model_dir_name(name: str, key, seed: int) -> str:
+  """The model dir's name of `name` (a baseline's, or `searched<rank>` with its architecture
+  `key`) trained with `seed`: a searched one's is named by its key, not its rank."""
+  if name.startswith('searched'):
+    name = 'searched-' + hashlib.sha1(key.encode()).hexdigest()[:12]
+  return f'{name}_seed{seed}'
+
+
 def model_flops(model_dir: pathlib.Path) -> int:
   """FLOPs of the model trained in `model_dir` (its recorded config; the weights do not count)."""
   return demo_runs.exit_flops(RetinaNet.from_config(checkpointing.read_model_config(
@@ -109,12 +120,12 @@ def run(output_dir: pathlib.Path, search_dirs: Sequence[str], seeds: Sequence[in
   rows, flops = [], {}
 
   def train(name, seed):
-    model_dir = output_dir / f'{name}_seed{seed}'
+    key = space.key(tables[name]) if space.contains(tables[name]) else None  # FPN: 5 cells
+    model_dir = output_dir / model_dir_name(name, key, seed)
     metrics = demo_runs.train_and_evaluate(
         model_dir, bindings + [block_specs_binding(tables[name])], seed=seed)
     if name not in flops:
       flops[name] = model_flops(model_dir)
-    key = space.key(tables[name]) if space.contains(tables[name]) else None  # FPN: 5 cells
     rank = int(name[len('searched'):]) if name.startswith('searched') else None
     rows.append({'name': name, 'rank': rank, 'key': key, 'proxy_reward': rewards.get(key),
                  'seed': seed, 'AP': metrics['AP'], 'AP50': metrics['AP50'],

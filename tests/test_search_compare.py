@@ -2,12 +2,13 @@
 import numpy as np
 import pytest
 
+from nasfpn_tf.checkpointing import CheckpointMismatchError
 from nasfpn_tf.search import runner, trials
 from nasfpn_tf.search.journal import Journal
 from nasfpn_tf.search.space import SearchSpace
 from nasfpn_tf.search import search_dir as search_dir_lib
 from training_helpers import (drive_in_process, load_experiment, plotted_lines, read_png,
-                              saved_figures)
+                              saved_figures, tiny_bindings)
 
 search_compare = load_experiment('search_compare')
 SPACE = SearchSpace(num_cells=2, min_level=3, max_level=4)
@@ -44,6 +45,43 @@ def test_rows_and_plot_from_the_journals(tmp_path):
     np.testing.assert_array_equal(plotted_lines(unique_ax)[i][1],
                                   [len({r['key'] for r in records[:n]})
                                    for n in range(1, len(records) + 1)])
+
+
+def test_lead_compares_at_the_same_budget_after_the_burn_in(tmp_path):
+  rng = np.random.default_rng(1)
+  better = list(rng.uniform(0.0, 0.1, 5)) + list(rng.uniform(0.2, 0.3, 30))
+  baseline = list(rng.uniform(0.1, 0.2, 40))  # 5 samples more: cut to the other's 35
+  row = search_compare.lead(better, baseline, burn_in=5)
+  assert row['samples'] == '6..35'
+  assert row['mean'] == pytest.approx(np.mean(better[5:]))
+  assert row['baseline_mean'] == pytest.approx(np.mean(baseline[5:35]))
+  assert row['difference'] == pytest.approx(row['mean'] - row['baseline_mean'])
+  assert 0 < row['interval'][0] < row['difference'] < row['interval'][1]
+  assert row['p_value'] < 1e-6  # every later sample above every baseline one
+  assert search_compare.lead(better, baseline, burn_in=5) == row  # seeded: it replays
+  # The same rewards lead nowhere: the interval holds 0, and p is about one half.
+  same = search_compare.lead(baseline, baseline, burn_in=5)
+  assert same['difference'] == 0 and same['interval'][0] < 0 < same['interval'][1]
+  assert 0.4 < same['p_value'] < 0.6
+  # By hand: [3, 4] against [1, 2]: U = 4, the largest; of the C(4, 2) = 6 equally likely
+  # splits of the ranks, only this one reaches it: p = 1/6.
+  assert search_compare.lead([0.3, 0.4], [0.1, 0.2], burn_in=0)['p_value'] == pytest.approx(1 / 6)
+  with pytest.raises(ValueError, match=r'--burn_in=9 leaves 1 of 10 samples'):
+    search_compare.lead([0.1] * 10, [0.2] * 12, burn_in=9)
+  # From the journals: each algorithm but the baseline, against it.
+  for algorithm, num_trials in (('random', 8), ('evolution', 6)):
+    settings = runner.SearchSettings(search_dir=str(tmp_path / algorithm), algorithm=algorithm,
+                                     num_trials=num_trials, proxy='synthetic', space=SPACE)
+    runner.check_search_dir(settings)
+    drive_in_process(runner.ControllerSearcher(settings, log=lambda line: None))
+  rows = search_compare.leads(tmp_path, ['random', 'evolution', 'ppo'], 'random', burn_in=2)
+  assert [(r['algorithm'], r['baseline'], r['samples']) for r in rows] == [
+      ('evolution', 'random', '3..6')]
+  rewards = {a: [r['reward'] for r in Journal(tmp_path / a / search_dir_lib.TRIALS_FILE).read()]
+             for a in ('random', 'evolution')}
+  assert rows[0]['mean'] == pytest.approx(np.mean(rewards['evolution'][2:6]))
+  assert rows[0]['baseline_mean'] == pytest.approx(np.mean(rewards['random'][2:6]))
+  assert search_compare.leads(tmp_path, ['evolution'], 'ppo', burn_in=2) == []  # never ran
 
 
 search_retrain = load_experiment('search_retrain')
@@ -97,8 +135,15 @@ def test_retrain_trains_the_top_k_once_then_the_best_of_them_and_the_baselines_p
   ap_of = {'searched1': 0.30, 'searched2': 0.40, 'searched3': 0.20, 'nasfpn': 0.35, 'fpn': 0.25}
   trained = []
 
+  # The model dirs of searched tables are named by their keys: a rank moved by a grown search
+  # never reuses another architecture's dir.
+  names = {search_retrain.model_dir_name(f'searched{rank}', record['key'], 0).rsplit(
+      '_seed', 1)[0]: f'searched{rank}' for rank, record in enumerate(top, 1)}
+  assert len(names) == 3 and all(name.startswith('searched-') for name in names)
+
   def train_and_evaluate(model_dir, bindings, seed):
     name = model_dir.name.rsplit('_seed', 1)[0]
+    name = names.get(name, name)
     trained.append((name, seed, bindings[-1]))
     return {'AP': ap_of[name] + 0.01 * seed, 'AP50': 0.9, 'step': 1}
 
@@ -120,11 +165,28 @@ def test_retrain_trains_the_top_k_once_then_the_best_of_them_and_the_baselines_p
   assert result['chosen_minus_nasfpn_ap'] == pytest.approx(0.05)
   assert result['architectures']['searched2'] == {
       'mean_ap': pytest.approx(0.41), 'spread': pytest.approx(0.02), 'seeds': 3,
-      'flops': len('searched2_seed0')}
+      'flops': len(search_retrain.model_dir_name('searched2', top[1]['key'], 0))}
   # The proxy's rewards of the top 3 paired with their first-seed APs (0.30, 0.40, 0.20).
   assert result['top_k_tau_proxy_vs_ap'] == pytest.approx(search_retrain.search_proxy_gate
                                                           .kendall_tau([r['reward'] for r in top],
                                                                        [0.30, 0.40, 0.20]))
+
+
+def test_a_finished_model_dir_is_reused_only_for_the_model_it_holds(synthetic_records, tmp_path):
+  """What the experiments' reruns rely on: a finished model dir comes back as it is for the
+  same bindings, and is refused, naming what differs, for another pyramid."""
+  demo_runs = search_retrain.demo_runs
+  bindings = tiny_bindings(synthetic_records, train_steps=2) + [
+      'RetinaNetTrainer.mixed_precision = None']
+  model_dir = tmp_path / 'run'
+  first = demo_runs.train_and_evaluate(model_dir, bindings)
+  assert first['step'] == 2
+  written = (model_dir / 'eval_metrics.json').stat().st_mtime_ns
+  assert demo_runs.train_and_evaluate(model_dir, bindings) == first
+  assert (model_dir / 'eval_metrics.json').stat().st_mtime_ns == written  # reused, not retrained
+  with pytest.raises(CheckpointMismatchError,
+                     match=r'(?s)holds a finished model other.*build_retinanet\.block_specs'):
+    demo_runs.train_and_evaluate(model_dir, bindings + ["build_retinanet.block_specs = 'fpn'"])
 
 
 def test_retrain_refuses_a_dir_without_a_search_or_over_other_levels(tmp_path):

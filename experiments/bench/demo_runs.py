@@ -12,9 +12,11 @@ import tensorflow as tf
 import tf_keras
 
 from bench.timing import alternate, say
+from nasfpn_tf import checkpointing
 from nasfpn_tf import config
 from nasfpn_tf.data import create_coco_tfrecord, synthetic
 from nasfpn_tf.export.saved_model import load_model
+from nasfpn_tf.models import factory
 from nasfpn_tf.models.retinanet import RetinaNet
 from nasfpn_tf.training import distribute
 from nasfpn_tf.training import trainer as trainer_lib
@@ -62,13 +64,21 @@ def train_and_evaluate(model_dir: pathlib.Path, bindings: Sequence[str],
   """`gin_file` (demo.gin, or a variant that includes it such as fcos_demo.gin) with `bindings`
   trained in `model_dir` and evaluated on the val records; returns its eval_metrics.json. A
   model dir whose metrics are at the last step is reused as is; an interrupted one resumes from
-  its last checkpoint. `seed` draws the initial weights and the data order."""
+  its last checkpoint. `seed` draws the initial weights and the data order. A finished model dir
+  of another model than the bindings build (another pyramid, say) raises CheckpointMismatchError
+  naming what differs, as resuming it would."""
   metrics_path = pathlib.Path(model_dir) / trainer_lib.METRICS_FILE
   config.parse_gin([gin_file], bindings)
   train_steps = _bound_value('RetinaNetTrainer.train_steps')
   if metrics_path.exists():
     metrics = json.loads(metrics_path.read_text())
     if metrics['step'] >= train_steps:
+      differences = checkpointing.model_config_differences(
+          str(model_dir), factory.build_retinanet().get_config())
+      if differences:
+        raise checkpointing.CheckpointMismatchError(
+            f'{model_dir} holds a finished model other than the one asked for:\n{differences}\n'
+            'Give another output dir, or remove that model dir to train it again.')
       say(f'{model_dir}: finished at step {metrics["step"]}, reused')
       return metrics
   say(f'{model_dir}: training to step {train_steps} (seed {seed})')
