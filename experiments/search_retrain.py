@@ -23,11 +23,13 @@ seed, AP, AP50, flops), then a summary line: per architecture the mean AP, its s
 (max - min) and FLOPs; the chosen one's AP minus NAS-FPN's; and Kendall's tau between the proxy's
 rewards and the retrained APs of the top architectures (do they rank them alike?).
 """
+import datetime
 import hashlib
 import json
 import os
 import pathlib
 import sys
+import time
 from typing import Any, Dict, List, Sequence, Tuple
 
 # The shared parts in experiments/bench/, also when this file is loaded by path (tests).
@@ -118,10 +120,17 @@ def run(output_dir: pathlib.Path, search_dirs: Sequence[str], seeds: Sequence[in
                                         demo_runs.DEMO_NUM_VAL)
   bindings = demo_runs.demo_bindings(records, train_steps, gin_bindings)
   rows, flops = [], {}
+  total = len(top) + (len(seeds) - 1) + len(BASELINES) * len(seeds)
+  started = time.time()
 
   def train(name, seed):
     key = space.key(tables[name]) if space.contains(tables[name]) else None  # FPN: 5 cells
     model_dir = output_dir / model_dir_name(name, key, seed)
+    eta = ''
+    if rows:  # from the runs so far (a reused one takes seconds)
+      left = (time.time() - started) / len(rows) * (total - len(rows))
+      eta = f', ETA {datetime.timedelta(seconds=int(left))}'
+    demo_runs.say(f'run {len(rows) + 1} of {total}: {name} (seed {seed}){eta}')
     metrics = demo_runs.train_and_evaluate(
         model_dir, bindings + [block_specs_binding(tables[name])], seed=seed)
     if name not in flops:

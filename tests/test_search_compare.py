@@ -151,8 +151,15 @@ def test_retrain_trains_the_top_k_once_then_the_best_of_them_and_the_baselines_p
                       lambda *args: {'train': 't', 'val': 'v'})
   monkeypatch.setattr(search_retrain.demo_runs, 'train_and_evaluate', train_and_evaluate)
   monkeypatch.setattr(search_retrain, 'model_flops', lambda model_dir: len(model_dir.name))
+  said = []
+  monkeypatch.setattr(search_retrain.demo_runs, 'say', said.append)
   rows, chosen = search_retrain.run(tmp_path / 'retrain', dirs, [0, 1, 2], top_k=3)
   assert chosen == 'searched2'
+  # Progress: each run numbered out of all 11 (3 + 2 more seeds + 2 baselines x 3), an ETA from
+  # the second on.
+  runs = [line for line in said if line.startswith('run ')]
+  assert runs[0] == 'run 1 of 11: searched1 (seed 0)' and len(runs) == 11
+  assert runs[-1].startswith('run 11 of 11: fpn (seed 2), ETA 0:00:0')
   assert [(name, seed) for name, seed, _ in trained] == [
       ('searched1', 0), ('searched2', 0), ('searched3', 0), ('nasfpn', 0), ('fpn', 0),
       ('searched2', 1), ('nasfpn', 1), ('fpn', 1), ('searched2', 2), ('nasfpn', 2), ('fpn', 2)]
