@@ -1,6 +1,8 @@
 """PPO, regularized evolution and random search with the same trial budget on one proxy.
 
 The paper ran only RL and says evolution performs alike; this measures the three side by side.
+An entry ALGORITHM@TABLE of --algorithms starts that controller from a known table (the search's
+--init_block_specs, e.g. ppo@nasfpn), in OUTPUT_DIR/ALGORITHM@TABLE.
 Each algorithm is an ordinary search (`nasfpn_tf.search`) in OUTPUT_DIR/<algorithm>, grown in
 rounds of --round_trials samples, one algorithm after the other, so that an interrupted run has
 comparable budgets and the same command resumes it from the journals. The proxy's shared cache
@@ -40,7 +42,9 @@ def define_flags():
   """The script's flags, defined only when it runs: tests import its functions beside other
   experiments that define flags of the same names."""
   flags.DEFINE_string('output_dir', 'runs/search_compare', 'One search dir per algorithm in it.')
-  flags.DEFINE_list('algorithms', ['ppo', 'evolution', 'random'], 'The controllers to compare.')
+  flags.DEFINE_list('algorithms', ['ppo', 'evolution', 'random'],
+                    'The controllers to compare; ALGORITHM@TABLE starts one from a known table '
+                    '(the search\'s --init_block_specs), e.g. ppo@nasfpn, in a dir of that name.')
   flags.DEFINE_integer('num_trials', 100, 'Samples per algorithm, duplicates included.')
   flags.DEFINE_integer('round_trials', 10, 'Samples each algorithm adds per round.')
   flags.DEFINE_enum('proxy', 'cpu', list(PROXIES), 'The proxy every algorithm trains on.')
@@ -131,20 +135,28 @@ def draw(output_dir: pathlib.Path, algorithms: Sequence[str], window: int, path:
   fig.savefig(path, dpi=110)
 
 
+def search_settings(output_dir: pathlib.Path, entry: str, num_trials: int,
+                    **shared) -> SearchSettings:
+  """The search of one --algorithms entry (ALGORITHM, or ALGORITHM@TABLE started from that
+  table) in OUTPUT_DIR/entry; `shared`: the SearchSettings every entry has (proxy, seed, ...)."""
+  algorithm, _, table = entry.partition('@')
+  return SearchSettings(search_dir=str(output_dir / entry), algorithm=algorithm,
+                        num_trials=num_trials, init_block_specs=table or None,
+                        proxy_dir=str(output_dir / search_dir_lib.PROXY_DIR), **shared)
+
+
 def main(argv):
   del argv
   configurables.parse_gin(gin_bindings=FLAGS.gin_bindings)
   output_dir = pathlib.Path(FLAGS.output_dir)
   for budget in range(FLAGS.round_trials, FLAGS.num_trials + FLAGS.round_trials,
                       FLAGS.round_trials):
-    for algorithm in FLAGS.algorithms:
-      print(f'[search_compare] {algorithm}: up to {min(budget, FLAGS.num_trials)} samples',
+    for entry in FLAGS.algorithms:
+      print(f'[search_compare] {entry}: up to {min(budget, FLAGS.num_trials)} samples',
             flush=True)
-      run_search(SearchSettings(
-          search_dir=str(output_dir / algorithm), algorithm=algorithm,
-          num_trials=min(budget, FLAGS.num_trials), proxy=FLAGS.proxy, seed=FLAGS.seed,
-          gin_bindings=tuple(FLAGS.gin_bindings), cpus_per_trial=FLAGS.cpus_per_trial,
-          proxy_dir=str(output_dir / search_dir_lib.PROXY_DIR)))
+      run_search(search_settings(
+          output_dir, entry, min(budget, FLAGS.num_trials), proxy=FLAGS.proxy, seed=FLAGS.seed,
+          gin_bindings=tuple(FLAGS.gin_bindings), cpus_per_trial=FLAGS.cpus_per_trial))
       draw(output_dir, FLAGS.algorithms, FLAGS.window, str(output_dir / 'search_compare.png'))
   for row in compare_rows(output_dir, FLAGS.algorithms, FLAGS.window):
     print(json.dumps(row), flush=True)

@@ -47,6 +47,25 @@ def test_rows_and_plot_from_the_journals(tmp_path):
                                    for n in range(1, len(records) + 1)])
 
 
+def test_an_algorithm_at_a_table_starts_from_it_in_a_dir_of_its_own(tmp_path):
+  settings = search_compare.search_settings(tmp_path, 'ppo@nasfpn', 8, proxy='synthetic',
+                                            seed=3)
+  assert (settings.algorithm, settings.init_block_specs, settings.num_trials, settings.seed) == (
+      'ppo', 'nasfpn', 8, 3)
+  assert settings.search_dir == str(tmp_path / 'ppo@nasfpn')
+  assert settings.proxy_dir == str(tmp_path / 'proxy')
+  plain = search_compare.search_settings(tmp_path, 'random', 8, proxy='synthetic', seed=3)
+  assert (plain.algorithm, plain.init_block_specs) == ('random', None)
+  # What the search does with it: PPO fitted its policy to the table first, so its samples
+  # mostly take the table's decisions (a uniform draw agrees with about a quarter of them).
+  runner.check_search_dir(settings)
+  drive_in_process(runner.ControllerSearcher(settings, log=lambda line: None))
+  table = SearchSpace().encode('nasfpn')
+  records = Journal(tmp_path / 'ppo@nasfpn' / search_dir_lib.TRIALS_FILE).read()
+  assert len(records) == 8
+  assert np.mean([np.mean(np.equal(r['actions'], table)) for r in records]) > 0.7
+
+
 def test_lead_compares_at_the_same_budget_after_the_burn_in(tmp_path):
   rng = np.random.default_rng(1)
   better = list(rng.uniform(0.0, 0.1, 5)) + list(rng.uniform(0.2, 0.3, 30))
