@@ -194,13 +194,15 @@ def _export() -> None:
     raise ValueError(f'--mode={mode} needs --export_dir.')
   if tflite_export and not _TFLITE_PATH.value:
     raise ValueError(f'--mode={mode} needs --tflite_path.')
+  if tflite_export:
+    # Imported here so the other modes never load the TFLite conversion code.
+    from nasfpn_tf.export import tflite  # pylint: disable=g-import-not-at-top
   restored = None
   if saved_model_export and tflite_export:
     # Both from one restore, before either writes: a model dir that cannot be loaded leaves no
     # half of the pair.
     restored = saved_model.load_model(_MODEL_DIR.value, _GIN_BINDINGS.value)
     # The TFLite half's own checks too, before the SavedModel is written.
-    from nasfpn_tf.export import tflite  # pylint: disable=g-import-not-at-top
     tflite.check_exit(restored[0], _TFLITE_EXIT.value, _MODEL_DIR.value)
   if saved_model_export:
     summary = saved_model.export_saved_model(_MODEL_DIR.value, _EXPORT_DIR.value,
@@ -208,8 +210,6 @@ def _export() -> None:
                                              restored)
     print(json.dumps(summary, default=str), flush=True)
   if tflite_export:
-    # Imported here so the other modes never load the TFLite conversion code.
-    from nasfpn_tf.export import tflite  # pylint: disable=g-import-not-at-top
     summary = tflite.export_tflite(
         _MODEL_DIR.value, _TFLITE_PATH.value, quantization=_QUANTIZATION.value,
         representative_file_pattern=_REPRESENTATIVE_FILE_PATTERN.value,
