@@ -17,7 +17,9 @@ best_reward, best_key, moving_average_reward (the last --window samples), trial_
 spent training trials, cached samples excluded); and for each algorithm but --baseline, whether
 it beats the baseline after the first --burn_in samples (`lead`): both searches' mean reward
 over samples burn_in+1 .. the shorter one's length (the same budget), the difference, its 95%
-bootstrap interval, and the one-sided Mann-Whitney p-value (its rewards larger).
+bootstrap interval, and the one-sided Mann-Whitney p-value (its rewards larger); and for each
+algorithm whether it learned (`learning`): its samples after the first --burn_in against those
+first ones, by the same test (random search, which learns nothing, is the control).
 """
 import json
 import pathlib
@@ -52,7 +54,8 @@ def define_flags():
   flags.DEFINE_integer('window', 20, 'Samples in the moving average.')
   flags.DEFINE_float('cpus_per_trial', 1, 'CPUs per trial (as the search\'s flag).')
   flags.DEFINE_string('baseline', 'random', 'The algorithm the others are tested against.')
-  flags.DEFINE_integer('burn_in', 20, 'Samples left out of that test (the controller learning).')
+  flags.DEFINE_integer('burn_in', 20, 'Samples left out of that test (the controller learning), '
+                       'and the ones each search\'s later samples are tested against.')
   flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings for controllers and proxy.')
 
 
@@ -75,42 +78,72 @@ def compare_rows(output_dir: pathlib.Path, algorithms: Sequence[str],
   return rows
 
 
+def _difference(ours: Sequence[float], theirs: Sequence[float], resamples: int,
+                seed: int) -> Dict[str, Any]:
+  """{'mean', 'baseline_mean', 'difference', 'interval' (95% bootstrap of the difference, both
+  resampled with `seed`), 'p_value' (one-sided Mann-Whitney U: `ours` larger)}."""
+  ours, theirs = np.asarray(ours, float), np.asarray(theirs, float)
+  rng = np.random.default_rng(seed)
+  differences = (rng.choice(ours, (resamples, len(ours))).mean(axis=1) -
+                 rng.choice(theirs, (resamples, len(theirs))).mean(axis=1))
+  return {'mean': float(ours.mean()), 'baseline_mean': float(theirs.mean()),
+          'difference': float(ours.mean() - theirs.mean()),
+          'interval': [float(v) for v in np.percentile(differences, [2.5, 97.5])],
+          'p_value': float(stats.mannwhitneyu(ours, theirs, alternative='greater').pvalue)}
+
+
 def lead(rewards: Sequence[float], baseline: Sequence[float], burn_in: int,
          resamples: int = 10000, seed: int = 0) -> Dict[str, Any]:
   """Whether `rewards` beat `baseline` at the same budget: both cut to the shorter one's
   length, the first `burn_in` samples left out. {'samples': 'first..last' (1-based),
-  'mean', 'baseline_mean', 'difference', 'interval' (95% bootstrap of the difference, both
-  resampled with `seed`), 'p_value' (one-sided Mann-Whitney U: `rewards` larger)}."""
+  **_difference}."""
   budget = min(len(rewards), len(baseline))
   if budget - burn_in < 2:
     raise ValueError(f'--burn_in={burn_in} leaves {max(budget - burn_in, 0)} of {budget} '
                      'samples to compare; give a smaller --burn_in or more samples.')
-  ours = np.asarray(rewards[burn_in:budget], float)
-  theirs = np.asarray(baseline[burn_in:budget], float)
-  rng = np.random.default_rng(seed)
-  differences = (rng.choice(ours, (resamples, len(ours))).mean(axis=1) -
-                 rng.choice(theirs, (resamples, len(theirs))).mean(axis=1))
-  return {'samples': f'{burn_in + 1}..{budget}', 'mean': float(ours.mean()),
-          'baseline_mean': float(theirs.mean()),
-          'difference': float(ours.mean() - theirs.mean()),
-          'interval': [float(v) for v in np.percentile(differences, [2.5, 97.5])],
-          'p_value': float(stats.mannwhitneyu(ours, theirs, alternative='greater').pvalue)}
+  return {'samples': f'{burn_in + 1}..{budget}',
+          **_difference(rewards[burn_in:budget], baseline[burn_in:budget], resamples, seed)}
+
+
+def learning(rewards: Sequence[float], burn_in: int, resamples: int = 10000,
+             seed: int = 0) -> Dict[str, Any]:
+  """Whether a search's samples after its first `burn_in` beat those first ones: what its
+  controller learned, with the search as its own baseline (random search, which learns nothing,
+  is the control). {'samples': 'first..last', 'baseline_samples': '1..burn_in',
+  **_difference}."""
+  if burn_in < 2 or len(rewards) - burn_in < 2:
+    raise ValueError(f'--burn_in={burn_in} splits {len(rewards)} samples into '
+                     f'{min(burn_in, len(rewards))} and {max(len(rewards) - burn_in, 0)}; '
+                     'each side needs 2 or more.')
+  return {'samples': f'{burn_in + 1}..{len(rewards)}', 'baseline_samples': f'1..{burn_in}',
+          **_difference(rewards[burn_in:], rewards[:burn_in], resamples, seed)}
+
+
+def _rewards(output_dir: pathlib.Path, algorithm: str) -> List[float]:
+  return [r['reward']
+          for r in Journal(output_dir / algorithm / search_dir_lib.TRIALS_FILE).read()]
 
 
 def leads(output_dir: pathlib.Path, algorithms: Sequence[str], baseline: str,
           burn_in: int) -> List[Dict[str, Any]]:
   """`lead` of each algorithm but `baseline` over it, as rows {'algorithm', 'baseline',
   **lead}; none when the baseline has not run."""
-  def rewards(algorithm):
-    return [r['reward'] for r in Journal(output_dir / algorithm /
-                                         search_dir_lib.TRIALS_FILE).read()]
-
-  theirs = rewards(baseline)
+  theirs = _rewards(output_dir, baseline)
   if not theirs:
     return []
   return [{'algorithm': algorithm, 'baseline': baseline,
-           **lead(rewards(algorithm), theirs, burn_in)}
-          for algorithm in algorithms if algorithm != baseline and rewards(algorithm)]
+           **lead(_rewards(output_dir, algorithm), theirs, burn_in)}
+          for algorithm in algorithms
+          if algorithm != baseline and _rewards(output_dir, algorithm)]
+
+
+def learnings(output_dir: pathlib.Path, algorithms: Sequence[str],
+              burn_in: int) -> List[Dict[str, Any]]:
+  """`learning` of each algorithm that has run, as rows {'algorithm', 'learning': True,
+  **learning}."""
+  return [{'algorithm': algorithm, 'learning': True,
+           **learning(_rewards(output_dir, algorithm), burn_in)}
+          for algorithm in algorithms if _rewards(output_dir, algorithm)]
 
 
 def draw(output_dir: pathlib.Path, algorithms: Sequence[str], window: int, path: str) -> None:
@@ -161,6 +194,8 @@ def main(argv):
   for row in compare_rows(output_dir, FLAGS.algorithms, FLAGS.window):
     print(json.dumps(row), flush=True)
   for row in leads(output_dir, FLAGS.algorithms, FLAGS.baseline, FLAGS.burn_in):
+    print(json.dumps(row), flush=True)
+  for row in learnings(output_dir, FLAGS.algorithms, FLAGS.burn_in):
     print(json.dumps(row), flush=True)
 
 

@@ -103,6 +103,41 @@ def test_lead_compares_at_the_same_budget_after_the_burn_in(tmp_path):
   assert search_compare.leads(tmp_path, ['evolution'], 'ppo', burn_in=2) == []  # never ran
 
 
+def test_learning_tests_a_search_s_later_samples_against_its_first(tmp_path):
+  rng = np.random.default_rng(2)
+  rising = list(rng.uniform(0.0, 0.1, 10)) + list(rng.uniform(0.2, 0.3, 25))
+  row = search_compare.learning(rising, burn_in=10)
+  assert (row['samples'], row['baseline_samples']) == ('11..35', '1..10')
+  assert row['mean'] == pytest.approx(np.mean(rising[10:]))
+  assert row['baseline_mean'] == pytest.approx(np.mean(rising[:10]))
+  assert 0 < row['interval'][0] < row['difference'] < row['interval'][1]
+  assert row['p_value'] < 1e-4  # every later sample above every first one
+  # A flat series (random search's kind) learns nothing; a falling one even less.
+  first = list(rng.permutation(np.linspace(0.1, 0.2, 10)))
+  flat_row = search_compare.learning(first * 3, burn_in=10)  # later: the same values twice
+  assert flat_row['difference'] == pytest.approx(0)
+  assert flat_row['interval'][0] < 0 < flat_row['interval'][1]
+  assert 0.4 < flat_row['p_value'] < 0.6
+  falling = rising[10:20] + rising[:10] + rising[:10]
+  assert search_compare.learning(falling, burn_in=10)['p_value'] > 0.999
+  # By hand: [3, 4] after [1, 2]: p = 1/6 as for `lead`.
+  assert search_compare.learning([0.1, 0.2, 0.3, 0.4], burn_in=2)['p_value'] == pytest.approx(
+      1 / 6)
+  with pytest.raises(ValueError, match=r'--burn_in=20 splits 21 samples into 20 and 1'):
+    search_compare.learning([0.1] * 21, burn_in=20)
+  # From the journals: one row per search that ran, its own rewards split at burn_in.
+  settings = runner.SearchSettings(search_dir=str(tmp_path / 'random'), algorithm='random',
+                                   num_trials=6, proxy='synthetic', space=SPACE)
+  runner.check_search_dir(settings)
+  drive_in_process(runner.ControllerSearcher(settings, log=lambda line: None))
+  rewards = [r['reward'] for r in Journal(tmp_path / 'random' / search_dir_lib.TRIALS_FILE).read()]
+  rows = search_compare.learnings(tmp_path, ['random', 'ppo'], burn_in=2)
+  assert [(r['algorithm'], r['learning'], r['samples']) for r in rows] == [
+      ('random', True, '3..6')]
+  assert rows[0]['mean'] == pytest.approx(np.mean(rewards[2:]))
+  assert rows[0]['baseline_mean'] == pytest.approx(np.mean(rewards[:2]))
+
+
 search_retrain = load_experiment('search_retrain')
 
 
