@@ -31,6 +31,7 @@ from nasfpn_tf.search import configurables
 from nasfpn_tf.search.journal import Journal
 from nasfpn_tf.search.runner import SearchSettings, run_search
 from nasfpn_tf.search.space import SearchSpace
+from nasfpn_tf.search import search_dir as search_dir_lib
 from nasfpn_tf.utils.files import atomic_write
 
 FLAGS = flags.FLAGS
@@ -61,7 +62,7 @@ def _trained(records: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
 
 def scheduler_row(output_dir: pathlib.Path, scheduler: str) -> Dict[str, Any]:
   """What one search cost and found, from its journal and its sessions' wall times."""
-  records = Journal(output_dir / scheduler / 'trials.jsonl').read()
+  records = Journal(output_dir / scheduler / search_dir_lib.TRIALS_FILE).read()
   sessions = Journal(output_dir / scheduler / 'sessions.jsonl').read()
   wall_hours = sum(s['wall_seconds'] for s in sessions) / 3600
   trained = _trained(records)
@@ -81,11 +82,14 @@ def scheduler_row(output_dir: pathlib.Path, scheduler: str) -> Dict[str, Any]:
 def kept_row(output_dir: pathlib.Path, top_k: int) -> Dict[str, Any]:
   """The top_k architectures by full-trial reward (the search without ASHA; ties broken by
   sample order) and where each ended under ASHA: 'max_t' (survived), the step it was stopped
-  at, or None (not sampled there yet). ValueError when the two searches drew other samples."""
-  journals = {s: Journal(output_dir / s / 'trials.jsonl').read() for s in SCHEDULERS}
-  keys = {s: [r['key'] for r in records] for s, records in journals.items()}
-  common = min(len(keys['none']), len(keys['asha']))
-  if keys['none'][:common] != keys['asha'][:common]:
+  at, or None (not sampled there yet). ValueError when the two searches drew other samples.
+  The samples are matched by proposal: with trials side by side a journal is in the order
+  trials finished, and a search's last proposals may be left untrained when it stops."""
+  journals = {s: Journal(output_dir / s / search_dir_lib.TRIALS_FILE).read() for s in SCHEDULERS}
+  proposals = {s: {r['proposal_index']: r['key'] for r in records}
+               for s, records in journals.items()}
+  common = proposals['none'].keys() & proposals['asha'].keys()
+  if any(proposals['none'][i] != proposals['asha'][i] for i in common):
     raise ValueError(f'{output_dir}: the searches with and without ASHA drew other samples; '
                      'they must be random searches with the same seed and space.')
   full = sorted(_trained(journals['none']).values(), key=lambda r: (-r['reward'], r['trial']))
@@ -118,8 +122,8 @@ def draw(output_dir: pathlib.Path, rows: Sequence[Dict[str, Any]], kept: Dict[st
   rate_ax.set_xticks(range(len(rows)), [f'--scheduler={n}' for n in names])
   rate_ax.set(ylabel='samples per hour', title='Samples per hour')
   rate_ax.legend(fontsize=8)
-  full = _trained(Journal(output_dir / 'none' / 'trials.jsonl').read())
-  asha = _trained(Journal(output_dir / 'asha' / 'trials.jsonl').read())
+  full = _trained(Journal(output_dir / 'none' / search_dir_lib.TRIALS_FILE).read())
+  asha = _trained(Journal(output_dir / 'asha' / search_dir_lib.TRIALS_FILE).read())
   groups = {}
   for key, record in asha.items():
     if key in full:
@@ -162,7 +166,7 @@ def main(argv):
                       FLAGS.round_trials):
     for scheduler in SCHEDULERS:
       settings = _search(output_dir, scheduler, min(budget, FLAGS.num_trials))
-      before = len(Journal(pathlib.Path(settings.search_dir) / 'trials.jsonl').read())
+      before = len(Journal(pathlib.Path(settings.search_dir) / search_dir_lib.TRIALS_FILE).read())
       if before >= settings.num_trials:
         continue
       print(f'[asha_samples] --scheduler={scheduler}: up to {settings.num_trials} samples',

@@ -1,4 +1,6 @@
 """experiments/search_compare.py: its rows and plot, read from searches' journals."""
+import json
+
 import numpy as np
 import pytest
 
@@ -312,6 +314,18 @@ def test_asha_rows_and_what_asha_kept_from_the_journals(tmp_path):
   expected = [(trained['none'][k]['reward'], r['reward']) for k, r in trained['asha'].items()]
   assert sorted(map(tuple, points.tolist())) == sorted(expected)
   assert len(kept_ax.collections[-1].get_offsets()) == 3
+  # The journals are in the order trials finished (side by side, not the order drawn), and a
+  # search may stop with proposals left untrained: samples are matched by proposal.
+  trials_file = tmp_path / 'asha' / search_dir_lib.TRIALS_FILE
+  original = trials_file.read_text()
+  records = [json.loads(line) for line in original.splitlines()]
+  untrained = records[-1]['key']
+  trials_file.write_text(''.join(json.dumps(r) + '\n' for r in records[:-1][::-1]))
+  reordered = asha_samples.kept_row(tmp_path, top_k=3)
+  assert reordered['keys'] == kept['keys']
+  assert reordered['under_asha'] == [None if key == untrained else outcome
+                                     for key, outcome in zip(kept['keys'], kept['under_asha'])]
+  trials_file.write_text(original)
   # Searches that drew other samples are not compared.
   (tmp_path / 'asha' / search_dir_lib.TRIALS_FILE).write_text(
       (tmp_path / 'asha' / search_dir_lib.TRIALS_FILE).read_text()
