@@ -2,11 +2,10 @@
 import numpy as np
 import pytest
 
-from nasfpn_tf.search import runner
 from nasfpn_tf.search.journal import Journal
 from nasfpn_tf.search.space import SearchSpace
 from nasfpn_tf.search import search_dir as search_dir_lib
-from training_helpers import drive_in_process, load_experiment
+from training_helpers import load_experiment, run_synthetic_search
 
 controller_surrogate = load_experiment('controller_surrogate')
 SPACE = SearchSpace(num_cells=3, min_level=3, max_level=5)
@@ -88,11 +87,7 @@ def test_settings_parse_and_bad_ones_are_named():
 def test_journal_data_takes_each_key_once_over_searches_of_one_space(tmp_path):
   dirs = []
   for algorithm, num_trials in (('random', 6), ('evolution', 5)):
-    settings = runner.SearchSettings(search_dir=str(tmp_path / algorithm), algorithm=algorithm,
-                                     num_trials=num_trials, proxy='synthetic', space=SPACE)
-    runner.check_search_dir(settings)
-    drive_in_process(runner.ControllerSearcher(settings, log=lambda line: None))
-    dirs.append(settings.search_dir)
+    dirs.append(run_synthetic_search(tmp_path / algorithm, algorithm, num_trials, SPACE).search_dir)
   space, actions, rewards = controller_surrogate.journal_data(dirs)
   assert space.config() == SPACE.config()
   records = [r for d in dirs for r in Journal(f'{d}/{search_dir_lib.TRIALS_FILE}').read()]
@@ -101,10 +96,7 @@ def test_journal_data_takes_each_key_once_over_searches_of_one_space(tmp_path):
     first.setdefault(record['key'], record)
   assert len(rewards) == len(first)
   assert sorted(map(tuple, actions.tolist())) == sorted(tuple(r['actions']) for r in first.values())
-  other = runner.SearchSettings(search_dir=str(tmp_path / 'other'), algorithm='random',
-                                num_trials=2, proxy='synthetic',
-                                space=SearchSpace(num_cells=4, min_level=3, max_level=5))
-  runner.check_search_dir(other)
-  drive_in_process(runner.ControllerSearcher(other, log=lambda line: None))
+  other = run_synthetic_search(tmp_path / 'other', 'random', 2,
+                               SearchSpace(num_cells=4, min_level=3, max_level=5))
   with pytest.raises(ValueError, match=r'--search_dirs: .*other searched'):
     controller_surrogate.journal_data(dirs + [other.search_dir])

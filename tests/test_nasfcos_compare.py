@@ -18,7 +18,7 @@ from nasfpn_tf.search import search_dir as search_dir_lib
 from nasfpn_tf.search.journal import Journal
 from nasfpn_tf.search.nasfcos_space import NASFCOSFPNSpace, NASFCOSHeadSpace
 from nasfpn_tf.search.space import SearchSpace
-from training_helpers import (drive_in_process, load_experiment, plotted_lines, read_png,
+from training_helpers import (load_experiment, plotted_lines, read_png, run_synthetic_search,
                               saved_figures)
 
 nasfcos_compare = load_experiment('nasfcos_compare')
@@ -36,11 +36,8 @@ def searches(tmp_path_factory):
       records = Journal(pathlib.Path(dirs['nasfcos_fpn'], search_dir_lib.TRIALS_FILE)).read()
       best = max(records, key=lambda r: r['reward'])
       space = NASFCOSHeadSpace(pyramid=nasfcos_specs.resolve(best['block_specs']))
-    settings = runner.SearchSettings(search_dir=str(root / space.NAME), algorithm='random',
-                                     num_trials=4, proxy='synthetic', space=space, seed=1)
-    runner.check_search_dir(settings)
-    drive_in_process(runner.ControllerSearcher(settings, log=lambda line: None))
-    dirs[space.NAME] = settings.search_dir
+    dirs[space.NAME] = run_synthetic_search(root / space.NAME, 'random', 4, space,
+                                            seed=1).search_dir
   return dirs
 
 

@@ -10,7 +10,7 @@ from nasfpn_tf.search.journal import Journal
 from nasfpn_tf.search.space import SearchSpace
 from nasfpn_tf.search import search_dir as search_dir_lib
 from training_helpers import (drive_in_process, load_experiment, plotted_lines, read_png,
-                              saved_figures, tiny_bindings)
+                              run_synthetic_search, saved_figures, tiny_bindings)
 
 search_compare = load_experiment('search_compare')
 SPACE = SearchSpace(num_cells=2, min_level=3, max_level=4)
@@ -18,10 +18,7 @@ SPACE = SearchSpace(num_cells=2, min_level=3, max_level=4)
 
 def test_rows_and_plot_from_the_journals(tmp_path):
   for algorithm, num_trials in (('random', 12), ('evolution', 9)):
-    settings = runner.SearchSettings(search_dir=str(tmp_path / algorithm), algorithm=algorithm,
-                                     num_trials=num_trials, proxy='synthetic', space=SPACE)
-    runner.check_search_dir(settings)
-    drive_in_process(runner.ControllerSearcher(settings, log=lambda line: None))
+    run_synthetic_search(tmp_path / algorithm, algorithm, num_trials, SPACE)
   rows = search_compare.compare_rows(tmp_path, ['random', 'evolution', 'ppo'], window=4)
   assert [row['algorithm'] for row in rows] == ['random', 'evolution']  # ppo never ran
   for row, num_trials in zip(rows, (12, 9)):
@@ -91,10 +88,7 @@ def test_lead_compares_at_the_same_budget_after_the_burn_in(tmp_path):
     search_compare.lead([0.1] * 10, [0.2] * 12, burn_in=9)
   # From the journals: each algorithm but the baseline, against it.
   for algorithm, num_trials in (('random', 8), ('evolution', 6)):
-    settings = runner.SearchSettings(search_dir=str(tmp_path / algorithm), algorithm=algorithm,
-                                     num_trials=num_trials, proxy='synthetic', space=SPACE)
-    runner.check_search_dir(settings)
-    drive_in_process(runner.ControllerSearcher(settings, log=lambda line: None))
+    run_synthetic_search(tmp_path / algorithm, algorithm, num_trials, SPACE)
   rows = search_compare.leads(tmp_path, ['random', 'evolution', 'ppo'], 'random', burn_in=2)
   assert [(r['algorithm'], r['baseline'], r['samples']) for r in rows] == [
       ('evolution', 'random', '3..6')]
@@ -128,10 +122,7 @@ def test_learning_tests_a_search_s_later_samples_against_its_first(tmp_path):
   with pytest.raises(ValueError, match=r'--burn_in=20 splits 21 samples into 20 and 1'):
     search_compare.learning([0.1] * 21, burn_in=20)
   # From the journals: one row per search that ran, its own rewards split at burn_in.
-  settings = runner.SearchSettings(search_dir=str(tmp_path / 'random'), algorithm='random',
-                                   num_trials=6, proxy='synthetic', space=SPACE)
-  runner.check_search_dir(settings)
-  drive_in_process(runner.ControllerSearcher(settings, log=lambda line: None))
+  run_synthetic_search(tmp_path / 'random', 'random', 6, SPACE)
   rewards = [r['reward'] for r in Journal(tmp_path / 'random' / search_dir_lib.TRIALS_FILE).read()]
   rows = search_compare.learnings(tmp_path, ['random', 'ppo'], burn_in=2)
   assert [(r['algorithm'], r['learning'], r['samples']) for r in rows] == [
@@ -151,11 +142,7 @@ def searches(tmp_path_factory):
   space = SearchSpace()
   dirs = []
   for algorithm, num_trials in (('random', 5), ('evolution', 4)):
-    settings = runner.SearchSettings(search_dir=str(tmp_path / algorithm), algorithm=algorithm,
-                                     num_trials=num_trials, proxy='synthetic', space=space)
-    runner.check_search_dir(settings)
-    drive_in_process(runner.ControllerSearcher(settings, log=lambda line: None))
-    dirs.append(settings.search_dir)
+    dirs.append(run_synthetic_search(tmp_path / algorithm, algorithm, num_trials, space).search_dir)
   return dirs, [r for d in dirs for r in Journal(f'{d}/{search_dir_lib.TRIALS_FILE}').read()]
 
 

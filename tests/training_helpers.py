@@ -192,6 +192,18 @@ def drive_in_process(searcher, num_parallel=3, stop_after=None, result_fn=None):
     completions += 1
 
 
+
+def run_synthetic_search(search_dir, algorithm, num_trials, space, **settings):
+  """A search on the synthetic proxy in `search_dir`, driven in this process
+  (`drive_in_process`); its `SearchSettings` (`settings`: any other fields, e.g. seed)."""
+  from nasfpn_tf.search import runner  # pylint: disable=g-import-not-at-top
+  settings = runner.SearchSettings(search_dir=str(search_dir), algorithm=algorithm,
+                                   num_trials=num_trials, proxy='synthetic', space=space,
+                                   **settings)
+  runner.check_search_dir(settings)
+  drive_in_process(runner.ControllerSearcher(settings, log=lambda line: None))
+  return settings
+
 def write_tfm_backbone_checkpoint(name, prefix, image_size=128):
   """A TF Model Garden backbone ('resnet10', 'resnet18', 'mobilenetv2') written as TFM's ImageNet
   backbone checkpoints are, `tf.train.Checkpoint(backbone=...)`; returns (backbone, path)."""
