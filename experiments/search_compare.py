@@ -119,31 +119,31 @@ def learning(rewards: Sequence[float], burn_in: int, resamples: int = 10000,
           **_difference(rewards[burn_in:], rewards[:burn_in], resamples, seed)}
 
 
-def _rewards(output_dir: pathlib.Path, algorithm: str) -> List[float]:
-  return [r['reward']
-          for r in Journal(output_dir / algorithm / search_dir_lib.TRIALS_FILE).read()]
+def _rewards(output_dir: pathlib.Path, algorithms: Sequence[str]) -> Dict[str, List[float]]:
+  """{algorithm: its journal's rewards} for each algorithm that has run."""
+  rewards = {algorithm: [r['reward'] for r in Journal(
+      output_dir / algorithm / search_dir_lib.TRIALS_FILE).read()] for algorithm in algorithms}
+  return {algorithm: values for algorithm, values in rewards.items() if values}
 
 
 def leads(output_dir: pathlib.Path, algorithms: Sequence[str], baseline: str,
           burn_in: int) -> List[Dict[str, Any]]:
   """`lead` of each algorithm but `baseline` over it, as rows {'algorithm', 'baseline',
   **lead}; none when the baseline has not run."""
-  theirs = _rewards(output_dir, baseline)
-  if not theirs:
+  rewards = _rewards(output_dir, [*algorithms, baseline])
+  if baseline not in rewards:
     return []
   return [{'algorithm': algorithm, 'baseline': baseline,
-           **lead(_rewards(output_dir, algorithm), theirs, burn_in)}
-          for algorithm in algorithms
-          if algorithm != baseline and _rewards(output_dir, algorithm)]
+           **lead(rewards[algorithm], rewards[baseline], burn_in)}
+          for algorithm in algorithms if algorithm != baseline and algorithm in rewards]
 
 
 def learnings(output_dir: pathlib.Path, algorithms: Sequence[str],
               burn_in: int) -> List[Dict[str, Any]]:
   """`learning` of each algorithm that has run, as rows {'algorithm', 'learning': True,
   **learning}."""
-  return [{'algorithm': algorithm, 'learning': True,
-           **learning(_rewards(output_dir, algorithm), burn_in)}
-          for algorithm in algorithms if _rewards(output_dir, algorithm)]
+  return [{'algorithm': algorithm, 'learning': True, **learning(values, burn_in)}
+          for algorithm, values in _rewards(output_dir, algorithms).items()]
 
 
 def draw(output_dir: pathlib.Path, algorithms: Sequence[str], window: int, path: str) -> None:
