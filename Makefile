@@ -107,10 +107,11 @@ DEMO_PREDICT_IMAGES = $(addprefix $(DEMO_DATA)/val/,000000000001.jpg 00000000000
 DEMO_RECORDS := $(DEMO_DIR)/records
 # Extra arguments of the training run, e.g. DEMO_GIN_ARGS="--gin_bindings='TRAIN_STEPS = 100'".
 DEMO_GIN_ARGS ?=
-# The demo's config by the precision this machine trains in (nasfpn_tf/training/precision.py):
-# demo.gin (SGD, 1100 steps, bfloat16) with AMX-BF16 or a GPU, demo_float32.gin (AdamW, 500
-# steps) elsewhere; evaluated only when the demo runs.
-DEMO_GIN ?= $(if $(filter float32,$(shell $(PY) -m nasfpn_tf.training.precision 2>/dev/null)),demo_float32.gin,demo.gin)
+# The demo's config by what this machine trains fast (nasfpn_tf/training/precision.py, demo_gin):
+# demo.gin (SGD, 1100 steps) in bfloat16 (AMX-BF16, a GPU) or in float32 with AVX-512 (AMD Zen 4),
+# demo_float32.gin (AdamW, 500 steps: half the time, a less certain AP50) on AVX2-only CPUs;
+# evaluated only when the demo runs.
+DEMO_GIN ?= $(or $(shell $(PY) -m nasfpn_tf.training.precision --demo_gin 2>/dev/null),demo.gin)
 # TensorFlow's C++ INFO/WARNING lines (CUDA probing, oneDNN notices) hide the progress lines.
 DEMO_ENV := TF_CPP_MIN_LOG_LEVEL=2
 # Runs a command and prints its wall time: $(call demo_timed,what,command).

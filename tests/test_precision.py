@@ -41,6 +41,21 @@ def test_bfloat16_on_cpus(flags, force, expected, said):
   assert len(line.splitlines()) == 1
 
 
+@pytest.mark.parametrize('flags, accelerator, expected', [
+    (INTEL_AMX, False, 'demo.gin'),     # bfloat16 on AMX
+    (AMD_ZEN4, False, 'demo.gin'),      # float32 with AVX-512
+    (AMD_ZEN3, False, 'demo_float32.gin'),
+    (AMD_ZEN3, True, 'demo.gin'),       # a GPU computes, whatever the host
+    (frozenset(), False, 'demo_float32.gin'),
+])
+def test_the_demo_config_follows_what_the_cpu_trains_fast(flags, accelerator, expected):
+  assert precision.demo_gin(flags, accelerator=accelerator) == expected
+  # Both are gin files of the package, and the float32 one is the demo's model.
+  gin_dir = config.GIN_CONFIGS_DIR
+  assert (gin_dir / expected).is_file()
+  assert "include 'demo.gin'" in (gin_dir / precision.DEMO_FLOAT32_GIN).read_text()
+
+
 @pytest.mark.parametrize('requested', [None, 'float16'])
 def test_other_precisions_are_kept_on_every_cpu(requested):
   for flags in (INTEL_AMX, AMD_ZEN4, AMD_ZEN3):
@@ -134,3 +149,19 @@ def test_the_command_line_prints_the_decision(flags, printed):
                TF_CPP_MIN_LOG_LEVEL='3'))
   assert result.stdout.strip() == printed
   assert 'Training precision: ' in result.stderr
+
+
+@pytest.mark.parametrize('flags, printed', [('avx2,fma', 'demo_float32.gin'),
+                                            ('avx2,avx512f,avx512_bf16', 'demo.gin')])
+def test_the_command_line_prints_the_demo_config(flags, printed):
+  """What the Makefile's DEMO_GIN reads, in a fresh process on the injected CPU."""
+  import os
+  import subprocess
+  import sys
+  from training_helpers import REPO, SUBPROCESS_TIMEOUT
+  result = subprocess.run(
+      [sys.executable, '-m', 'nasfpn_tf.training.precision', '--demo_gin'], capture_output=True,
+      text=True, cwd=REPO, timeout=SUBPROCESS_TIMEOUT, check=True,
+      env=dict(os.environ, NASFPN_CPU_FLAGS=flags, CUDA_VISIBLE_DEVICES='',
+               TF_CPP_MIN_LOG_LEVEL='3'))
+  assert result.stdout.strip() == printed

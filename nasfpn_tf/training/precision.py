@@ -105,11 +105,36 @@ def training_precision(mixed_precision: Optional[str], force_bfloat16: bool = Fa
                 'to train in bfloat16 anyway.')
 
 
+# `make demo`'s config by what this machine trains fast (see `demo_gin`).
+DEMO_GIN = 'demo.gin'
+DEMO_FLOAT32_GIN = 'demo_float32.gin'
+
+
+def demo_gin(flags: Optional[FrozenSet[str]] = None,
+             accelerator: Optional[bool] = None) -> str:
+  """The demo's gin file on this machine: 'demo.gin' (SGD, 1100 steps of 8 images) wherever its
+  step is fast enough for 10 minutes, i.e. in bfloat16 (AMX-BF16, a GPU or TPU) and in float32
+  with AVX-512 (e.g. AMD Zen 4); 'demo_float32.gin' (AdamW, 500 steps: half the images, so about
+  half the time, with a less certain AP50) on CPUs without AVX-512 (AVX2-only, e.g. AMD Zen 3).
+
+  `flags`, `accelerator`: as `training_precision` takes them (default: this machine's).
+  """
+  flags = cpu_flags() if flags is None else flags
+  chosen, _ = training_precision('bfloat16', flags=flags, accelerator=accelerator)
+  if chosen == 'bfloat16' or 'avx512f' in flags:
+    return DEMO_GIN
+  return DEMO_FLOAT32_GIN
+
 
 def main(argv) -> None:
   """`python -m nasfpn_tf.training.precision [REQUESTED]`: prints what a requested precision
   (default bfloat16) trains in on this machine, `bfloat16`, `float16` or `float32`, on stdout,
-  and the trainer's line saying why on stderr (`make demo` chooses its budget by it)."""
+  and the trainer's line saying why on stderr.
+  `python -m nasfpn_tf.training.precision --demo_gin`: prints the gin file `make demo` trains on
+  this machine (`demo_gin`)."""
+  if argv[1:] == ['--demo_gin']:
+    print(demo_gin())
+    return
   requested = argv[1] if len(argv) > 1 else 'bfloat16'
   chosen, line = training_precision(None if requested == 'float32' else requested)
   print(line, file=sys.stderr)
