@@ -11,7 +11,8 @@ MediaPipe metadata), with the same tiny model, weights and images as the test be
 The test rebuilds that model with today's code, the new options bound off (Soft-NMS sigma 0,
 pyramids None; sampling and test-time augmentation do not reach an export, and the MediaPipe
 metadata stays on, its default), exports it as a SavedModel, a float32 and an int8 TFLite file,
-and compares each one's detections with the golden's: same weight names, same detections.
+and compares each one's detections with the golden's: same weight names, same detections (the
+int8 file's within what a calibration step on another CPU moves, `assert_int8_close`).
 """
 import io
 import pathlib
@@ -145,6 +146,36 @@ def assert_same(actual, expected, what, score_atol, box_atol):
                                err_msg=f'{what} {i}')
 
 
+def assert_int8_close(actual, expected, what, min_score=0.3, score_atol=0.04, box_atol=4.0,
+                      count_rtol=0.1, min_found=0.75):
+  """int8, whose calibration another CPU's float rounding can move by a quantization step (seen
+  on an AMD Zen 4 against the golden of an Intel Xeon: scores a few 1/256 steps apart, so close
+  scores swap places, a few detections cross the score threshold and a few overlapping boxes
+  cross NMS's IoU threshold): as many detections per image within `count_rtol`, and in every
+  image at least `min_found` of the expected detections of score >= `min_score` found among the
+  actual ones with the same class, the score within `score_atol` and the box within `box_atol`
+  pixels (that Zen 4: 10 of 12, 20 of 21, 28 of 31 and 30 of 30). On the golden's machine
+  `assert_same` holds to the bit, and this with it."""
+  for i, count in enumerate(expected['num_detections']):
+    found = actual['num_detections'][i]
+    assert abs(int(found) - int(count)) <= count_rtol * count, (
+        f'{what} {i}: {found} detections, {count} before')
+    scores = actual['detection_scores'][i, :found]
+    classes = actual['detection_classes'][i, :found]
+    boxes = actual['detection_boxes'][i, :found]
+    confident = np.flatnonzero(expected['detection_scores'][i, :count] >= min_score)
+    assert confident.size, f'{what}: image {i} has no detection of score >= {min_score}'
+    missing = [j for j in confident if not np.any(
+        (classes == expected['detection_classes'][i, j])
+        & (np.abs(scores - expected['detection_scores'][i, j]) <= score_atol)
+        & (np.abs(boxes - expected['detection_boxes'][i, j]).max(axis=-1) <= box_atol))]
+    assert len(missing) <= (1 - min_found) * confident.size, (
+        f'{what} {i}: {len(missing)} of the {confident.size} detections of score >= '
+        f'{min_score} not found, e.g. class {expected["detection_classes"][i, missing[0]]}, '
+        f'score {expected["detection_scores"][i, missing[0]]:.3f}, box '
+        f'{expected["detection_boxes"][i, missing[0]]}')
+
+
 @pytest.fixture(scope='module')
 def golden():
   with np.load(GOLDEN) as data:
@@ -186,10 +217,10 @@ def test_the_tflite_files_detect_as_before(model, golden, tmp_path, quantization
   summary = tflite.export_model_tflite(model, str(path), quantization, calibration)
   assert summary['metadata'] == 'mediapipe_object_detector'  # the new default, on
   actual = tflite_detections(path.read_bytes(), images([(128, 128)] * 4, seed=1))
-  # int8: the same integer kernels on the same quantization parameters; another CPU's
-  # calibration can round a parameter the other way, hence a score step (1/256) of room.
-  assert_same(actual, _expected(golden, quantization), quantization,
-              *((1e-5, 1e-3) if quantization == 'float32' else (4e-3, 0.5)))
+  if quantization == 'float32':
+    assert_same(actual, _expected(golden, quantization), quantization, 1e-5, 1e-3)
+  else:
+    assert_int8_close(actual, _expected(golden, quantization), quantization)
 
 
 if __name__ == '__main__':
@@ -198,3 +229,29 @@ if __name__ == '__main__':
   import tempfile  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as scratch:
     write_golden(GOLDEN, pathlib.Path(scratch))
+
+
+def test_the_int8_check_takes_a_step_of_calibration_and_refuses_real_changes(golden):
+  """assert_int8_close passes the golden itself, a copy whose scores moved by a few 1/256 steps
+  and one that lost one confident detection per image; it fails boxes moved by 10 px, classes
+  changed, and a fifth of the detections lost, as a broken export would give."""
+  expected = _expected(golden, 'int8')
+
+  def changed(edit):
+    copy = {key: value.copy() for key, value in expected.items()}
+    edit(copy)
+    return copy
+
+  def drop_the_best(d):
+    for i in range(len(d['num_detections'])):
+      d['detection_classes'][i, int(np.argmax(d['detection_scores'][i]))] = -1
+
+  assert_int8_close(expected, expected, 'same')
+  assert_int8_close(changed(lambda d: d['detection_scores'].__iadd__(3 / 256)), expected, 'steps')
+  assert_int8_close(changed(drop_the_best), expected, 'one lost')
+  for edit in (lambda d: d['detection_boxes'].__iadd__(10.0),
+               lambda d: d.__setitem__('detection_classes', (d['detection_classes'] + 1) % 10),
+               lambda d: d['num_detections'].__setitem__(
+                   0, d['num_detections'][0] - d['num_detections'][0] // 5)):
+    with pytest.raises(AssertionError):
+      assert_int8_close(changed(edit), expected, 'changed')
