@@ -134,19 +134,24 @@ def test_trainer_proxy_cache_and_benchmark_take_one_decision(synthetic_records, 
   assert bench_models.fast_precision('auto') == {'mixed_bfloat16': 'bfloat16'}.get(policy, policy)
 
 
-@pytest.mark.parametrize('flags, printed', [('avx2,fma', 'float32'), ('avx512_bf16', 'float32'),
-                                            ('amx_bf16,avx512_bf16', 'bfloat16')])
-def test_the_command_line_prints_the_decision(flags, printed):
-  """What `make demo` reads to choose its budget, in a fresh process on the injected CPU."""
+def _command_line(flags, *args):
+  """`python -m nasfpn_tf.training.precision ARGS` in a fresh process on the injected CPU."""
   import os
   import subprocess
   import sys
   from training_helpers import REPO, SUBPROCESS_TIMEOUT
-  result = subprocess.run(
-      [sys.executable, '-m', 'nasfpn_tf.training.precision'], capture_output=True, text=True,
-      cwd=REPO, timeout=SUBPROCESS_TIMEOUT, check=True,
+  return subprocess.run(
+      [sys.executable, '-m', 'nasfpn_tf.training.precision', *args], capture_output=True,
+      text=True, cwd=REPO, timeout=SUBPROCESS_TIMEOUT, check=True,
       env=dict(os.environ, NASFPN_CPU_FLAGS=flags, CUDA_VISIBLE_DEVICES='',
                TF_CPP_MIN_LOG_LEVEL='3'))
+
+
+@pytest.mark.parametrize('flags, printed', [('avx2,fma', 'float32'), ('avx512_bf16', 'float32'),
+                                            ('amx_bf16,avx512_bf16', 'bfloat16')])
+def test_the_command_line_prints_the_decision(flags, printed):
+  """What `python -m nasfpn_tf.training.precision` prints: the decision, and why on stderr."""
+  result = _command_line(flags)
   assert result.stdout.strip() == printed
   assert 'Training precision: ' in result.stderr
 
@@ -154,14 +159,5 @@ def test_the_command_line_prints_the_decision(flags, printed):
 @pytest.mark.parametrize('flags, printed', [('avx2,fma', 'demo_float32.gin'),
                                             ('avx2,avx512f,avx512_bf16', 'demo.gin')])
 def test_the_command_line_prints_the_demo_config(flags, printed):
-  """What the Makefile's DEMO_GIN reads, in a fresh process on the injected CPU."""
-  import os
-  import subprocess
-  import sys
-  from training_helpers import REPO, SUBPROCESS_TIMEOUT
-  result = subprocess.run(
-      [sys.executable, '-m', 'nasfpn_tf.training.precision', '--demo_gin'], capture_output=True,
-      text=True, cwd=REPO, timeout=SUBPROCESS_TIMEOUT, check=True,
-      env=dict(os.environ, NASFPN_CPU_FLAGS=flags, CUDA_VISIBLE_DEVICES='',
-               TF_CPP_MIN_LOG_LEVEL='3'))
-  assert result.stdout.strip() == printed
+  """What the Makefile's DEMO_GIN reads."""
+  assert _command_line(flags, '--demo_gin').stdout.strip() == printed
