@@ -31,6 +31,8 @@ first:
   python -m nasfpn_tf.main --mode=export --model_dir=runs/demo --export_dir=exports/demo/1 \
       --tflite_path=exports/demo.tflite
 
+--seed=N seeds the weights and the data order, as experiments/bench/demo_runs.py does.
+
 --mode=eval --tta_scales=1.0,1.25 --tta_flip evaluates with test-time augmentation (docs/tta.md).
 """
 import json
@@ -40,6 +42,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import tensorflow as tf
+import tf_keras
 
 from nasfpn_tf import config
 from nasfpn_tf import tta_flags
@@ -126,6 +129,11 @@ _STRATEGY = flags.DEFINE_enum(
     'multi_worker_mirrored: the cluster in $TF_CONFIG. tpu: the TPU named by --tpu.')
 _TPU = flags.DEFINE_string(
     'tpu', None, 'TPU name or grpc://address for --strategy=tpu (or auto); "local" on a TPU VM.')
+_SEED = flags.DEFINE_integer(
+    'seed', None, 'Seeds the initial weights and the order and augmentation of the training '
+    'data (tf_keras.utils.set_random_seed), so two runs of one config can be compared paired; '
+    'default: unseeded. Runs on other CPUs or thread counts still differ in float rounding.',
+    lower_bound=0)
 _NUM_CPU_DEVICES = flags.DEFINE_integer(
     'num_cpu_devices', None, 'Split the CPU into this many logical devices before TensorFlow '
     'starts, so --strategy=mirrored runs with several replicas without GPUs (tests, debugging).',
@@ -160,6 +168,8 @@ def main(argv):
       distribute.configure_cpu_devices(_NUM_CPU_DEVICES.value)
     config.parse_gin(_GIN_FILE.value, _GIN_BINDINGS.value)
     strategy = distribute.get_strategy(_STRATEGY.value, _TPU.value)
+    if _SEED.value is not None:
+      tf_keras.utils.set_random_seed(_SEED.value)
     print(f'{type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s).',
           flush=True)
     trainer = trainer_lib.RetinaNetTrainer(_MODEL_DIR.value, strategy, mode=_MODE.value,

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from absl import flags
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -22,7 +23,7 @@ def cli_args(records, model_dir, *extra_bindings, **trainer):
 
 def test_help_explains_every_flag():
   help_text = FLAGS.module_help(main)
-  for flag in ('gin_file', 'gin_bindings', 'mode', 'model_dir', 'strategy', 'tpu',
+  for flag in ('gin_file', 'gin_bindings', 'mode', 'model_dir', 'strategy', 'tpu', 'seed',
                'num_cpu_devices'):
     assert f'--{flag}' in help_text
   for word in ('train_and_eval', 'multi_worker_mirrored', 'TF_CONFIG', 'logical devices'):
@@ -74,3 +75,26 @@ def test_unknown_strategy_is_rejected_by_the_flag(tmp_path):
   with pytest.raises(flags.IllegalFlagValueError):
     FLAGS(['main.py', f'--model_dir={tmp_path}', '--strategy=parameter_server'])
   FLAGS.unparse_flags()
+
+
+def _trained_weights(records, model_dir, *flags_):
+  """{name: value} of the last checkpoint of a 2-step `nasfpn_tf.main` training with `flags_`."""
+  run_main('--mode=train', *flags_, *cli_args(records, model_dir, train_steps=2,
+                                               checkpoint_every_steps=2))
+  reader = tf.train.load_checkpoint(str(model_dir))
+  return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+          if name.startswith('model/') and 'OPTIMIZER_SLOT' not in name}
+
+
+def test_seed_makes_a_training_repeat_and_another_seed_differ(synthetic_records, tmp_path):
+  """--seed: the same seed gives the same weights after two steps (initial draw and data order),
+  another seed other ones."""
+  first = _trained_weights(synthetic_records, tmp_path / 'a', '--seed=3')
+  again = _trained_weights(synthetic_records, tmp_path / 'b', '--seed=3')
+  other = _trained_weights(synthetic_records, tmp_path / 'c', '--seed=4')
+  assert first.keys() == again.keys() == other.keys() and len(first) > 10
+  for name, value in first.items():
+    np.testing.assert_allclose(again[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+  kernels = [name for name in first if 'kernel' in name]
+  assert kernels
+  assert sum(not np.allclose(first[name], other[name]) for name in kernels) > len(kernels) // 2
