@@ -218,7 +218,7 @@ def test_the_search_trains_its_samples_behind_a_fixed_fpn_and_records_it(tmp_pat
   records = [json.loads(line) for line in
              (tmp_path / 'search' / search_dir_lib.TRIALS_FILE).read_text().splitlines()]
   assert len(records) == 6 and all(r['pyramids'] == ['fpn', 'searched'] for r in records)
-  assert json.loads((tmp_path / 'search' / 'search.json').read_text())['pyramids'] == [
+  assert json.loads((tmp_path / 'search' / search_dir_lib.IDENTITY_FILE).read_text())['pyramids'] == [
       'fpn', 'searched']
   best = (tmp_path / 'search' / search_dir_lib.BEST_GIN).read_text()
   assert "build_retinanet.pyramids = ['fpn', None]" in best

@@ -11,6 +11,7 @@ import pytest
 from nasfpn_tf import config
 from nasfpn_tf.decoders import block_specs as specs_lib
 from nasfpn_tf.search import controllers, progress, runner, schedulers, trials
+from nasfpn_tf.search import search_dir as search_dir_lib
 from nasfpn_tf.search.journal import Journal, ResultStore
 from nasfpn_tf.search.space import SearchSpace
 from nasfpn_tf.search import search_dir as search_dir_lib
@@ -349,7 +350,7 @@ def test_a_stopped_trial_is_never_the_best(tmp_path):
   with saved_figures() as figures:
     follow.records.append(records[0])
     follow.update(records[0])  # stopped: not a best, no best.gin
-    assert follow.best is None and not (tmp_path / 'search' / 'best.gin').exists()
+    assert follow.best is None and not (tmp_path / 'search' / search_dir_lib.BEST_GIN).exists()
     assert 'best: no trial trained to the end yet' in lines[-1]
     for record in records[1:]:
       follow.records.append(record)
@@ -357,7 +358,7 @@ def test_a_stopped_trial_is_never_the_best(tmp_path):
     summary = follow.summary(wall_seconds=1.0)
   assert follow.best is records[1] and summary['best_reward'] == 0.3
   assert summary['num_stopped_early'] == 2
-  assert 'trial 2, reward 0.3000' in (tmp_path / 'search' / 'best.gin').read_text()
+  assert 'trial 2, reward 0.3000' in (tmp_path / 'search' / search_dir_lib.BEST_GIN).read_text()
   assert lines[-1].startswith('trial 3/3 | reward 0.9500 (1 s, stopped at step 36) | best 0.3000')
   best_line = plotted_lines(figures[-1].axes[0])[-1][1]
   np.testing.assert_array_equal(best_line, [np.nan, 0.3, 0.3])
