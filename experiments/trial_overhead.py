@@ -154,7 +154,8 @@ def run_search(root: pathlib.Path, search_dir: pathlib.Path, algorithm: str) -> 
     wall = time.monotonic() - launched
   if process.wait() != 0:
     raise RuntimeError(f'{command} failed; see {search_dir}.stderr')
-  records = [json.loads(line) for line in (search_dir / search_dir_lib.TRIALS_FILE).read_text().splitlines()]
+  records = [json.loads(line)
+             for line in (search_dir / search_dir_lib.TRIALS_FILE).read_text().splitlines()]
   seconds = [record['seconds'] for record in records]
   steady = range(1, len(records))
   pids = {json.loads(path.read_text().splitlines()[-1])['pid']
