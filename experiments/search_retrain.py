@@ -16,6 +16,13 @@ table OUTPUT_DIR/searched-<its key's digest>_seed<seed> (`model_dir_name`; in th
 finished model dirs and resumes an interrupted one, also after the searches grew and the ranks
 moved (the dir follows the architecture, not its rank).
 
+--keys=KEY1 --keys=KEY2 trains the architectures of those keys instead (as a journal or docs/search.md
+spells them; no proxy reward, no tau), e.g. more seeds of a chosen one after its search dir is
+gone; --baselines=nasfpn trains only NAS-FPN beside it:
+
+  .venv/bin/python experiments/search_retrain.py --output_dir=runs/search_retrain \
+      --keys='4:global_pooling:2,3/6:global_pooling:3,5/...' --baselines=nasfpn --seeds=3,4
+
 Writes OUTPUT_DIR/search_retrain.png (AP per architecture, a point per seed) and
 OUTPUT_DIR/search_retrain.jsonl, and prints one JSON line per run (name, rank, key,
 proxy_reward: the search's reward of that key, None for a table the searches never sampled;
@@ -59,13 +66,18 @@ def define_flags():
   experiments that define flags of the same names."""
   flags.DEFINE_string('output_dir', 'runs/search_retrain', 'Model dirs, data, plot and rows.')
   flags.DEFINE_list('search_dirs', None, 'Search dirs whose best journal lines are trained.')
+  flags.DEFINE_multi_string('keys', None, "Instead of --search_dirs: an architecture's key (as "
+                            'journals and docs/search.md spell it), repeated for more; in this '
+                            'order ranks 1, 2, ...; each is trained once (the first seed), the '
+                            'best of them with the other seeds.')
+  flags.DEFINE_list('baselines', list(BASELINES), 'Fixed tables trained with every seed.')
   flags.DEFINE_integer('top_k', 5, 'Distinct architectures of highest proxy reward trained once '
                        '(the first seed); the best of them gets the other seeds.', lower_bound=1)
   flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds of the chosen architecture and the baselines.')
   flags.DEFINE_integer('train_steps', None, "Steps of every model (default: demo.gin's).",
                        lower_bound=1)
   flags.DEFINE_multi_string('gin_bindings', [], 'Bindings on top of demo.gin for every model.')
-  flags.mark_flag_as_required('search_dirs')
+  flags.mark_flags_as_mutual_exclusive(['search_dirs', 'keys'], required=True)
 
 
 def top_records(search_dirs: Sequence[str],
@@ -107,20 +119,26 @@ def model_flops(model_dir: pathlib.Path) -> int:
 
 
 def run(output_dir: pathlib.Path, search_dirs: Sequence[str], seeds: Sequence[int],
-        top_k: int = 5, train_steps=None,
-        gin_bindings: Sequence[str] = ()) -> Tuple[List[Dict[str, Any]], str]:
-  """Trains (or reuses) the top searched tables once, then the best of them and the baselines
-  with every seed; returns the rows (one per run) and the chosen one's name."""
-  top, rewards = top_records(search_dirs, top_k)
+        top_k: int = 5, train_steps=None, gin_bindings: Sequence[str] = (),
+        keys: Sequence[str] = (),
+        baselines: Sequence[str] = BASELINES) -> Tuple[List[Dict[str, Any]], str]:
+  """Trains (or reuses) the top searched tables once (`keys` instead of the searches' top: no
+  proxy reward then), then the best of them and the `baselines` with every seed; returns the
+  rows (one per run) and the chosen one's name."""
   space = SearchSpace(min_level=DEMO_LEVELS['min_level'], max_level=DEMO_LEVELS['max_level'])
+  if keys:
+    top, rewards = [{'block_specs': space.parse_key(key)} for key in keys], {}
+  else:
+    top, rewards = top_records(search_dirs, top_k)
   tables = {f'searched{rank}': record['block_specs'] for rank, record in enumerate(top, 1)}
-  tables.update({name: name for name in BASELINES})
+  baselines = tuple(baselines)
+  tables.update({name: name for name in baselines})
   output_dir = pathlib.Path(output_dir)
   records = demo_runs.synthetic_records(output_dir / 'data', demo_runs.DEMO_NUM_TRAIN,
                                         demo_runs.DEMO_NUM_VAL)
   bindings = demo_runs.demo_bindings(records, train_steps, gin_bindings)
   rows, flops = [], {}
-  total = len(top) + (len(seeds) - 1) + len(BASELINES) * len(seeds)
+  total = len(top) + (len(seeds) - 1) + len(baselines) * len(seeds)
   started = time.time()
 
   def train(name, seed):
@@ -144,7 +162,7 @@ def run(output_dir: pathlib.Path, search_dirs: Sequence[str], seeds: Sequence[in
     train(f'searched{rank}', seeds[0])
   chosen = max(rows, key=lambda row: row['AP'])['name']  # the first on ties: the proxy's order
   for seed in seeds:  # Seeds outermost: an interrupted run has every architecture once first.
-    for name in (chosen,) + BASELINES:
+    for name in (chosen,) + baselines:
       if not (name == chosen and seed == seeds[0]):
         train(name, seed)
   return rows, chosen
@@ -160,8 +178,10 @@ def summary(rows: Sequence[Dict[str, Any]], chosen: str) -> Dict[str, Any]:
                       'seeds': len(aps), 'flops': next(r['flops'] for r in rows
                                                         if r['name'] == name)}
   first = [row for row in rows if row['rank'] is not None and row['seed'] == rows[0]['seed']]
-  tau = (search_proxy_gate.kendall_tau([r['proxy_reward'] for r in first],
-                                       [r['AP'] for r in first]) if len(first) > 1 else None)
+  tau = None
+  if len(first) > 1 and all(r['proxy_reward'] is not None for r in first):  # not for --keys
+    tau = search_proxy_gate.kendall_tau([r['proxy_reward'] for r in first],
+                                        [r['AP'] for r in first])
   result = {'architectures': per_name, 'chosen': chosen, 'top_k_tau_proxy_vs_ap': tau}
   if 'nasfpn' in per_name:
     result['chosen_minus_nasfpn_ap'] = per_name[chosen]['mean_ap'] - per_name['nasfpn']['mean_ap']
@@ -187,7 +207,7 @@ def main(argv):
   del argv
   output_dir = pathlib.Path(FLAGS.output_dir)
   rows, chosen = run(output_dir, FLAGS.search_dirs, [int(s) for s in FLAGS.seeds], FLAGS.top_k,
-                     FLAGS.train_steps, FLAGS.gin_bindings)
+                     FLAGS.train_steps, FLAGS.gin_bindings, FLAGS.keys or (), FLAGS.baselines)
   draw(rows, str(output_dir / 'search_retrain.png'))
   demo_runs.write_rows(rows, output_dir / 'search_retrain.jsonl')
   print(json.dumps({'summary': summary(rows, chosen)}), flush=True)

@@ -193,3 +193,22 @@ def test_every_registered_table_obeys_the_search_space_rules(name, min_level, ma
   specs = specs_lib.resolve(name, min_level, max_level)
   space = SearchSpace(num_cells=len(specs), min_level=min_level, max_level=max_level)
   assert space.decode(space.encode(specs)) == specs
+
+
+def test_a_key_parses_back_to_its_pyramid_and_a_bad_key_is_named():
+  space = SearchSpace()
+  assert space.parse_key(NASFPN_KEY) == specs_lib.NASFPN
+  assert SearchSpace(num_cells=5).parse_key(FPN_KEY) == specs_lib.fpn()
+  rng = np.random.default_rng(2)
+  for _ in range(200):
+    specs = space.sample(rng)
+    assert space.key(space.parse_key(space.key(specs))) == space.key(specs)
+  with pytest.raises(ValueError, match=r"has 5 cells; SearchSpace\(num_cells=7"):
+    space.parse_key(FPN_KEY)
+  with pytest.raises(ValueError, match=r"cell 1 '4:sum:1' of the key .* is not 'level:op:"):
+    space.parse_key(NASFPN_KEY.replace('4:sum:1,5', '4:sum:1'))
+  with pytest.raises(ValueError, match='unknown op'):
+    space.parse_key(NASFPN_KEY.replace('4:sum:1,5', '4:max:1,5'))
+  # The same pyramid with cell 1's inputs swapped: not the canonical spelling.
+  with pytest.raises(ValueError, match=r"not canonical; the same pyramid is '4:global_pooling"):
+    space.parse_key(NASFPN_KEY.replace('4:sum:1,5', '4:sum:5,1'))

@@ -186,6 +186,29 @@ class SearchSpace:
       cells.append(f'{cell.level}:{cell.op}:{inputs[0]},{inputs[1]}')
     return '/'.join(cells)
 
+  def parse_key(self, key: str) -> Tuple[specs_lib.BlockSpec, ...]:
+    """The block specs of a `key` ('level:op:input,input' per cell, joined by '/'), e.g. one
+    copied from a journal or docs/search.md; the inverse of `key` up to its canonical input
+    order. ValueError naming the cell that does not parse or the key that is not canonical."""
+    cells = key.split('/')
+    if len(cells) != self.num_cells:
+      raise ValueError(f'The key {key!r} has {len(cells)} cells; {self!r} has {self.num_cells}.')
+    specs = []
+    for cell, text in enumerate(cells):
+      try:
+        level, op, inputs = text.split(':')
+        input0, input1 = (int(i) for i in inputs.split(','))
+        specs.append(specs_lib.BlockSpec(int(level), op, (input0, input1),
+                                         cell >= self.first_output_cell))
+      except ValueError as e:
+        raise ValueError(f"cell {cell} {text!r} of the key {key!r} is not "
+                         f"'level:op:input,input' ({e}).") from e
+    specs = tuple(specs)
+    canonical = self.key(specs)  # ValueError naming the cell outside the space
+    if canonical != key:
+      raise ValueError(f'The key {key!r} is not canonical; the same pyramid is {canonical!r}.')
+    return specs
+
   def size(self) -> int:
     """The number of distinct decision sequences: the product of each step's number of options,
     which does not depend on the earlier actions."""
