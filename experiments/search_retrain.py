@@ -127,7 +127,10 @@ def run(output_dir: pathlib.Path, search_dirs: Sequence[str], seeds: Sequence[in
   rows (one per run) and the chosen one's name."""
   space = SearchSpace(min_level=DEMO_LEVELS['min_level'], max_level=DEMO_LEVELS['max_level'])
   if keys:
-    top, rewards = [{'block_specs': space.parse_key(key)} for key in keys], {}
+    try:
+      top, rewards = [{'block_specs': space.parse_key(key)} for key in keys], {}
+    except ValueError as e:
+      raise ValueError(f'--keys: {e}') from e
   else:
     top, rewards = top_records(search_dirs, top_k)
   tables = {f'searched{rank}': record['block_specs'] for rank, record in enumerate(top, 1)}

@@ -338,3 +338,38 @@ def test_trial_cost_summary_keeps_first_trials_apart_and_ranges_each_architectur
   assert result['later_ratio_after_before'] == round(42 / 52, 3)
   assert result['ap_nasfpn'] == {'before': [0.2, 0.22], 'after': [0.21, 0.21]}
   assert result['ap_fpn'] == {'before': [0.1, 0.12], 'after': [0.11, 0.11]}
+
+
+def test_retrain_by_keys_trains_those_pyramids_beside_the_baselines_asked_for(tmp_path,
+                                                                             monkeypatch):
+  """--keys instead of search dirs: each key's pyramid once, the best with the other seeds,
+  only NAS-FPN beside it; no proxy reward and no tau; a key outside the space is named."""
+  space = SearchSpace()
+  keys = [space.key(space.sample(np.random.default_rng(seed))) for seed in (0, 1)]
+  trained = []
+  best = search_retrain.model_dir_name('searched', keys[1], 3).rsplit('_seed', 1)[0]
+
+  def train_and_evaluate(model_dir, bindings, seed):
+    trained.append((model_dir.name, seed, bindings[-1]))
+    return {'AP': 0.5 if model_dir.name.startswith(best) else 0.4, 'AP50': 0.9, 'step': 1}
+
+  monkeypatch.setattr(search_retrain.demo_runs, 'synthetic_records',
+                      lambda *args: {'train': 't', 'val': 'v'})
+  monkeypatch.setattr(search_retrain.demo_runs, 'train_and_evaluate', train_and_evaluate)
+  monkeypatch.setattr(search_retrain, 'model_flops', lambda model_dir: 1)
+  monkeypatch.setattr(search_retrain.demo_runs, 'say', lambda line: None)
+  rows, chosen = search_retrain.run(tmp_path, None, [3, 4], keys=keys, baselines=['nasfpn'])
+  dirs = [search_retrain.model_dir_name('searched', key, 3) for key in keys]
+  assert [(name, seed) for name, seed, _ in trained] == [
+      (dirs[0], 3), (dirs[1], 3), ('nasfpn_seed3', 3),
+      (search_retrain.model_dir_name('searched', keys[1], 4), 4), ('nasfpn_seed4', 4)]
+  for (_, _, binding), key in zip(trained, keys):
+    assert binding == search_retrain.block_specs_binding(space.parse_key(key))
+  assert chosen == 'searched2' and [row['key'] for row in rows[:2]] == keys
+  assert all(row['proxy_reward'] is None for row in rows)
+  result = search_retrain.summary(rows, chosen)
+  assert result['top_k_tau_proxy_vs_ap'] is None
+  assert set(result['architectures']) == {'searched1', 'searched2', 'nasfpn'}
+  with pytest.raises(ValueError, match=r'--keys: cell 0: level 9 is not allowed: the levels '
+                                       r'are 3\.\.7'):
+    search_retrain.run(tmp_path, None, [3], keys=['9:sum:0,1' + keys[0][9:]])

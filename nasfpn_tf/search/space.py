@@ -279,6 +279,8 @@ class SearchSpace:
       why = ('an output cell takes a level no earlier output cell took'
              if cell >= self.first_output_cell else
              f'an intermediate cell never outputs min_level {self.min_level}')
+      if not 0 <= action <= self.max_level - self.min_level:
+        why = f'the levels are {self.min_level}..{self.max_level}'
       return (f'cell {cell}: level {self.min_level + action} is not allowed: {why}; valid '
               f'levels: {[self.min_level + v for v in valid]}.')
     if field == 'op':
