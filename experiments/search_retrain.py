@@ -118,6 +118,16 @@ def model_flops(model_dir: pathlib.Path) -> int:
       str(model_dir))))
 
 
+def trained_spelling(model_dir: pathlib.Path, table, key, space: SearchSpace):
+  """The table to train in `model_dir`: the spelling of `key` its recorded model was trained
+  with, when it holds one (a journal's spelling and `--keys`' canonical one swap inputs of the
+  same network, and the dir is named by the key), else `table`."""
+  recorded = (checkpointing.read_model_config(str(model_dir)) or {}).get('block_specs')
+  if key is not None and recorded and space.contains(recorded) and space.key(recorded) == key:
+    return recorded
+  return table
+
+
 def run(output_dir: pathlib.Path, search_dirs: Sequence[str], seeds: Sequence[int],
         top_k: int = 5, train_steps=None, gin_bindings: Sequence[str] = (),
         keys: Sequence[str] = (),
@@ -153,7 +163,8 @@ def run(output_dir: pathlib.Path, search_dirs: Sequence[str], seeds: Sequence[in
       eta = f', ETA {datetime.timedelta(seconds=int(left))}'
     demo_runs.say(f'run {len(rows) + 1} of {total}: {name} (seed {seed}){eta}')
     metrics = demo_runs.train_and_evaluate(
-        model_dir, bindings + [block_specs_binding(tables[name])], seed=seed)
+        model_dir, bindings + [block_specs_binding(trained_spelling(model_dir, tables[name], key,
+                                                                    space))], seed=seed)
     if name not in flops:
       flops[name] = model_flops(model_dir)
     rank = int(name[len('searched'):]) if name.startswith('searched') else None

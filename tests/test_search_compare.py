@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from nasfpn_tf.checkpointing import CheckpointMismatchError
+from nasfpn_tf.decoders import block_specs as block_specs_lib
 from nasfpn_tf.search import runner, trials
 from nasfpn_tf.search.journal import Journal
 from nasfpn_tf.search.space import SearchSpace
@@ -373,3 +374,37 @@ def test_retrain_by_keys_trains_those_pyramids_beside_the_baselines_asked_for(tm
   with pytest.raises(ValueError, match=r'--keys: cell 0: level 9 is not allowed: the levels '
                                        r'are 3\.\.7'):
     search_retrain.run(tmp_path, None, [3], keys=['9:sum:0,1' + keys[0][9:]])
+
+
+def test_retrain_reuses_a_model_dir_holding_another_spelling_of_the_same_key(tmp_path,
+                                                                            monkeypatch):
+  """A journal's table and `--keys`' canonical one may swap a cell's inputs (the same network,
+  the same key, so the same model dir): a finished dir is trained on in the spelling it holds,
+  and another pyramid's record is not taken for it."""
+  space = SearchSpace()
+  nasfpn_key = space.key('nasfpn')
+  canonical = space.parse_key(nasfpn_key)
+  swapped = json.loads(json.dumps(block_specs_lib.to_config(canonical)))
+  swapped[1][2] = swapped[1][2][::-1]  # cell 1 sums P4 and cell 0: either order, one network
+  assert space.key(swapped) == nasfpn_key
+  assert json.dumps(swapped) != json.dumps(block_specs_lib.to_config(canonical))
+  model_dir = tmp_path / search_retrain.model_dir_name('searched', nasfpn_key, 0)
+  model_dir.mkdir()
+  (model_dir / 'model_config.json').write_text(json.dumps({'block_specs': swapped}))
+  assert search_retrain.trained_spelling(model_dir, canonical, nasfpn_key, space) == swapped
+  assert search_retrain.trained_spelling(tmp_path / 'none', canonical, nasfpn_key,
+                                         space) == canonical
+  other = space.key(space.sample(np.random.default_rng(0)))
+  assert search_retrain.trained_spelling(model_dir, space.parse_key(other), other,
+                                         space) == space.parse_key(other)
+  trained = []
+  monkeypatch.setattr(search_retrain.demo_runs, 'synthetic_records',
+                      lambda *args: {'train': 't', 'val': 'v'})
+  monkeypatch.setattr(search_retrain.demo_runs, 'train_and_evaluate',
+                      lambda model_dir, bindings, seed: trained.append(bindings[-1]) or {
+                          'AP': 0.5, 'AP50': 0.9, 'step': 1})
+  monkeypatch.setattr(search_retrain, 'model_flops', lambda model_dir: 1)
+  monkeypatch.setattr(search_retrain.demo_runs, 'say', lambda line: None)
+  search_retrain.run(tmp_path, None, [0, 1], keys=[nasfpn_key], baselines=[])
+  assert trained == [search_retrain.block_specs_binding(swapped),     # seed 0: the dir's
+                     search_retrain.block_specs_binding(canonical)]  # seed 1: a new dir
