@@ -16,9 +16,10 @@ table OUTPUT_DIR/searched-<its key's digest>_seed<seed> (`model_dir_name`; in th
 finished model dirs and resumes an interrupted one, also after the searches grew and the ranks
 moved (the dir follows the architecture, not its rank).
 
---keys=KEY1 --keys=KEY2 trains the architectures of those keys instead (as a journal or docs/search.md
-spells them; no proxy reward, no tau), e.g. more seeds of a chosen one after its search dir is
-gone; --baselines=nasfpn trains only NAS-FPN beside it:
+--keys=KEY1 --keys=KEY2 trains the architectures of those keys instead (as a journal or
+docs/search.md spells them; no proxy reward, no tau), e.g. more seeds of a chosen one after its
+search dir is gone; --baselines=nasfpn trains only NAS-FPN beside it (empty: no baseline). A
+finished model dir is named by its key and trained on in the spelling it holds.
 
   .venv/bin/python experiments/search_retrain.py --output_dir=runs/search_retrain \
       --keys='4:global_pooling:2,3/6:global_pooling:3,5/...' --baselines=nasfpn --seeds=3,4
