@@ -41,6 +41,7 @@ from typing import Any, Dict, List, Optional
 from absl import app, flags
 
 from nasfpn_tf.search import search_dir as search_dir_lib  # file names only, no TensorFlow
+from nasfpn_tf.search.journal import Journal  # no TensorFlow either
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # main before the trial-overhead cuts (workers reused across trials, no TensorFlow in a worker
@@ -154,8 +155,7 @@ def run_search(root: pathlib.Path, search_dir: pathlib.Path, algorithm: str) -> 
     wall = time.monotonic() - launched
   if process.wait() != 0:
     raise RuntimeError(f'{command} failed; see {search_dir}.stderr')
-  records = [json.loads(line)
-             for line in (search_dir / search_dir_lib.TRIALS_FILE).read_text().splitlines()]
+  records = Journal(search_dir / search_dir_lib.TRIALS_FILE).read()
   seconds = [record['seconds'] for record in records]
   steady = range(1, len(records))
   pids = {json.loads(path.read_text().splitlines()[-1])['pid']
