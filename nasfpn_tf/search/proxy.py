@@ -9,6 +9,11 @@ training set.
                  trial trains only the candidate pyramid and the head on them
                  (`cpu_proxy.CpuSearchProxy`), as NAS-FCOS does. A trial parses the gin config
                  once (twice when it builds the cache: the build binds its pretraining).
+  proxy='e2e'    the same images and split as the CPU proxy's (`feature_cache.prepare_records`),
+                 and the demo's detector trained whole, backbone included, from scratch, for a
+                 part of the demo's schedule (gin_configs/search_proxy_e2e.gin) with
+                 `RetinaNetTrainer`: no frozen features, so it ranks pyramids as the demo's
+                 training does at the cost of a few minutes a trial (docs/search.md).
   proxy='paper'  the paper's proxy (gin_configs/search_proxy_r10_3x256_512.gin): ResNet-10 at
                  512x512, the pyramid stacked 3 times, 10 epochs with lr 0.08 decayed x0.1 at
                  epoch 8, trained whole with `RetinaNetTrainer` on COCO records that
@@ -47,7 +52,10 @@ from nasfpn_tf.training import distribute
 from nasfpn_tf.training import trainer as trainer_lib
 from nasfpn_tf.utils import model_stats
 
-PROXIES = {'cpu': 'search_proxy_cpu.gin', 'paper': 'search_proxy_r10_3x256_512.gin'}
+PROXIES = {'cpu': 'search_proxy_cpu.gin', 'e2e': 'search_proxy_e2e.gin',
+           'paper': 'search_proxy_r10_3x256_512.gin'}
+# The proxies that split the user's converter records (--data_dir) themselves.
+OWN_SPLIT = ('cpu', 'e2e')
 DEFAULT_WORK_DIR = 'runs/search_proxy'
 
 
@@ -57,12 +65,12 @@ class TrialResult:
   the whole detector's (`utils.model_stats`, batch 1, at the proxy's image size); seconds: the
   whole call (a cache built by this call included); steps: optimizer steps; final_loss: the
   mean training loss of the last steps, heldout_loss: the loss on the held-out images
-  (`cpu_proxy.heldout_loss`; both None for the paper proxy). seeds: with several seeds, each
+  (`cpu_proxy.heldout_loss`; both None for the e2e and paper proxies). seeds: with several seeds, each
   one's result ({'seed': s, ...}, without seeds); the fields above are then their mean (flops,
   params, steps: the same in each) and seconds the whole call's. phases: where a CPU-proxy
   trial's seconds went, {'build': the model, 'train': the steps (tracing included), 'evaluate':
   the held-out evaluation(s), intermediate reports' included, 'count': FLOPs and params};
-  over several seeds, their sums; None for the paper proxy."""
+  over several seeds, their sums; None for the e2e and paper proxies."""
   ap: float
   ap50: float
   flops: int
@@ -152,19 +160,22 @@ def prepare(proxy: str = 'cpu', work_dir: str = DEFAULT_WORK_DIR, gin_bindings=(
             backbone_checkpoint: Optional[str] = None, space=None) -> Optional[str]:
   """Builds what the trials of `proxy` share, if missing: the CPU proxy's cache folder (returned)
   for its gin config, the user's records in `data_dir` (default: the embedded synthetic data)
-  and `backbone_checkpoint` (default: the backbone pretrained on the proxy's images); the paper
+  and `backbone_checkpoint` (default: the backbone pretrained on the proxy's images); the e2e
+  proxy's split records folder, from the same data (`feature_cache.prepare_records`); the paper
   proxy shares nothing (None). Leaves the proxy's gin config parsed: `data_bindings` (the label
   map's num_classes), then `gin_bindings`, then `space_bindings(space)` (a search space; None:
   NAS-FPN's). ValueError naming the flag, binding, file or checkpoint at fault."""
   files = _gin_files(proxy, gin_file)
-  if proxy != 'cpu':
-    if backbone_checkpoint:
-      raise ValueError(f'--backbone_checkpoint is the CPU proxy\'s; --proxy={proxy} trains the '
-                       'whole model (bind RetinaNetTrainer.init_checkpoint to start it from one).')
+  if proxy != 'cpu' and backbone_checkpoint:
+    raise ValueError(f'--backbone_checkpoint is the CPU proxy\'s; --proxy={proxy} trains the '
+                     'whole model (bind RetinaNetTrainer.init_checkpoint to start it from one).')
+  if proxy not in OWN_SPLIT:
     return None
   bindings = (cache_inputs.data_bindings(data_dir) + list(gin_bindings)
               + space_bindings(space))
   configurables.parse_gin(files, bindings)
+  if proxy == 'e2e':
+    return feature_cache.prepare_records(work_dir, data_dir)
   folder, built = feature_cache.prepare(work_dir, data_dir, backbone_checkpoint)
   if built:  # The build bound its pretraining's settings.
     configurables.parse_gin(files, bindings)
@@ -223,11 +234,12 @@ def run_trial(block_specs, proxy: str = 'cpu', seed: int = 0,
   `TrialResult.to_dict()`) after each of `report_steps` (the held-out evaluation at that step;
   for `schedulers`' ASHA).
 
-  work_dir: shared by the trials of a search: the CPU proxy's cache lives in it, and the paper
-  proxy's model dirs (kept until their trial ends, so a retried trial resumes). gin_bindings go
-  on top of the proxy's gin file (`gin_file` replaces it). data_dir: the CPU proxy's converter
-  records (`cache_inputs.DATA_RECORDS`; default: the embedded synthetic data), or the paper
-  proxy's split records (`search.heldout`). backbone_checkpoint: the CPU proxy's frozen backbone
+  work_dir: shared by the trials of a search: the CPU proxy's cache lives in it, the e2e
+  proxy's split records, and the e2e and paper proxies' model dirs (kept until their trial ends,
+  so a retried trial resumes). gin_bindings go on top of the proxy's gin file (`gin_file`
+  replaces it). data_dir: the CPU and e2e proxies' converter records
+  (`cache_inputs.DATA_RECORDS`; default: the embedded synthetic data), or the paper proxy's
+  split records (`search.heldout`). backbone_checkpoint: the CPU proxy's frozen backbone
   (see `prepare`). ValueError naming the gin file and bindings, or the specs, when the proxy
   does not build.
   """
@@ -245,7 +257,7 @@ def run_trial(block_specs, proxy: str = 'cpu', seed: int = 0,
                      'proxy_train-*/proxy_heldout-* records written by nasfpn_tf.search.heldout.')
   cache_folder = prepare(proxy, work_dir, gin_bindings, gin_file, data_dir, backbone_checkpoint,
                          space)
-  bindings = (cache_inputs.data_bindings(data_dir) if proxy == 'cpu' else []) + \
+  bindings = (cache_inputs.data_bindings(data_dir) if proxy in OWN_SPLIT else []) + \
       list(gin_bindings) + space_bindings(space)
   where = f'gin files {list(files)} with bindings {bindings}'
   results = []
@@ -274,7 +286,8 @@ def run_trial(block_specs, proxy: str = 'cpu', seed: int = 0,
       gin.bind_parameter(f'build_retinanet.{name}', value)
     for binding, split in (('build_train_dataset.file_pattern', heldout.TRAIN_PREFIX),
                            ('build_eval_dataset.file_pattern', heldout.HELDOUT_PREFIX)):
-      gin.bind_parameter(binding, heldout.record_pattern(data_dir, split))
+      gin.bind_parameter(binding, heldout.record_pattern(
+          cache_folder if proxy == 'e2e' else data_dir, split))
     for trial_seed in seeds:
       seed_start = time.perf_counter()
       # Trials in one process do not pile up models, traced functions and layer names.
@@ -282,7 +295,7 @@ def run_trial(block_specs, proxy: str = 'cpu', seed: int = 0,
       gc.collect()
       tf_keras.utils.set_random_seed(trial_seed)
       trial = json.dumps([arguments, trial_seed, list(files), list(bindings), data_dir])
-      model_dir = os.path.join(work_dir, 'paper_trials',
+      model_dir = os.path.join(work_dir, f'{proxy}_trials',
                                hashlib.sha256(trial.encode()).hexdigest()[:16])
       with _builds(proxy, where):
         trainer = trainer_lib.RetinaNetTrainer(model_dir, distribute.get_strategy('auto'),
@@ -316,7 +329,7 @@ def _result(model: tf_keras.Model, measured: Dict[str, Any], seconds: float,
 
 
 def _train_and_evaluate(trainer: trainer_lib.RetinaNetTrainer) -> Dict[str, Any]:
-  """The paper proxy's trial: `RetinaNetTrainer` to its train_steps (resuming a retried
+  """The e2e and paper proxies' trial: `RetinaNetTrainer` to its train_steps (resuming a retried
   trial's checkpoint), then COCO AP on the held-out records."""
   steps = trainer.train()
   metrics = trainer.evaluate()

@@ -68,8 +68,8 @@ def check_name(scheduler: str, grace_period: Optional[int] = None,
       raise ValueError(f'{", ".join(given)}: ASHA settings, but --scheduler=none; pass '
                        '--scheduler=asha or leave them out.')
     return
-  if proxy == 'paper':
-    raise ValueError('--scheduler=asha needs intermediate reports, which --proxy=paper does '
+  if proxy in ('e2e', 'paper'):
+    raise ValueError(f'--scheduler=asha needs intermediate reports, which --proxy={proxy} does '
                      'not make (its trials train with RetinaNetTrainer to the end); use '
                      '--proxy=cpu or --proxy=synthetic.')
   if proxy_seeds != 1:

@@ -29,8 +29,8 @@ from nasfpn_tf.search.journal import ResultStore
 
 # `synthetic` trains nothing: its AP is the fraction of the controller's decisions that agree
 # with a target table. It tests the search machinery (Ray, the journal, resuming) and compares
-# controllers in seconds; `cpu` and `paper` train (nasfpn_tf.search.proxy).
-PROXIES = ('cpu', 'paper', 'synthetic')
+# controllers in seconds; `cpu`, `e2e` and `paper` train (nasfpn_tf.search.proxy).
+PROXIES = ('cpu', 'e2e', 'paper', 'synthetic')
 # Seeds the synthetic target where the space has no NAS-FPN: not a controller's seed, so that a
 # random search does not draw the target first.
 TARGET_SEED = 20190416
