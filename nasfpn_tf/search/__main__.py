@@ -47,8 +47,8 @@ flags.DEFINE_enum('algorithm', 'ppo', sorted(CONTROLLERS), 'The controller: the 
 flags.DEFINE_integer('num_trials', 100, 'Samples in all, duplicates included (each key is '
                      'trained once); raise it to extend a finished search.')
 flags.DEFINE_enum('proxy', 'cpu', list(PROXIES), 'cpu: the embedded data (or --data_dir), '
-                  'frozen cached backbone features, ~30 s a trial on 2 cores; e2e: the same '
-                  'images and split, the demo\'s detector trained whole (backbone included) '
+                  'frozen cached backbone features, ~30 s a trial on 2 cores; e2e: images '
+                  'split alike, the demo\'s detector trained whole (backbone included) '
                   'for 400 steps (gin_configs/search_proxy_e2e.gin), minutes a trial; paper: '
                   'the paper\'s proxy (ResNet-10, 512 px, 10 epochs) on --data_dir; synthetic: '
                   'no training, agreement with a target table (tests the search machinery).')

@@ -68,8 +68,8 @@ CACHE_FILE = 'cache.json'
 HEAD_FILE = 'head.npz'
 HELDOUT_TARGETS_FILE = os.path.join('features', 'heldout_targets.npz')
 CACHES_DIR = 'cpu_proxy_cache'
-# The end-to-end proxy's split records (`prepare_records`), beside the caches.
-RECORDS_DIR = 'proxy_records'
+# The cache's folders of split records and of the backbone's pretraining.
+RECORDS, PRETRAIN = 'records', 'pretrain'
 # Fewest images either split may hold (held-out AP on fewer is not a reward).
 MIN_SPLIT_IMAGES = 8
 
@@ -186,40 +186,12 @@ def prepare(work_dir: str, data_dir: Optional[str] = None,
   return path, built
 
 
-def prepare_records(work_dir: str, data_dir: Optional[str] = None) -> str:
-  """The folder of the proxy's split records alone (proxy_train-*, proxy_heldout-*; `records/`
-  of a cache, without its backbone or features), for the parsed gin config, built if missing:
-  the `CpuProxyCache` split (num_images, num_heldout, data_seed) of the embedded synthetic data
-  at the model's image size, or of the user's records in `data_dir`. For the proxy that trains
-  the whole detector on them (`search.proxy`, proxy='e2e'). Keyed by that split, the image size,
-  the classes and the data's content; built once (a lock, an atomic folder) as a cache is.
-  ValueError naming the data or the binding at fault, before anything is written."""
-  settings = CpuProxyCache()
-  num_classes = factory.model_argument('num_classes')
-  key = {'split': [settings.num_images, settings.num_heldout, settings.data_seed],
-         'image_size': list(factory.model_argument('image_size')), 'num_classes': num_classes}
-  if data_dir:
-    cache_inputs.check_label_map(data_dir, num_classes)
-    memo_dir = os.path.join(work_dir, CACHES_DIR)  # the data's digests, shared with the caches
-    tf.io.gfile.makedirs(memo_dir)
-    key['data'] = cache_inputs.data_fingerprint(data_dir, memo_dir)
-    split_sizes(settings, heldout.count_records(cache_inputs.data_pattern(data_dir),
-                                                num_classes))  # too few images: named now
-  digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-  path = os.path.join(work_dir, RECORDS_DIR, digest[:16])
-  tf.io.gfile.makedirs(os.path.dirname(path))
-  with open(path + '.lock', 'w') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
-    if not tf.io.gfile.exists(path):
-      for stale in tf.io.gfile.glob(files.staging_path(path).rsplit('-', 1)[0] + '-*'):
-        shutil.rmtree(stale, ignore_errors=True)  # Left by a killed builder.
-      with files.atomic_directory(path) as staging:
-        tf.io.gfile.makedirs(staging)
-        if data_dir:
-          _user_records(staging, settings, data_dir)
-        else:
-          _synthetic_records(staging, settings, staging)
-  return path
+def pretrained_backbone(folder: str) -> Optional[str]:
+  """The model dir in the cache `folder` whose backbone was pretrained on the proxy's images (for
+  `RetinaNetTrainer.init_checkpoint`), or None when there is none (a backbone checkpoint's cache,
+  or `pretrain_steps` 0)."""
+  path = os.path.join(folder, PRETRAIN)
+  return path if tf.train.latest_checkpoint(path) else None
 
 
 def _say(message: str) -> None:
@@ -257,7 +229,7 @@ def _build(folder: str, settings: CpuProxyCache, key, data_dir: Optional[str],
   config (which it changes to pretrain)."""
   started = time.perf_counter()
   seconds = {}
-  records = os.path.join(folder, 'records')
+  records = os.path.join(folder, RECORDS)
   if data_dir:
     converted = _user_records(records, settings, data_dir)
   else:
@@ -272,7 +244,7 @@ def _build(folder: str, settings: CpuProxyCache, key, data_dir: Optional[str],
   if backbone_checkpoint:
     model = _checkpoint_model(backbone_checkpoint)
   else:
-    model = _pretrained_model(os.path.join(folder, 'pretrain'), settings)
+    model = _pretrained_model(os.path.join(folder, PRETRAIN), settings)
   seconds['pretrain'] = time.perf_counter() - start
 
   start = time.perf_counter()
@@ -315,7 +287,7 @@ def _build(folder: str, settings: CpuProxyCache, key, data_dir: Optional[str],
 def _write_heldout_targets(path: str, model_config) -> None:
   """features/heldout_targets.npz: the held-out images' anchor labels, in heldout.npz's order
   (checked by source id), for the held-out loss."""
-  pattern = heldout.record_pattern(os.path.join(path, 'records'), heldout.HELDOUT_PREFIX)
+  pattern = heldout.record_pattern(os.path.join(path, RECORDS), heldout.HELDOUT_PREFIX)
   arrays = feature_arrays.anchor_targets(pattern, model_config)
   with np.load(os.path.join(path, 'features', 'heldout.npz')) as cached:
     cached_ids = [int(i) for i in cached['labels/source_id']]

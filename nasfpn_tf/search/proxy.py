@@ -9,11 +9,12 @@ training set.
                  trial trains only the candidate pyramid and the head on them
                  (`cpu_proxy.CpuSearchProxy`), as NAS-FCOS does. A trial parses the gin config
                  once (twice when it builds the cache: the build binds its pretraining).
-  proxy='e2e'    the same images and split as the CPU proxy's (`feature_cache.prepare_records`),
-                 and the demo's detector trained whole, backbone included, from scratch, for a
-                 part of the demo's schedule (gin_configs/search_proxy_e2e.gin) with
-                 `RetinaNetTrainer`: no frozen features, so it ranks pyramids as the demo's
-                 training does at the cost of a few minutes a trial (docs/search.md).
+  proxy='e2e'    the CPU proxy's images, split and pretrained backbone (its cache), and the
+                 demo's detector trained whole from that backbone, or `backbone_checkpoint`'s,
+                 for 300 steps of the demo's recipe (gin_configs/search_proxy_e2e.gin) with
+                 `RetinaNetTrainer`: the backbone trains with the candidate pyramid, as in the
+                 demo, rather than frozen; a few minutes a trial on 2 cores (how it ranks
+                 pyramids against the demo's training: docs/search.md, "The end-to-end proxy").
   proxy='paper'  the paper's proxy (gin_configs/search_proxy_r10_3x256_512.gin): ResNet-10 at
                  512x512, the pyramid stacked 3 times, 10 epochs with lr 0.08 decayed x0.1 at
                  epoch 8, trained whole with `RetinaNetTrainer` on COCO records that
@@ -160,22 +161,20 @@ def prepare(proxy: str = 'cpu', work_dir: str = DEFAULT_WORK_DIR, gin_bindings=(
             backbone_checkpoint: Optional[str] = None, space=None) -> Optional[str]:
   """Builds what the trials of `proxy` share, if missing: the CPU proxy's cache folder (returned)
   for its gin config, the user's records in `data_dir` (default: the embedded synthetic data)
-  and `backbone_checkpoint` (default: the backbone pretrained on the proxy's images); the e2e
-  proxy's split records folder, from the same data (`feature_cache.prepare_records`); the paper
-  proxy shares nothing (None). Leaves the proxy's gin config parsed: `data_bindings` (the label
+  and `backbone_checkpoint` (default: the backbone pretrained on the proxy's images), also the
+  e2e proxy's (its records and backbone); the paper proxy shares nothing (None). Leaves the proxy's gin config parsed: `data_bindings` (the label
   map's num_classes), then `gin_bindings`, then `space_bindings(space)` (a search space; None:
   NAS-FPN's). ValueError naming the flag, binding, file or checkpoint at fault."""
   files = _gin_files(proxy, gin_file)
-  if proxy != 'cpu' and backbone_checkpoint:
-    raise ValueError(f'--backbone_checkpoint is the CPU proxy\'s; --proxy={proxy} trains the '
-                     'whole model (bind RetinaNetTrainer.init_checkpoint to start it from one).')
   if proxy not in OWN_SPLIT:
+    if backbone_checkpoint:
+      raise ValueError(f'--backbone_checkpoint is for --proxy={" or ".join(OWN_SPLIT)}; '
+                       f'--proxy={proxy} trains the whole model from scratch (bind '
+                       'RetinaNetTrainer.init_checkpoint to start it from one).')
     return None
   bindings = (cache_inputs.data_bindings(data_dir) + list(gin_bindings)
               + space_bindings(space))
   configurables.parse_gin(files, bindings)
-  if proxy == 'e2e':
-    return feature_cache.prepare_records(work_dir, data_dir)
   folder, built = feature_cache.prepare(work_dir, data_dir, backbone_checkpoint)
   if built:  # The build bound its pretraining's settings.
     configurables.parse_gin(files, bindings)
@@ -234,13 +233,13 @@ def run_trial(block_specs, proxy: str = 'cpu', seed: int = 0,
   `TrialResult.to_dict()`) after each of `report_steps` (the held-out evaluation at that step;
   for `schedulers`' ASHA).
 
-  work_dir: shared by the trials of a search: the CPU proxy's cache lives in it, the e2e
-  proxy's split records, and the e2e and paper proxies' model dirs (kept until their trial ends,
+  work_dir: shared by the trials of a search: the CPU and e2e proxies' cache lives in it, and
+  the e2e and paper proxies' model dirs (kept until their trial ends,
   so a retried trial resumes). gin_bindings go on top of the proxy's gin file (`gin_file`
   replaces it). data_dir: the CPU and e2e proxies' converter records
   (`cache_inputs.DATA_RECORDS`; default: the embedded synthetic data), or the paper proxy's
   split records (`search.heldout`). backbone_checkpoint: the CPU proxy's frozen backbone
-  (see `prepare`). ValueError naming the gin file and bindings, or the specs, when the proxy
+  (see `prepare`), the e2e proxy's starting backbone. ValueError naming the gin file and bindings, or the specs, when the proxy
   does not build.
   """
   configure_threads(num_threads)
@@ -284,10 +283,16 @@ def run_trial(block_specs, proxy: str = 'cpu', seed: int = 0,
                                  factory.model_argument('max_level'), where)
     for name, value in arguments.items():
       gin.bind_parameter(f'build_retinanet.{name}', value)
+    records = data_dir
+    if proxy == 'e2e':  # the cache's records, and its backbone or the checkpoint's to start from
+      records = os.path.join(cache_folder, feature_cache.RECORDS)
+      initial = backbone_checkpoint or feature_cache.pretrained_backbone(cache_folder)
+      if initial:
+        gin.bind_parameter('RetinaNetTrainer.init_checkpoint', initial)
+        gin.bind_parameter('RetinaNetTrainer.init_checkpoint_modules', 'backbone')
     for binding, split in (('build_train_dataset.file_pattern', heldout.TRAIN_PREFIX),
                            ('build_eval_dataset.file_pattern', heldout.HELDOUT_PREFIX)):
-      gin.bind_parameter(binding, heldout.record_pattern(
-          cache_folder if proxy == 'e2e' else data_dir, split))
+      gin.bind_parameter(binding, heldout.record_pattern(records, split))
     for trial_seed in seeds:
       seed_start = time.perf_counter()
       # Trials in one process do not pile up models, traced functions and layer names.
