@@ -47,9 +47,10 @@ flags.DEFINE_enum('algorithm', 'ppo', sorted(CONTROLLERS), 'The controller: the 
 flags.DEFINE_integer('num_trials', 100, 'Samples in all, duplicates included (each key is '
                      'trained once); raise it to extend a finished search.')
 flags.DEFINE_enum('proxy', 'cpu', list(PROXIES), 'cpu: the embedded data (or --data_dir), '
-                  'frozen cached backbone features, ~30 s a trial on 2 cores; e2e: images '
-                  'split alike, the demo\'s detector trained whole (backbone included) '
-                  'for 400 steps (gin_configs/search_proxy_e2e.gin), minutes a trial; paper: '
+                  'frozen cached backbone features, ~30 s a trial on 2 cores; e2e: the CPU '
+                  'proxy\'s images, split and pretrained backbone, the demo\'s detector trained '
+                  'whole from it, backbone included, for 300 steps '
+                  '(gin_configs/search_proxy_e2e.gin), ~2 min a trial on 2 cores; paper: '
                   'the paper\'s proxy (ResNet-10, 512 px, 10 epochs) on --data_dir; synthetic: '
                   'no training, agreement with a target table (tests the search machinery).')
 flags.DEFINE_string('data_dir', None, '--proxy=cpu or e2e: a folder of your converter records '
@@ -58,7 +59,8 @@ flags.DEFINE_string('data_dir', None, '--proxy=cpu or e2e: a folder of your conv
                     'proxy-train and held-out images; default: the embedded synthetic data. '
                     '--proxy=paper: the proxy_train-*/proxy_heldout-* records of '
                     'nasfpn_tf.search.heldout.')
-flags.DEFINE_string('backbone_checkpoint', None, '--proxy=cpu: the frozen backbone, from a TF '
+flags.DEFINE_string('backbone_checkpoint', None, '--proxy=cpu: the frozen backbone (e2e: the '
+                    'backbone the trials start from and train on), from a TF '
                     'Model Garden ImageNet checkpoint or a nasfpn_tf model dir (as '
                     'RetinaNetTrainer.init_checkpoint reads it); it must fit '
                     'build_retinanet.backbone. Default: the backbone is pretrained on the '
