@@ -66,12 +66,12 @@ class TrialResult:
   the whole detector's (`utils.model_stats`, batch 1, at the proxy's image size); seconds: the
   whole call (a cache built by this call included); steps: optimizer steps; final_loss: the
   mean training loss of the last steps, heldout_loss: the loss on the held-out images
-  (`cpu_proxy.heldout_loss`; both None for the e2e and paper proxies). seeds: with several seeds, each
-  one's result ({'seed': s, ...}, without seeds); the fields above are then their mean (flops,
-  params, steps: the same in each) and seconds the whole call's. phases: where a CPU-proxy
-  trial's seconds went, {'build': the model, 'train': the steps (tracing included), 'evaluate':
-  the held-out evaluation(s), intermediate reports' included, 'count': FLOPs and params};
-  over several seeds, their sums; None for the e2e and paper proxies."""
+  (`cpu_proxy.heldout_loss`; both None for the e2e and paper proxies). seeds: with several
+  seeds, each one's result ({'seed': s, ...}, without seeds); the fields above are then their
+  mean (flops, params, steps: the same in each) and seconds the whole call's. phases: where a
+  CPU-proxy trial's seconds went, {'build': the model, 'train': the steps (tracing included),
+  'evaluate': the held-out evaluation(s), intermediate reports' included, 'count': FLOPs and
+  params}; over several seeds, their sums; None for the e2e and paper proxies."""
   ap: float
   ap50: float
   flops: int
@@ -162,9 +162,10 @@ def prepare(proxy: str = 'cpu', work_dir: str = DEFAULT_WORK_DIR, gin_bindings=(
   """Builds what the trials of `proxy` share, if missing: the CPU proxy's cache folder (returned)
   for its gin config, the user's records in `data_dir` (default: the embedded synthetic data)
   and `backbone_checkpoint` (default: the backbone pretrained on the proxy's images), also the
-  e2e proxy's (its records and backbone); the paper proxy shares nothing (None). Leaves the proxy's gin config parsed: `data_bindings` (the label
-  map's num_classes), then `gin_bindings`, then `space_bindings(space)` (a search space; None:
-  NAS-FPN's). ValueError naming the flag, binding, file or checkpoint at fault."""
+  e2e proxy's (its records and backbone); the paper proxy shares nothing (None). Leaves the
+  proxy's gin config parsed: `data_bindings` (the label map's num_classes), then
+  `gin_bindings`, then `space_bindings(space)` (a search space; None: NAS-FPN's). ValueError
+  naming the flag, binding, file or checkpoint at fault."""
   files = _gin_files(proxy, gin_file)
   if proxy not in OWN_SPLIT:
     if backbone_checkpoint:
@@ -234,13 +235,13 @@ def run_trial(block_specs, proxy: str = 'cpu', seed: int = 0,
   for `schedulers`' ASHA).
 
   work_dir: shared by the trials of a search: the CPU and e2e proxies' cache lives in it, and
-  the e2e and paper proxies' model dirs (kept until their trial ends,
-  so a retried trial resumes). gin_bindings go on top of the proxy's gin file (`gin_file`
-  replaces it). data_dir: the CPU and e2e proxies' converter records
-  (`cache_inputs.DATA_RECORDS`; default: the embedded synthetic data), or the paper proxy's
-  split records (`search.heldout`). backbone_checkpoint: the CPU proxy's frozen backbone
-  (see `prepare`), the e2e proxy's starting backbone. ValueError naming the gin file and bindings, or the specs, when the proxy
-  does not build.
+  the e2e and paper proxies' model dirs (kept until their trial ends, so a retried trial
+  resumes). gin_bindings go on top of the proxy's gin file (`gin_file` replaces it). data_dir:
+  the CPU and e2e proxies' converter records (`cache_inputs.DATA_RECORDS`; default: the
+  embedded synthetic data), or the paper proxy's split records (`search.heldout`).
+  backbone_checkpoint: the CPU proxy's frozen backbone (see `prepare`), the e2e proxy's
+  starting one. ValueError naming the gin file and bindings, or the specs, when the proxy does
+  not build.
   """
   configure_threads(num_threads)
   start = time.perf_counter()
@@ -299,7 +300,8 @@ def run_trial(block_specs, proxy: str = 'cpu', seed: int = 0,
       tf_keras.backend.clear_session()
       gc.collect()
       tf_keras.utils.set_random_seed(trial_seed)
-      trial = json.dumps([arguments, trial_seed, list(files), list(bindings), data_dir])
+      trial = json.dumps([arguments, trial_seed, list(files), list(bindings), data_dir,
+                          cache_folder, backbone_checkpoint])
       model_dir = os.path.join(work_dir, f'{proxy}_trials',
                                hashlib.sha256(trial.encode()).hexdigest()[:16])
       with _builds(proxy, where):
