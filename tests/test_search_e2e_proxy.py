@@ -44,7 +44,7 @@ def _split_ids(folder):
 def test_e2e_trial_trains_the_demo_detector_from_the_cpu_proxys_backbone(tmp_path, capsys):
   work_dir = tmp_path / 'work'
   result = proxy.run_trial('nasfpn', 'e2e', seed=0, work_dir=str(work_dir),
-                           gin_bindings=TINY_E2E, num_threads=1)
+                           gin_bindings=TINY_E2E)
   assert 0.0 <= result.ap <= 1.0 and 0.0 <= result.ap50 <= 1.0
   assert result.steps == 2 and result.final_loss is None
   assert result.flops > 0 and result.params > 0
@@ -63,8 +63,7 @@ def test_e2e_trial_trains_the_demo_detector_from_the_cpu_proxys_backbone(tmp_pat
   assert f'Initialized the backbone from {pretrained}/ckpt-1.' in capsys.readouterr().out
   # A second trial (another architecture and seed) starts from the same cache, built once.
   stamp = {p.name: p.stat().st_mtime_ns for p in (folder / feature_cache.RECORDS).iterdir()}
-  again = proxy.run_trial('fpn', 'e2e', seed=1, work_dir=str(work_dir), gin_bindings=TINY_E2E,
-                          num_threads=1)
+  again = proxy.run_trial('fpn', 'e2e', seed=1, work_dir=str(work_dir), gin_bindings=TINY_E2E)
   assert again.steps == 2 and again.flops != result.flops
   assert _cache_folder(work_dir) == folder
   assert {p.name: p.stat().st_mtime_ns
@@ -72,7 +71,7 @@ def test_e2e_trial_trains_the_demo_detector_from_the_cpu_proxys_backbone(tmp_pat
   assert f'Initialized the backbone from {pretrained}/ckpt-1.' in capsys.readouterr().out
   # Without pretraining (pretrain_steps 0) the backbone starts at its random initialisation.
   assert feature_cache.pretrained_backbone(str(tmp_path)) is None
-  proxy.run_trial('nasfpn', 'e2e', seed=0, work_dir=str(tmp_path / 'scratch'), num_threads=1,
+  proxy.run_trial('nasfpn', 'e2e', seed=0, work_dir=str(tmp_path / 'scratch'),
                   gin_bindings=TINY_E2E + ['CpuProxyCache.pretrain_steps = 0'])
   assert 'Initialized the backbone' not in capsys.readouterr().out
 
@@ -90,7 +89,7 @@ def test_e2e_proxy_on_the_users_records_keeps_their_classes(tmp_path, capsys):
   checkpoint = str(tmp_path / 'backbone' / 'ckpt')
   tf.train.Checkpoint(model=factory.build_retinanet()).save(checkpoint)
   result = proxy.run_trial('nasfpn', 'e2e', seed=0, work_dir=str(tmp_path / 'work'),
-                           gin_bindings=bindings, data_dir=str(data_dir), num_threads=1,
+                           gin_bindings=bindings, data_dir=str(data_dir),
                            backbone_checkpoint=checkpoint + '-1')
   assert result.steps == 2 and 0.0 <= result.ap <= 1.0
   assert f'Initialized the backbone from {checkpoint}-1.' in capsys.readouterr().out
