@@ -22,6 +22,10 @@ backbone checkpoint, hashed into its folder name):
              the backbone comes from a checkpoint);
   cache.json the settings, sizes, timings and the held-out AP of the pretraining model.
 
+The end-to-end proxy (`search.proxy`, proxy='e2e') builds the same cache for its own gin config
+and trains on its records/ from its pretrain/ backbone (`pretrained_backbone`); it reads none of
+the features.
+
 The data and the checkpoint enter the key by content (`cache_inputs`: each file's name, size and
 SHA-256), not by path: a copied data dir finds its cache, and edited records or another checkpoint
 never do. The arrays' layout and dtypes are `feature_arrays`'.
