@@ -3,14 +3,13 @@ the CPU proxy's cache (its split of the embedded synthetic images or of the user
 its pretrained backbone or a checkpoint's, rewarded by held-out AP; and the errors that name bad
 input before any trial."""
 import os
-import pathlib
 
 import gin
 import pytest
 import tensorflow as tf
 
 import training_helpers
-from test_search_own_data import _coco_subset  # the same 24 coco128 images
+from test_search_own_data import _cache_folder, _coco_subset  # the same 24 coco128 images
 from nasfpn_tf.data import create_coco_tfrecord
 from nasfpn_tf.models import factory
 from nasfpn_tf.search import configurables
@@ -27,13 +26,6 @@ TINY_E2E = training_helpers.TINY_MODEL + SPLIT + PRETRAIN + [
     'TRAIN_STEPS = 2', 'CosineDecayWithWarmup.warmup_steps = 1',
     'RetinaNetTrainer.global_batch_size = 2', 'RetinaNetTrainer.checkpoint_every_steps = 2',
     'RetinaNetTrainer.log_every_steps = 1', 'RetinaNetTrainer.eval_batch_size = 4']
-
-
-def _cache_folder(work_dir) -> pathlib.Path:
-  folders = [p for p in (pathlib.Path(work_dir) / feature_cache.CACHES_DIR).iterdir()
-             if p.is_dir()]
-  assert len(folders) == 1, folders  # one complete folder, no staging left
-  return folders[0]
 
 
 def _split_ids(folder):
