@@ -24,8 +24,9 @@ finished model dir is named by its key and trained on in the spelling it holds.
   .venv/bin/python experiments/search_retrain.py --output_dir=runs/search_retrain \
       --keys='4:global_pooling:2,3/6:global_pooling:3,5/...' --baselines=nasfpn --seeds=3,4
 
-Writes OUTPUT_DIR/search_retrain.png (AP per architecture, a point per seed) and
-OUTPUT_DIR/search_retrain.jsonl, and prints one JSON line per run (name, rank, key,
+Writes OUTPUT_DIR/search_retrain.png (AP per architecture of this call, a point per seed) and
+OUTPUT_DIR/search_retrain.jsonl (the rows of earlier calls into the same dir kept, unless this
+call redid their run: `merged_rows`), and prints one JSON line per row (name, rank, key,
 proxy_reward: the search's reward of that key, None for a table the searches never sampled;
 seed, AP, AP50, flops), then a summary line: per architecture the mean AP, its spread over seeds
 (max - min) and FLOPs; the chosen one's AP minus NAS-FPN's; and Kendall's tau between the proxy's
@@ -218,13 +219,28 @@ def draw(rows: Sequence[Dict[str, Any]], path: str) -> None:
   fig.savefig(path, dpi=110)
 
 
+def merged_rows(path: pathlib.Path, rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+  """The rows of an earlier call in `path` that this call's `rows` did not redo (a run is its
+  key, or its name for a baseline, and its seed), then `rows`: calls with other --keys or
+  --seeds in one output dir add to the file instead of replacing it."""
+  def run_id(row):
+    return (row['key'] or row['name'], row['seed'])
+
+  redone = {run_id(row) for row in rows}
+  earlier = []
+  if path.exists():
+    earlier = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [row for row in earlier if run_id(row) not in redone] + list(rows)
+
+
 def main(argv):
   del argv
   output_dir = pathlib.Path(FLAGS.output_dir)
   rows, chosen = run(output_dir, FLAGS.search_dirs, [int(s) for s in FLAGS.seeds], FLAGS.top_k,
                      FLAGS.train_steps, FLAGS.gin_bindings, FLAGS.keys or (), FLAGS.baselines)
   draw(rows, str(output_dir / 'search_retrain.png'))
-  demo_runs.write_rows(rows, output_dir / 'search_retrain.jsonl')
+  path = output_dir / 'search_retrain.jsonl'
+  demo_runs.write_rows(merged_rows(path, rows), path)
   print(json.dumps({'summary': summary(rows, chosen)}), flush=True)
 
 

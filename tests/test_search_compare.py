@@ -408,3 +408,21 @@ def test_retrain_reuses_a_model_dir_holding_another_spelling_of_the_same_key(tmp
   search_retrain.run(tmp_path, None, [0, 1], keys=[nasfpn_key], baselines=[])
   assert trained == [search_retrain.block_specs_binding(swapped),     # seed 0: the dir's
                      search_retrain.block_specs_binding(canonical)]  # seed 1: a new dir
+
+
+def test_retrain_rows_of_an_earlier_call_are_kept_unless_redone(tmp_path):
+  """A second call into the same output dir (more seeds, other --keys) adds its rows to
+  search_retrain.jsonl; a run it redid (same key, or baseline name, and seed) replaces the old."""
+  path = tmp_path / 'search_retrain.jsonl'
+  first = [{'name': 'searched1', 'key': 'k1', 'seed': 0, 'AP': 0.5},
+           {'name': 'nasfpn', 'key': None, 'seed': 0, 'AP': 0.52},
+           {'name': 'nasfpn', 'key': None, 'seed': 1, 'AP': 0.51}]
+  assert search_retrain.merged_rows(path, first) == first  # no file yet
+  search_retrain.demo_runs.write_rows(first, path)
+  # 'searched1' now names another key: both are kept; NAS-FPN's seed 1 was redone.
+  second = [{'name': 'searched1', 'key': 'k2', 'seed': 0, 'AP': 0.4},
+            {'name': 'nasfpn', 'key': None, 'seed': 1, 'AP': 0.49}]
+  merged = search_retrain.merged_rows(path, second)
+  assert merged == first[:2] + second
+  search_retrain.demo_runs.write_rows(merged, path)
+  assert [json.loads(line) for line in path.read_text().splitlines()] == merged

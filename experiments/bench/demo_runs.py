@@ -18,6 +18,7 @@ from nasfpn_tf.data import create_coco_tfrecord, synthetic
 from nasfpn_tf.export.saved_model import load_model
 from nasfpn_tf.models import factory
 from nasfpn_tf.models.retinanet import RetinaNet
+from nasfpn_tf.utils.files import atomic_write
 from nasfpn_tf.training import distribute
 from nasfpn_tf.training import trainer as trainer_lib
 from nasfpn_tf.utils import model_stats
@@ -121,8 +122,8 @@ def exit_latencies_ms(model: RetinaNet, exits: Sequence[int], runs: int) -> Dict
 
 
 def write_rows(rows: Sequence[Dict[str, Any]], path: pathlib.Path) -> None:
-  """The rows as JSON lines, in `path` and on stdout."""
+  """The rows as JSON lines, in `path` (whole or not at all) and on stdout."""
   lines = [json.dumps(row) for row in rows]
-  pathlib.Path(path).write_text(''.join(line + '\n' for line in lines))
+  atomic_write(path, ''.join(line + '\n' for line in lines))
   for line in lines:
     print(line, flush=True)
