@@ -16,6 +16,8 @@ with each of --seeds, and rewarded by the held-out AP. It prints, and ends with 
   tau_demo_mean      the rewards' mean over seeds against the demo's mean AP over its seeds
   tau_demo_median    ... against the demo's median AP (robust to a collapsed demo run)
   tau_better_half    tau_demo_mean over the better half by the demo's mean AP
+  tau_demo_seed0_vs_seed1  the demo's seed 0 against its seed 1, over the pyramids it trained
+                     with both: how far the reference itself ranks alike (a ceiling)
   seconds_per_trial  the mean wall time of a trial
 
 (Kendall's tau-b, `search_proxy_gate.kendall_tau`), a markdown table of every pyramid, and draws
@@ -147,6 +149,10 @@ def summarize(records: Sequence[Dict[str, Any]], reference: Dict[str, Dict[str, 
     return tau([mean[n] for n in among], [demo[n] for n in among])
 
   top = search_proxy_gate.better_half(names, demo_mean)
+  # The reference's own noise: the demo's first two seeds over the pyramids trained with both.
+  both = [n for n in names if {0, 1} <= set(reference[n]['ap'])]
+  demo_seeds = (tau([reference[n]['ap'][0] for n in both], [reference[n]['ap'][1] for n in both])
+                if len(both) > 1 else None)
   figures = {
       'tau_seeds': (tau([reward[n, seeds[0]] for n in names], [reward[n, seeds[1]] for n in names])
                     if len(seeds) > 1 else None),
@@ -154,6 +160,7 @@ def summarize(records: Sequence[Dict[str, Any]], reference: Dict[str, Dict[str, 
       'tau_demo_median': against(demo_median, names),
       'tau_better_half': against(demo_mean, top),
       'better_half': top,
+      'tau_demo_seed0_vs_seed1': demo_seeds, 'demo_seed0_and_seed1': both,
       'seconds_per_trial': float(np.mean([r['seconds'] for r in records])),
       'trials': len(records)}
   rows = [{'pyramid': n, 'demo_mean_ap': demo_mean[n], 'demo_median_ap': demo_median[n],
@@ -170,7 +177,8 @@ def markdown_table(summary: Dict[str, Any], seeds: Sequence[int]) -> str:
              f"{row['demo_median_ap']:.3f}"] + [f'{r:.3f}' for r in row['rewards']]
     lines.append('| ' + ' | '.join(cells + [f"{row['reward']:.3f}"]) + ' |')
   taus = ', '.join(f'{k} {summary[k]:.2f}' for k in
-                   ('tau_seeds', 'tau_demo_mean', 'tau_demo_median', 'tau_better_half')
+                   ('tau_seeds', 'tau_demo_mean', 'tau_demo_median', 'tau_better_half',
+                    'tau_demo_seed0_vs_seed1')
                    if summary[k] is not None)
   return '\n'.join(lines + ['', f"{taus}; {summary['seconds_per_trial']:.0f} s a trial"])
 

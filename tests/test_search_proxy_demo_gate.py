@@ -117,6 +117,10 @@ def test_summary_figures_against_scipy(tmp_path):
   assert summary['tau_better_half'] == pytest.approx(stats.kendalltau(
       [mean[NAMES.index(n)] for n in top], [demo_mean[NAMES.index(n)] for n in top]).statistic)
   assert summary['seconds_per_trial'] == pytest.approx(10.5)
+  both = [n for n in NAMES if len(DEMO[n]) > 1]
+  assert summary['demo_seed0_and_seed1'] == both and len(both) > 2
+  assert summary['tau_demo_seed0_vs_seed1'] == pytest.approx(
+      stats.kendalltau([DEMO[n][0] for n in both], [DEMO[n][1] for n in both]).statistic)
   table = gate.markdown_table(summary, [0, 1])
   first = table.splitlines()[2]
   assert first.startswith(f'| {top[0]} | {np.mean(DEMO[top[0]]):.3f} ({len(DEMO[top[0]])}) |')
