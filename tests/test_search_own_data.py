@@ -339,16 +339,24 @@ def test_the_cache_key_holds_the_data_and_the_checkpoint_by_content(coco_records
   assert len({path(mine), path(mine, checkpoints[0]), path(mine, checkpoints[1])}) == 3
 
 
-def test_a_backbone_checkpoint_gives_the_cached_features(coco_records, tmp_path):
-  """The features cached from a nasfpn_tf model dir's checkpoint are its backbone's on the
-  held-out images; nothing is pretrained and there is no pretraining head."""
+@pytest.mark.parametrize('kind', ['model_dir', 'tfm_imagenet'])
+def test_a_backbone_checkpoint_gives_the_cached_features(coco_records, tmp_path, kind):
+  """The features cached from a checkpoint are its backbone's on the held-out images: a
+  nasfpn_tf model dir's, or a TF Model Garden ImageNet backbone checkpoint's (written as TFM
+  writes them, `tf.train.Checkpoint(backbone=...)`, random weights: the real ones need a
+  download); nothing is pretrained and there is no pretraining head."""
   data_dir = coco_records['data_dir']
   configurables.parse_gin(['search_proxy_cpu.gin'], TINY + ['build_retinanet.num_classes = 91'])
   tf_keras.utils.set_random_seed(7)
   model = factory.build_retinanet()
-  tf.train.Checkpoint(model=model).save(str(tmp_path / 'model_dir' / 'ckpt'))
+  if kind == 'model_dir':
+    tf.train.Checkpoint(model=model).save(str(tmp_path / 'model_dir' / 'ckpt'))
+    checkpoint, backbone = str(tmp_path / 'model_dir'), model.backbone
+  else:
+    backbone, checkpoint = training_helpers.write_tfm_backbone_checkpoint(
+        'resnet10', tmp_path / 'imagenet' / 'ckpt', image_size=model.image_size[0])
   folder = proxy.prepare('cpu', str(tmp_path / 'work'), TINY, data_dir=data_dir,
-                         backbone_checkpoint=str(tmp_path / 'model_dir'))
+                         backbone_checkpoint=checkpoint)
   info = json.loads((pathlib.Path(folder) / feature_cache.CACHE_FILE).read_text())
   assert info['pretrain_heldout_ap'] is None and 'backbone_checkpoint' in info['key']
   assert not (pathlib.Path(folder) / 'pretrain').exists()
@@ -357,9 +365,9 @@ def test_a_backbone_checkpoint_gives_the_cached_features(coco_records, tmp_path)
   pattern = heldout.record_pattern(str(pathlib.Path(folder) / 'records'), heldout.HELDOUT_PREFIX)
   images, _ = next(iter(input_pipeline.build_eval_dataset(pattern, NUM_HELDOUT,
                                                           model.get_config())))
-  expected = model.backbone(backbones.ImageNormalization()(images), training=False)
+  expected = backbone(backbones.ImageNormalization()(images), training=False)
   for level, features in cache['heldout']['features'].items():
-    want = expected[level].numpy()
+    want = expected[str(level)].numpy()
     assert np.allclose(features.numpy().astype(np.float32), want, rtol=1e-2,
                        atol=1e-2 * np.abs(want).max())
   with pytest.raises(ValueError, match='pretrained_head = True needs the pretraining head'):
