@@ -54,6 +54,8 @@ DEFAULT_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'be
                                  'demo_reference_zen4.json')
 PNG = 'demo_gate.png'
 SPACE = SearchSpace()
+# plot's second panel: the pyramids within this much demo AP of the best.
+ZOOM_SPAN = 0.1
 
 
 def define_flags():
@@ -184,20 +186,27 @@ def markdown_table(summary: Dict[str, Any], seeds: Sequence[int]) -> str:
 
 
 def plot(summary: Dict[str, Any], seeds: Sequence[int], title: str, path: str) -> None:
-  """The proxy's reward (a point per seed, a bar at their mean) against the demo's mean AP."""
-  fig = Figure(figsize=(6.4, 4.6))
-  ax = fig.subplots()
-  for row in summary['rows']:
-    x = row['demo_mean_ap']
-    ax.plot([x] * len(row['rewards']), row['rewards'], 'o', color='#3182bd', alpha=0.6)
-    ax.plot([x], [row['reward']], '_', color='k', markersize=14)
-    ax.annotate(row['pyramid'], (x, row['reward']), textcoords='offset points', xytext=(5, 3),
-                fontsize=7)
-  ax.set(xlabel="demo AP (mean over its seeds)", ylabel=f'proxy reward (seeds {list(seeds)})',
-         title=f"{title}: tau {summary['tau_demo_mean']:.2f} against the demo, "
-         f"{summary['tau_seeds'] if summary['tau_seeds'] is None else round(summary['tau_seeds'], 2)}"
-         ' seed vs seed')
-  ax.title.set_fontsize(9)
+  """The proxy's reward (a point per seed, a bar at their mean) against the demo's mean AP; where
+  the demo's APs span more than ZOOM_SPAN, a second panel shows the pyramids within ZOOM_SPAN of
+  the best, where the labels of the first would pile up."""
+  rows = summary['rows']
+  best = max(row['demo_mean_ap'] for row in rows)
+  near = [row for row in rows if row['demo_mean_ap'] >= best - ZOOM_SPAN]
+  panels = [rows] + ([near] if len(near) < len(rows) else [])
+  fig = Figure(figsize=(6.4 * len(panels), 4.6))
+  for ax, shown in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels):
+    for row in shown:
+      x = row['demo_mean_ap']
+      ax.plot([x] * len(row['rewards']), row['rewards'], 'o', color='#3182bd', alpha=0.6)
+      ax.plot([x], [row['reward']], '_', color='k', markersize=14)
+      ax.annotate(row['pyramid'], (x, row['reward']), textcoords='offset points', xytext=(5, 3),
+                  fontsize=7)
+    ax.set(xlabel='demo AP (mean over its seeds)', ylabel=f'proxy reward (seeds {list(seeds)})')
+  seeds_tau = summary['tau_seeds']
+  fig.suptitle(f"{title}: tau {summary['tau_demo_mean']:.2f} against the demo, "
+               f"{'-' if seeds_tau is None else f'{seeds_tau:.2f}'} seed vs seed"
+               + (f'; right: the pyramids within {ZOOM_SPAN} AP of the best' if len(panels) > 1
+                  else ''), fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 

@@ -5,6 +5,7 @@ import json
 import math
 import re
 
+from matplotlib import image
 import numpy as np
 import pytest
 from scipy import stats
@@ -127,6 +128,11 @@ def test_summary_figures_against_scipy(tmp_path):
   assert re.search(r'tau_seeds -?\d\.\d\d', table)
   gate.plot(summary, [0, 1], 'test', str(tmp_path / 'g.png'))
   assert (tmp_path / 'g.png').stat().st_size > 10_000
+  # A pyramid far below the rest: a second panel zooms on those near the best, twice as wide.
+  summary['rows'][-1]['demo_mean_ap'] = 0.05
+  gate.plot(summary, [0, 1], 'test', str(tmp_path / 'g2.png'))
+  width = {name: image.imread(tmp_path / name).shape[1] for name in ('g.png', 'g2.png')}
+  assert width['g2.png'] == 2 * width['g.png']
   one = gate.summarize([r for r in records if r['seed'] == 0], reference, [0])
   assert one['tau_seeds'] is None and not math.isnan(one['tau_demo_mean'])
 
