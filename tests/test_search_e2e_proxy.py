@@ -9,7 +9,6 @@ import pytest
 import tensorflow as tf
 
 import training_helpers
-from test_search_own_data import _cache_folder, _coco_subset  # the same 24 coco128 images
 from nasfpn_tf.data import create_coco_tfrecord
 from nasfpn_tf.models import factory
 from nasfpn_tf.search import configurables
@@ -46,7 +45,7 @@ def test_e2e_trial_trains_the_demo_detector_from_the_cpu_proxys_backbone(tmp_pat
   assert gin.query_parameter('RetinaNetTrainer.global_batch_size') == 2
   assert not list((work_dir / 'e2e_trials').iterdir())  # the trial's model dir is gone
   # On the CPU proxy's cache: its split records, and its pretrained backbone to start from.
-  folder = _cache_folder(work_dir)
+  folder = training_helpers.proxy_cache_folder(work_dir)
   ids = _split_ids(folder / feature_cache.RECORDS)
   assert len(ids[heldout.TRAIN_PREFIX]) == 8 and len(ids[heldout.HELDOUT_PREFIX]) == 8
   assert not set(ids[heldout.TRAIN_PREFIX]) & set(ids[heldout.HELDOUT_PREFIX])
@@ -57,7 +56,7 @@ def test_e2e_trial_trains_the_demo_detector_from_the_cpu_proxys_backbone(tmp_pat
   stamp = {p.name: p.stat().st_mtime_ns for p in (folder / feature_cache.RECORDS).iterdir()}
   again = proxy.run_trial('fpn', 'e2e', seed=1, work_dir=str(work_dir), gin_bindings=TINY_E2E)
   assert again.steps == 2 and again.flops != result.flops
-  assert _cache_folder(work_dir) == folder
+  assert training_helpers.proxy_cache_folder(work_dir) == folder
   assert {p.name: p.stat().st_mtime_ns
           for p in (folder / feature_cache.RECORDS).iterdir()} == stamp
   assert f'Initialized the backbone from {pretrained}/ckpt-1.' in capsys.readouterr().out
@@ -70,7 +69,7 @@ def test_e2e_trial_trains_the_demo_detector_from_the_cpu_proxys_backbone(tmp_pat
 
 def test_e2e_proxy_on_the_users_records_keeps_their_classes(tmp_path, capsys):
   coco128 = training_helpers.coco128_dir_or_skip()
-  annotations = _coco_subset(tmp_path, coco128, 24)
+  annotations = training_helpers.coco_subset(tmp_path, coco128, 24)
   data_dir = tmp_path / 'data'
   create_coco_tfrecord.convert(annotations, str(coco128 / 'train2017'), str(data_dir / 'train'),
                                num_shards=2, num_threads=2)
@@ -86,7 +85,7 @@ def test_e2e_proxy_on_the_users_records_keeps_their_classes(tmp_path, capsys):
   assert result.steps == 2 and 0.0 <= result.ap <= 1.0
   assert f'Initialized the backbone from {checkpoint}-1.' in capsys.readouterr().out
   assert gin.query_parameter('build_retinanet.num_classes') == 91  # the label map's ids + 1
-  ids = _split_ids(_cache_folder(tmp_path / 'work') / feature_cache.RECORDS)
+  ids = _split_ids(training_helpers.proxy_cache_folder(tmp_path / 'work') / feature_cache.RECORDS)
   assert len(ids[heldout.HELDOUT_PREFIX]) == 8 and len(ids[heldout.TRAIN_PREFIX]) == 16
   coco_ids = set(heldout.records_image_ids(os.path.join(str(data_dir), 'train-*.tfrecord')))
   assert set(ids[heldout.HELDOUT_PREFIX]) | set(ids[heldout.TRAIN_PREFIX]) == coco_ids

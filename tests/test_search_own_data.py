@@ -50,26 +50,12 @@ TINY = training_helpers.TINY_NETWORK + TINY_STEPS + [
     f'CpuProxyCache.num_images = {NUM_IMAGES}', f'CpuProxyCache.num_heldout = {NUM_HELDOUT}']
 
 
-def _coco_subset(root: pathlib.Path, coco128: pathlib.Path, num_images: int) -> str:
-  """The first `num_images` coco128 images (by id) with their annotations and COCO's 80
-  categories, as a COCO json under `root`."""
-  with open(coco128 / 'annotations' / 'instances_train2017.json', encoding='utf-8') as f:
-    data = json.load(f)
-  images = sorted(data['images'], key=lambda image: image['id'])[:num_images]
-  ids = {image['id'] for image in images}
-  data['images'] = images
-  data['annotations'] = [a for a in data['annotations'] if a['image_id'] in ids]
-  path = root / 'instances.json'
-  path.write_text(json.dumps(data))
-  return str(path)
-
-
 @pytest.fixture(scope='module')
 def coco_records(tmp_path_factory):
   """{'data_dir': converter records of 24 coco128 images in 2 shards, 'json': their COCO json}."""
   coco128 = training_helpers.coco128_dir_or_skip()
   root = tmp_path_factory.mktemp('coco_records')
-  annotations = _coco_subset(root, coco128, NUM_IMAGES)
+  annotations = training_helpers.coco_subset(root, coco128, NUM_IMAGES)
   summary = create_coco_tfrecord.convert(annotations, str(coco128 / 'train2017'),
                                          str(root / 'data' / 'train'), num_shards=2,
                                          num_threads=2)
@@ -87,13 +73,6 @@ def coco_proxy(coco_records, tmp_path_factory):
   return work_dir, result
 
 
-def _cache_folder(work_dir) -> pathlib.Path:
-  folders = [p for p in (pathlib.Path(work_dir) / feature_cache.CACHES_DIR).iterdir()
-             if p.is_dir()]
-  assert len(folders) == 1, folders  # one complete folder, no staging left
-  return folders[0]
-
-
 def _json_classes(annotations_file):
   """{image id: sorted category ids of its annotations}."""
   with open(annotations_file, encoding='utf-8') as f:
@@ -105,7 +84,7 @@ def _json_classes(annotations_file):
 
 
 def test_cache_holds_the_real_images_split_with_the_users_class_ids(coco_records, coco_proxy):
-  folder = _cache_folder(coco_proxy[0])
+  folder = training_helpers.proxy_cache_folder(coco_proxy[0])
   info = json.loads((folder / feature_cache.CACHE_FILE).read_text())
   assert info['images'] == {'train': NUM_IMAGES - NUM_HELDOUT, 'heldout': NUM_HELDOUT}
   assert info['data_dir'] == coco_records['data_dir']
@@ -341,11 +320,8 @@ def test_the_cache_key_holds_the_data_and_the_checkpoint_by_content(coco_records
 
 @pytest.mark.parametrize('kind', ['model_dir', 'tfm_imagenet'])
 def test_a_backbone_checkpoint_gives_the_cached_features(coco_records, tmp_path, kind):
-  """The features cached from a checkpoint are its backbone's on the held-out images: a
-  nasfpn_tf model dir's, or a TF Model Garden ImageNet backbone checkpoint's (written as TFM
-  writes them, `tf.train.Checkpoint(backbone=...)`, random weights: the real ones need a
-  download); nothing is pretrained and there is no pretraining head."""
-  data_dir = coco_records['data_dir']
+  """The cached features are the checkpoint backbone's (a nasfpn_tf model dir's, or one written
+  as TFM writes ImageNet ones); nothing is pretrained and there is no pretraining head."""
   configurables.parse_gin(['search_proxy_cpu.gin'], TINY + ['build_retinanet.num_classes = 91'])
   tf_keras.utils.set_random_seed(7)
   model = factory.build_retinanet()
@@ -355,12 +331,12 @@ def test_a_backbone_checkpoint_gives_the_cached_features(coco_records, tmp_path,
   else:
     backbone, checkpoint = training_helpers.write_tfm_backbone_checkpoint(
         'resnet10', tmp_path / 'imagenet' / 'ckpt', image_size=model.image_size[0])
-  folder = proxy.prepare('cpu', str(tmp_path / 'work'), TINY, data_dir=data_dir,
+  folder = proxy.prepare('cpu', str(tmp_path / 'work'), TINY, data_dir=coco_records['data_dir'],
                          backbone_checkpoint=checkpoint)
   info = json.loads((pathlib.Path(folder) / feature_cache.CACHE_FILE).read_text())
   assert info['pretrain_heldout_ap'] is None and 'backbone_checkpoint' in info['key']
-  assert not (pathlib.Path(folder) / 'pretrain').exists()
-  assert not (pathlib.Path(folder) / feature_cache.HEAD_FILE).exists()
+  assert not any((pathlib.Path(folder) / name).exists() for name in ('pretrain',
+                                                                     feature_cache.HEAD_FILE))
   cache = feature_cache.load(folder)
   pattern = heldout.record_pattern(str(pathlib.Path(folder) / 'records'), heldout.HELDOUT_PREFIX)
   images, _ = next(iter(input_pipeline.build_eval_dataset(pattern, NUM_HELDOUT,

@@ -37,12 +37,6 @@ def cpu_work_dir(tmp_path_factory):
   return work_dir, result
 
 
-def _cache_folder(work_dir):
-  folders = [p for p in (pathlib.Path(work_dir) / 'cpu_proxy_cache').iterdir() if p.is_dir()]
-  assert len(folders) == 1, folders  # one complete folder, no staging left
-  return folders[0]
-
-
 def test_cpu_trial_measures_ap_flops_and_params(cpu_work_dir):
   _, result = cpu_work_dir
   assert 0.0 <= result.ap <= 1.0 and 0.0 <= result.ap50 <= 1.0
@@ -59,7 +53,7 @@ def test_cpu_trial_measures_ap_flops_and_params(cpu_work_dir):
 
 def test_cache_is_reused_and_a_seed_replays(cpu_work_dir, monkeypatch):
   work_dir, first = cpu_work_dir
-  folder = _cache_folder(work_dir)
+  folder = training_helpers.proxy_cache_folder(work_dir)
   mtimes = {p: p.stat().st_mtime_ns for p in folder.rglob('*') if p.is_file()}
 
   def no_rebuild(*args):
@@ -136,7 +130,7 @@ def test_the_head_starts_from_the_pretraining_one_where_it_is_that_head(cpu_work
 
 
 def test_heldout_split_is_carved_from_training_images(cpu_work_dir):
-  folder = _cache_folder(cpu_work_dir[0])
+  folder = training_helpers.proxy_cache_folder(cpu_work_dir[0])
   records = str(folder / 'records')
   train_ids = heldout.records_image_ids(heldout.record_pattern(records, heldout.TRAIN_PREFIX))
   heldout_ids = heldout.records_image_ids(heldout.record_pattern(records, heldout.HELDOUT_PREFIX))

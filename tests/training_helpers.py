@@ -204,6 +204,29 @@ def run_synthetic_search(search_dir, algorithm, num_trials, space, **settings):
   drive_in_process(runner.ControllerSearcher(settings, log=lambda line: None))
   return settings
 
+def coco_subset(root: pathlib.Path, coco128: pathlib.Path, num_images: int) -> str:
+  """The first `num_images` coco128 images (by id) with their annotations and COCO's 80
+  categories, as a COCO json under `root`."""
+  with open(coco128 / 'annotations' / 'instances_train2017.json', encoding='utf-8') as f:
+    data = json.load(f)
+  images = sorted(data['images'], key=lambda image: image['id'])[:num_images]
+  ids = {image['id'] for image in images}
+  data['images'] = images
+  data['annotations'] = [a for a in data['annotations'] if a['image_id'] in ids]
+  path = root / 'instances.json'
+  path.write_text(json.dumps(data))
+  return str(path)
+
+
+def proxy_cache_folder(work_dir) -> pathlib.Path:
+  """The one CPU proxy cache folder in `work_dir` (asserting no other and no staging left)."""
+  from nasfpn_tf.search import feature_cache  # pylint: disable=import-outside-toplevel
+  folders = [p for p in (pathlib.Path(work_dir) / feature_cache.CACHES_DIR).iterdir()
+             if p.is_dir()]
+  assert len(folders) == 1, folders  # one complete folder, no staging left
+  return folders[0]
+
+
 def write_tfm_backbone_checkpoint(name, prefix, image_size=128):
   """A TF Model Garden backbone ('resnet10', 'resnet18', 'mobilenetv2') written as TFM's ImageNet
   backbone checkpoints are, `tf.train.Checkpoint(backbone=...)`; returns (backbone, path)."""
