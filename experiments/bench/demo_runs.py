@@ -18,10 +18,10 @@ from nasfpn_tf.data import create_coco_tfrecord, synthetic
 from nasfpn_tf.export.saved_model import load_model
 from nasfpn_tf.models import factory
 from nasfpn_tf.models.retinanet import RetinaNet
-from nasfpn_tf.utils.files import atomic_write
 from nasfpn_tf.training import distribute
 from nasfpn_tf.training import trainer as trainer_lib
 from nasfpn_tf.utils import model_stats
+from nasfpn_tf.utils.files import atomic_write
 
 # What `make demo` trains: its gin file and the size of its synthetic splits.
 DEMO_GIN = 'demo.gin'
