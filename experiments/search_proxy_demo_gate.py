@@ -33,7 +33,6 @@ import json
 import os
 import pathlib
 import sys
-import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 # The shared parts in experiments/, also when this file is loaded by path (tests).
@@ -43,6 +42,7 @@ from absl import app, flags  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.timing import say  # noqa: E402
 import search_proxy_gate  # noqa: E402  (kendall_tau, better_half)
 from nasfpn_tf.decoders import block_specs as block_specs_lib  # noqa: E402
 from nasfpn_tf.search import search_dir as search_dir_lib  # noqa: E402
@@ -218,9 +218,6 @@ def main(argv):
   proxy.configure_threads(FLAGS.tf_threads)
   work_dir = FLAGS.work_dir or os.path.join(FLAGS.output_dir, 'work')
   seeds = [int(s) for s in FLAGS.seeds]
-
-  def say(message):
-    print(f'[demo gate {time.strftime("%H:%M:%S")}] {message}', flush=True)
 
   def trial_fn(rows, seed):
     return proxy.run_trial(rows, FLAGS.proxy, seed, work_dir, FLAGS.gin_bindings).to_dict()
