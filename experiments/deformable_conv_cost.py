@@ -16,7 +16,6 @@ warm-up; the median of --repeats runs is printed with its ratio to `conv`.
   python experiments/deformable_conv_cost.py --shapes=1x64x64x64 --repeats=21
 """
 import os
-import platform
 import statistics
 import time
 
@@ -26,22 +25,12 @@ import tf_keras
 from absl import app, flags
 
 from nasfpn_tf.layers.deformable_conv import DeformableConv2D, deform_conv2d
+from nasfpn_tf.training import precision
 
 flags.DEFINE_list('shapes', ['1x64x64x64', '8x32x32x256'], 'NHWC input shapes, BxHxWxC.')
 flags.DEFINE_integer('repeats', 11, 'Timed runs of each op and pass (median printed).')
 flags.DEFINE_integer('warmup', 2, 'Untimed runs first.')
 FLAGS = flags.FLAGS
-
-
-def _cpu_name():
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown CPU'
 
 
 def _ops(shape, seed=0):
@@ -103,7 +92,7 @@ def measure(shape, repeats, warmup):
 
 def main(argv):
   del argv
-  print(f'# DCNv2 cost vs a plain 3x3 conv: {_cpu_name()}, {len(os.sched_getaffinity(0))} '
+  print(f'# DCNv2 cost vs a plain 3x3 conv: {precision.cpu_name()}, {len(os.sched_getaffinity(0))} '
         f'CPUs, TF {tf.__version__}, float32, median of {FLAGS.repeats} (after '
         f'{FLAGS.warmup} warm-up)\n')
   print('| input (NHWC), C->C 3x3 | pass | conv ms | deform_conv2d ms (x conv) '

@@ -80,6 +80,24 @@ def test_flags_are_read_from_proc_cpuinfo(tmp_path, monkeypatch):
   assert precision.training_precision('bfloat16', accelerator=False)[0] is None
 
 
+@pytest.mark.parametrize('vendor,family,model,expected', [
+    ('AuthenticAMD', 26, 2, 'AMD EPYC (family 26, model 2: Zen 5)'),
+    ('AuthenticAMD', 25, 17, 'AMD EPYC (family 25, model 17: Zen 4)'),
+    ('AuthenticAMD', 25, 1, 'AMD EPYC (family 25, model 1: Zen 3)'),
+    ('GenuineIntel', 6, 143, 'AMD EPYC (family 6, model 143: Sapphire Rapids)'),
+    ('AuthenticAMD', 99, 1, 'AMD EPYC (family 99, model 1)'),
+], ids=['zen5', 'zen4', 'zen3', 'sapphire_rapids', 'unknown'])
+def test_cpu_name_adds_the_microarchitecture_from_family_and_model(tmp_path, monkeypatch, vendor,
+                                                                   family, model, expected):
+  cpuinfo = tmp_path / 'cpuinfo'
+  cpuinfo.write_text(f'processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\n'
+                     f'model\t\t: {model}\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2\n')
+  real_path = precision.pathlib.Path
+  monkeypatch.setattr(precision.pathlib, 'Path',
+                      lambda name: cpuinfo if name == '/proc/cpuinfo' else real_path(name))
+  assert precision.cpu_name() == expected
+
+
 def test_flags_can_be_injected_to_act_as_another_cpu(monkeypatch):
   monkeypatch.setenv(precision.CPU_FLAGS_ENV, 'avx2,fma sse2')
   assert precision.cpu_flags() == frozenset({'avx2', 'fma', 'sse2'})

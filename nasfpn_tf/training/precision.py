@@ -5,7 +5,7 @@ with AMX-BF16 (Intel Sapphire Rapids and later). Everywhere else `mixed_precisio
 trains in float32 unless forced, and the run's first line says so:
 - CPUs without bfloat16 hardware (AVX2-only, e.g. AMD Zen 3): TensorFlow emulates bfloat16 there,
   5-8x slower than float32 (issue 22: the demo at under 1.4 images/s against 7.2 in float32).
-- CPUs with AVX512-BF16 but no AMX (e.g. AMD Zen 4): bfloat16 training of the RetinaNet on real
+- CPUs with AVX512-BF16 but no AMX (e.g. AMD Zen 4 and Zen 5): bfloat16 training of the RetinaNet on real
   COCO images stopped learning while its loss stayed finite and its weights went NaN (issue 10;
   the README's "Mixed precision" section).
 Every part that trains (the trainer, the search's CPU proxy and its cache, the experiments and
@@ -50,8 +50,44 @@ def cpu_flags() -> FrozenSet[str]:
   return frozenset(_cpuinfo_field('flags').split())
 
 
+# (vendor, family, first model, last model) -> microarchitecture, for CPUs whose model name
+# does not say it: a cloud VM's AMD CPU often reads just "AMD EPYC". From AMD's and Intel's
+# family/model numbers (Linux's arch/x86 tables); only the kinds this project meets and their kin.
+MICROARCHITECTURES = (
+    ('AuthenticAMD', 23, 0x00, 0x2F, 'Zen / Zen+'),
+    ('AuthenticAMD', 23, 0x30, 0xFF, 'Zen 2'),
+    ('AuthenticAMD', 25, 0x00, 0x0F, 'Zen 3'),
+    ('AuthenticAMD', 25, 0x10, 0x1F, 'Zen 4'),
+    ('AuthenticAMD', 25, 0x20, 0x5F, 'Zen 3'),
+    ('AuthenticAMD', 25, 0x60, 0xAF, 'Zen 4'),
+    ('AuthenticAMD', 26, 0x00, 0xFF, 'Zen 5'),
+    ('GenuineIntel', 6, 0x55, 0x55, 'Skylake / Cascade Lake'),
+    ('GenuineIntel', 6, 0x6A, 0x6C, 'Ice Lake'),
+    ('GenuineIntel', 6, 0x8F, 0x8F, 'Sapphire Rapids'),
+    ('GenuineIntel', 6, 0xCF, 0xCF, 'Emerald Rapids'),
+    ('GenuineIntel', 6, 0xAD, 0xAE, 'Granite Rapids'),
+)
+
+
+def microarchitecture(vendor: str, family: int, model: int) -> Optional[str]:
+  """'Zen 5', 'Sapphire Rapids', ... for a CPU's vendor id and family/model numbers as
+  /proc/cpuinfo gives them; None for one not in MICROARCHITECTURES."""
+  for known_vendor, known_family, first, last, name in MICROARCHITECTURES:
+    if (vendor, family) == (known_vendor, known_family) and first <= model <= last:
+      return name
+  return None
+
+
 def cpu_name() -> str:
-  return _cpuinfo_field('model name') or 'unknown CPU'
+  """The CPU as figures should name it: its model name and, from its family and model numbers,
+  the microarchitecture ('AMD EPYC (family 26, model 2: Zen 5)'); 'unknown CPU' where
+  /proc/cpuinfo is not readable."""
+  name = _cpuinfo_field('model name') or 'unknown CPU'
+  family, model = _cpuinfo_field('cpu family'), _cpuinfo_field('model')
+  if not (family.isdigit() and model.isdigit()):
+    return name
+  known = microarchitecture(_cpuinfo_field('vendor_id'), int(family), int(model))
+  return f'{name} (family {family}, model {model}' + (f': {known})' if known else ')')
 
 
 def bfloat16_hardware(flags: FrozenSet[str]) -> Optional[str]:
@@ -90,9 +126,9 @@ def training_precision(mixed_precision: Optional[str], force_bfloat16: bool = Fa
     if force_bfloat16:
       return 'bfloat16', ('Training precision: mixed_bfloat16 on a CPU with AVX512-BF16 and no '
                           'AMX, forced by RetinaNetTrainer.force_bfloat16: bfloat16 training did '
-                          'not learn on such CPUs (AMD Zen 4) in our runs; watch the loss.')
+                          'not learn on such CPUs (AMD EPYC) in our runs; watch the loss.')
     return None, ('Training precision: float32, not the requested bfloat16: this CPU has '
-                  'AVX512-BF16 and no AMX (e.g. AMD Zen 4), where bfloat16 training on real COCO '
+                  'AVX512-BF16 and no AMX (e.g. AMD Zen 4, Zen 5), where bfloat16 training on real COCO '
                   'images stopped learning in our runs (see README, "Mixed precision"). Set '
                   'RetinaNetTrainer.force_bfloat16 = True to train in bfloat16 anyway.')
   if force_bfloat16:
@@ -114,7 +150,7 @@ def demo_gin(flags: Optional[FrozenSet[str]] = None,
              accelerator: Optional[bool] = None) -> str:
   """The demo's gin file on this machine: 'demo.gin' (SGD, 1100 steps of 8 images) wherever its
   step is fast enough for 10 minutes, i.e. in bfloat16 (AMX-BF16, a GPU or TPU) and in float32
-  with AVX-512 (e.g. AMD Zen 4); 'demo_float32.gin' (AdamW, 500 steps: half the images, so about
+  with AVX-512 (e.g. AMD Zen 4, Zen 5); 'demo_float32.gin' (AdamW, 500 steps: half the images, so about
   half the time, with a less certain AP50) on CPUs without AVX-512 (AVX2-only, e.g. AMD Zen 3).
 
   `flags`, `accelerator`: as `training_precision` takes them (default: this machine's).
@@ -131,9 +167,12 @@ def main(argv) -> None:
   (default bfloat16) trains in on this machine, `bfloat16`, `float16` or `float32`, on stdout,
   and the trainer's line saying why on stderr.
   `python -m nasfpn_tf.training.precision --demo_gin`: prints the gin file `make demo` trains on
-  this machine (`demo_gin`)."""
+  this machine (`demo_gin`); `--cpu_name`: the CPU as figures name it (`cpu_name`)."""
   if argv[1:] == ['--demo_gin']:
     print(demo_gin())
+    return
+  if argv[1:] == ['--cpu_name']:
+    print(cpu_name())
     return
   requested = argv[1] if len(argv) > 1 else 'bfloat16'
   chosen, line = training_precision(None if requested == 'float32' else requested)
