@@ -5,9 +5,9 @@ with AMX-BF16 (Intel Sapphire Rapids and later). Everywhere else `mixed_precisio
 trains in float32 unless forced, and the run's first line says so:
 - CPUs without bfloat16 hardware (AVX2-only, e.g. AMD Zen 3): TensorFlow emulates bfloat16 there,
   5-8x slower than float32 (issue 22: the demo at under 1.4 images/s against 7.2 in float32).
-- CPUs with AVX512-BF16 but no AMX (e.g. AMD Zen 4 and Zen 5): bfloat16 training of the RetinaNet on real
-  COCO images stopped learning while its loss stayed finite and its weights went NaN (issue 10;
-  the README's "Mixed precision" section).
+- CPUs with AVX512-BF16 but no AMX (e.g. AMD Zen 4 and Zen 5): bfloat16 training of the
+  RetinaNet on real COCO images stopped learning while its loss stayed finite and its weights
+  went NaN (issue 10; the README's "Mixed precision" section).
 Every part that trains (the trainer, the search's CPU proxy and its cache, the experiments and
 the benchmark) takes this one decision, `training_precision`.
 """
@@ -128,9 +128,10 @@ def training_precision(mixed_precision: Optional[str], force_bfloat16: bool = Fa
                           'AMX, forced by RetinaNetTrainer.force_bfloat16: bfloat16 training did '
                           'not learn on such CPUs (AMD EPYC) in our runs; watch the loss.')
     return None, ('Training precision: float32, not the requested bfloat16: this CPU has '
-                  'AVX512-BF16 and no AMX (e.g. AMD Zen 4, Zen 5), where bfloat16 training on real COCO '
-                  'images stopped learning in our runs (see README, "Mixed precision"). Set '
-                  'RetinaNetTrainer.force_bfloat16 = True to train in bfloat16 anyway.')
+                  'AVX512-BF16 and no AMX (e.g. AMD Zen 4, Zen 5), where bfloat16 training on '
+                  'real COCO images stopped learning in our runs (see README, "Mixed '
+                  'precision"). Set RetinaNetTrainer.force_bfloat16 = True to train in bfloat16 '
+                  'anyway.')
   if force_bfloat16:
     return 'bfloat16', ('Training precision: mixed_bfloat16 on a CPU without bfloat16 hardware, '
                         'forced by RetinaNetTrainer.force_bfloat16: emulated, 5-8x slower than '
@@ -150,8 +151,9 @@ def demo_gin(flags: Optional[FrozenSet[str]] = None,
              accelerator: Optional[bool] = None) -> str:
   """The demo's gin file on this machine: 'demo.gin' (SGD, 1100 steps of 8 images) wherever its
   step is fast enough for 10 minutes, i.e. in bfloat16 (AMX-BF16, a GPU or TPU) and in float32
-  with AVX-512 (e.g. AMD Zen 4, Zen 5); 'demo_float32.gin' (AdamW, 500 steps: half the images, so about
-  half the time, with a less certain AP50) on CPUs without AVX-512 (AVX2-only, e.g. AMD Zen 3).
+  with AVX-512 (e.g. AMD Zen 4, Zen 5); 'demo_float32.gin' (AdamW, 500 steps: half the images,
+  so about half the time, with a less certain AP50) on CPUs without AVX-512 (AVX2-only, e.g.
+  AMD Zen 3).
 
   `flags`, `accelerator`: as `training_precision` takes them (default: this machine's).
   """
