@@ -1,0 +1,213 @@
+r"""Is the spread of the demo's AP between seeds the training's or the 200 validation images'?
+
+  .venv/bin/python experiments/demo_eval_noise.py --output_dir=runs/demo_eval_noise \
+      --model_dirs=runs/search_retrain/nasfpn_seed0,runs/search_retrain/nasfpn_seed1,...
+
+Each trained demo model dir (as `make demo` or experiments/search_retrain.py leave them) is
+evaluated twice with its last checkpoint: on the demo's validation images (the first --num_val
+of the synthetic val split, seed 0, --image_size: the AP its own eval_metrics.json holds, which
+this checks) and on --num_extra further images of the same split, drawn the same way and never
+trained on. Where the AP on the extra images follows the AP on the demo's images, the seeds
+differ because training does; where it does not, 200 images are too few to rank pyramids by.
+
+One journal line per model dir (OUTPUT_DIR/rows.jsonl, `Journal`: a rerun evaluates only the
+dirs not in it yet). Architecture and seed come from the dir's name, `<architecture>_seed<N>`
+(search_retrain's `model_dir_name`); a second dir of the same architecture and seed is left out
+of the summary and named. Prints per architecture the mean and SD over seeds on both image sets,
+then the pooled SD over seeds, the SD of the difference between the two sets' AP (the part of a
+seed's AP that the choice of 200 images makes), Kendall's tau of the architectures' mean AP on
+the two sets, and of seed 0 against seed 1 on each; the last line is JSON. Draws
+OUTPUT_DIR/demo_eval_noise.png: each model's AP on the extra images against the demo's.
+"""
+import json
+import os
+import pathlib
+import re
+import sys
+import time
+from typing import Any, Dict, List, Sequence
+
+# The shared parts in experiments/bench/, also when this file is loaded by path (tests).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from absl import app, flags  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from bench import demo_runs  # noqa: E402
+from bench.timing import say  # noqa: E402
+import search_proxy_gate  # noqa: E402  (kendall_tau)
+from nasfpn_tf.data import create_coco_tfrecord, input_pipeline, synthetic  # noqa: E402
+from nasfpn_tf.evaluation.evaluate import evaluate_detector  # noqa: E402
+from nasfpn_tf.search.journal import Journal  # noqa: E402
+from nasfpn_tf.training.trainer import METRICS_FILE  # noqa: E402
+
+FLAGS = flags.FLAGS
+SEED_SUFFIX = re.compile(r'^(?P<architecture>.+)_seed(?P<seed>\d+)$')
+
+
+def define_flags() -> None:
+  flags.DEFINE_string('output_dir', 'runs/demo_eval_noise', 'Images, journal, plot.')
+  flags.DEFINE_list('model_dirs', None, 'Trained demo model dirs, each <architecture>_seed<N>.')
+  flags.DEFINE_integer('num_val', demo_runs.DEMO_NUM_VAL, "The demo's validation images.")
+  flags.DEFINE_integer('num_extra', 2000, 'Further validation images of the same split.')
+  flags.DEFINE_integer('image_size', 256, "The synthetic generator's nominal size (the demo's).")
+  flags.DEFINE_integer('eval_batch_size', 20, 'Images per evaluation batch.')
+
+
+def architecture_and_seed(model_dir: str):
+  """('nasfpn', 3) for .../nasfpn_seed3; ValueError naming a dir not so named."""
+  match = SEED_SUFFIX.match(pathlib.Path(model_dir).name)
+  if not match:
+    raise ValueError(f'--model_dirs: {model_dir} is not named <architecture>_seed<N> (as '
+                     'experiments/search_retrain.py names its model dirs).')
+  return match['architecture'], int(match['seed'])
+
+
+def val_records(output_dir: pathlib.Path, num_images: int, image_size: int) -> str:
+  """The synthetic val split's first `num_images` (seed 0: the demo's images come first) as one
+  TFRecord shard in image order, written once; returns its file pattern."""
+  root = output_dir / f'val_{num_images}_{image_size}px'
+  if not (root / 'DONE').exists():
+    say(f'writing {num_images} synthetic validation images to {root}')
+    synthetic.generate(root / 'raw', num_train=0, num_val=num_images, image_size=image_size,
+                       seed=0, num_processes=2)
+    create_coco_tfrecord.convert(str(root / 'raw' / 'annotations' / 'instances_val.json'),
+                                 str(root / 'raw' / 'val'), str(root / 'val'), num_shards=1,
+                                 num_threads=2)
+    (root / 'DONE').write_text('ok')
+  return str(root / 'val-*.tfrecord')
+
+
+def evaluate(model_dir: str, file_pattern: str, num_val: int, batch_size: int) -> Dict[str, Any]:
+  """AP and AP50 of the model dir's last checkpoint on the first `num_val` images of the
+  records and on the rest."""
+  start = time.perf_counter()
+  model, _, step = demo_runs.load_model(model_dir)
+  if num_val % batch_size:
+    raise ValueError(f'--num_val={num_val} must be a multiple of --eval_batch_size={batch_size}.')
+  dataset = input_pipeline.build_eval_dataset(file_pattern, batch_size, model.get_config())
+  detect = tf.function(model.detect)
+  demo = evaluate_detector(detect, dataset.take(num_val // batch_size))
+  extra = evaluate_detector(detect, dataset.skip(num_val // batch_size))
+  architecture, seed = architecture_and_seed(model_dir)
+  return {'model_dir': model_dir, 'architecture': architecture, 'seed': seed, 'step': step,
+          'ap_val': demo.metrics['AP'], 'ap50_val': demo.metrics['AP50'],
+          'num_val': demo.num_images, 'ap_extra': extra.metrics['AP'],
+          'ap50_extra': extra.metrics['AP50'], 'num_extra': extra.num_images,
+          'seconds': time.perf_counter() - start}
+
+
+def check_recorded(row: Dict[str, Any]) -> None:
+  """The AP on the demo's images must be the one the model dir recorded: else these are not
+  the images it was evaluated on (another --num_val or --image_size)."""
+  recorded = json.loads((pathlib.Path(row['model_dir']) / METRICS_FILE).read_text())
+  if abs(recorded['AP'] - row['ap_val']) > 1e-6:
+    raise ValueError(f"{row['model_dir']}: AP {row['ap_val']:.5f} on the first {row['num_val']} "
+                     f"images, but its {METRICS_FILE} says {recorded['AP']:.5f}: its validation "
+                     'images were other ones (--num_val, --image_size).')
+
+
+def summarize(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+  """The figures of the module docstring from the journal's rows."""
+  runs, duplicates = {}, []
+  for row in rows:
+    key = (row['architecture'], row['seed'])
+    if key in runs:
+      duplicates.append(row['model_dir'])
+    else:
+      runs[key] = row
+  by_arch: Dict[str, Dict[int, Dict[str, Any]]] = {}
+  for (arch, seed), row in runs.items():
+    by_arch.setdefault(arch, {})[seed] = row
+  table, deviations = {}, {'val': [], 'extra': []}
+  for arch, seeds in by_arch.items():
+    entry = {'seeds': sorted(seeds)}
+    for part in ('val', 'extra'):
+      aps = np.array([seeds[s][f'ap_{part}'] for s in sorted(seeds)])
+      entry[f'mean_{part}'] = float(aps.mean())
+      entry[f'sd_{part}'] = float(aps.std(ddof=1)) if len(aps) > 1 else None
+      deviations[part] += list(aps - aps.mean()) if len(aps) > 1 else []
+    table[arch] = entry
+  dof = sum(len(s) - 1 for s in by_arch.values())
+  pooled = {p: float(np.sqrt(np.sum(np.square(deviations[p])) / dof)) if dof else None
+            for p in deviations}
+  differences = np.array([r['ap_val'] - r['ap_extra'] for r in runs.values()])
+  archs = list(table)
+  both = [a for a in archs if {0, 1} <= set(by_arch[a])]
+  def tau(x, y):
+    return search_proxy_gate.kendall_tau(x, y) if len(x) > 1 else None
+  return {
+      'architectures': table, 'duplicates': duplicates, 'num_models': len(runs),
+      'pooled_sd_over_seeds': pooled,
+      'sd_of_val_minus_extra': float(differences.std(ddof=1)) if len(differences) > 1 else None,
+      'mean_of_val_minus_extra': float(differences.mean()),
+      'tau_mean_val_vs_extra': tau([table[a]['mean_val'] for a in archs],
+                                   [table[a]['mean_extra'] for a in archs]),
+      'tau_seed0_vs_seed1': {p: tau([by_arch[a][0][f'ap_{p}'] for a in both],
+                                    [by_arch[a][1][f'ap_{p}'] for a in both])
+                             for p in ('val', 'extra')},
+      'num_with_seeds_0_and_1': len(both)}
+
+
+def plot(rows: Sequence[Dict[str, Any]], path: pathlib.Path) -> None:
+  """Each model's AP on the extra images against its AP on the demo's, by architecture."""
+  figure = Figure(figsize=(6.4, 5.6))
+  ax = figure.subplots()
+  archs = sorted({r['architecture'] for r in rows})
+  for i, arch in enumerate(archs):
+    mine = [r for r in rows if r['architecture'] == arch]
+    ax.scatter([r['ap_val'] for r in mine], [r['ap_extra'] for r in mine], s=22,
+               color=f'C{i % 10}', label=arch[:24])
+  low = min(min(r['ap_val'], r['ap_extra']) for r in rows) - 0.01
+  high = max(max(r['ap_val'], r['ap_extra']) for r in rows) + 0.01
+  ax.plot([low, high], [low, high], color='0.6', lw=0.8, zorder=0)
+  ax.set_xlabel(f"AP on the demo's {rows[0]['num_val']} validation images")
+  ax.set_ylabel(f"AP on {rows[0]['num_extra']} further images")
+  ax.set_title('Demo models, a point per seed: evaluation images against training seeds',
+               fontsize=9)
+  ax.legend(fontsize=6, loc='upper left')
+  figure.tight_layout()
+  figure.savefig(path, dpi=110)
+
+
+def run(output_dir: str, model_dirs: Sequence[str], num_val: int, num_extra: int,
+        image_size: int, batch_size: int) -> Dict[str, Any]:
+  out = pathlib.Path(output_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  for model_dir in model_dirs:
+    architecture_and_seed(model_dir)  # Every name checked before any work.
+  journal = Journal(out / 'rows.jsonl')
+  done = {r['model_dir'] for r in journal.recover()}
+  todo = [d for d in model_dirs if d not in done]
+  file_pattern = val_records(out, num_val + num_extra, image_size) if todo else None
+  for i, model_dir in enumerate(todo, 1):
+    row = evaluate(model_dir, file_pattern, num_val, batch_size)
+    check_recorded(row)
+    journal.append(row)
+    say(f"{i}/{len(todo)} {model_dir}: AP {row['ap_val']:.4f} on {num_val}, "
+        f"{row['ap_extra']:.4f} on {num_extra} ({row['seconds']:.0f} s)")
+  rows = [r for r in journal.read() if r['model_dir'] in set(model_dirs)]
+  summary = summarize(rows)
+  for arch, entry in summary['architectures'].items():
+    say(f"{arch}: seeds {entry['seeds']}, AP {entry['mean_val']:.4f} (SD {entry['sd_val']}) on "
+        f"the demo's images, {entry['mean_extra']:.4f} (SD {entry['sd_extra']}) on the extra")
+  if summary['duplicates']:
+    say(f"left out, a second dir of an architecture and seed: {summary['duplicates']}")
+  plot(rows, out / 'demo_eval_noise.png')
+  print(json.dumps({k: v for k, v in summary.items() if k != 'architectures'}), flush=True)
+  return summary
+
+
+def main(argv) -> None:
+  del argv
+  if not FLAGS.model_dirs:
+    raise app.UsageError('--model_dirs: give the trained demo model dirs to evaluate.')
+  run(FLAGS.output_dir, FLAGS.model_dirs, FLAGS.num_val, FLAGS.num_extra, FLAGS.image_size,
+      FLAGS.eval_batch_size)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
