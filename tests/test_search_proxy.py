@@ -20,6 +20,7 @@ from nasfpn_tf.search import feature_cache
 from nasfpn_tf.search import heldout
 from nasfpn_tf.search import proxy
 from nasfpn_tf.search import rewards
+from nasfpn_tf.search import trials
 
 NUM_IMAGES, NUM_HELDOUT = 24, 8
 TINY_CPU = training_helpers.TINY_MODEL + [
@@ -35,6 +36,15 @@ def cpu_work_dir(tmp_path_factory):
   work_dir = str(tmp_path_factory.mktemp('cpu_proxy'))
   result = proxy.run_trial('nasfpn', 'cpu', seed=0, work_dir=work_dir, gin_bindings=TINY_CPU)
   return work_dir, result
+
+
+def test_the_search_offers_every_training_proxy_and_the_synthetic_one():
+  # trials.PROXIES (what --proxy takes; trials does not import TensorFlow) against the proxies
+  # this module trains with their gin files.
+  assert set(trials.PROXIES) == set(proxy.PROXIES) | {'synthetic'}
+  assert set(proxy.OWN_SPLIT) <= set(proxy.PROXIES)
+  for gin_file in proxy.PROXIES.values():
+    assert (config.GIN_CONFIGS_DIR / gin_file).is_file(), gin_file
 
 
 def test_cpu_trial_measures_ap_flops_and_params(cpu_work_dir):
