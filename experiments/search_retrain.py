@@ -28,9 +28,11 @@ Writes OUTPUT_DIR/search_retrain.png (AP per architecture of this call, a point 
 OUTPUT_DIR/search_retrain.jsonl (the rows of earlier calls into the same dir kept, unless this
 call redid their run: `merged_rows`), and prints one JSON line per row (name, rank, key,
 proxy_reward: the search's reward of that key, None for a table the searches never sampled;
-seed, AP, AP50, flops), then a summary line: per architecture the mean AP, its spread over seeds
-(max - min) and FLOPs; the chosen one's AP minus NAS-FPN's; and Kendall's tau between the proxy's
-rewards and the retrained APs of the top architectures (do they rank them alike?).
+seed, AP, AP50, flops), then a summary line: per architecture the mean and median AP, its SD and
+spread over seeds (max - min) and FLOPs, and against NAS-FPN seed by seed (wins, the mean paired
+difference with a 95% bootstrap interval, and whether it exceeds NAS-FPN's spread); the chosen
+one's AP minus NAS-FPN's; and Kendall's tau between the proxy's rewards and the retrained APs of
+the top architectures (do they rank them alike?).
 """
 import datetime
 import hashlib
@@ -185,14 +187,21 @@ def run(output_dir: pathlib.Path, search_dirs: Sequence[str], seeds: Sequence[in
 
 
 def summary(rows: Sequence[Dict[str, Any]], chosen: str) -> Dict[str, Any]:
-  """Per architecture: mean AP, spread over seeds (max - min), seeds, FLOPs; the chosen one's
-  mean AP minus NAS-FPN's; Kendall's tau of proxy reward vs AP over the top architectures."""
+  """Per architecture: mean and median AP, SD and spread over seeds (max - min), seeds, FLOPs,
+  and against NAS-FPN where both trained (`against_nasfpn`); the chosen one's mean AP minus
+  NAS-FPN's; Kendall's tau of proxy reward vs AP over the top architectures."""
   per_name = {}
   for name in dict.fromkeys(row['name'] for row in rows):
     aps = [row['AP'] for row in rows if row['name'] == name]
-    per_name[name] = {'mean_ap': float(np.mean(aps)), 'spread': float(max(aps) - min(aps)),
+    per_name[name] = {'mean_ap': float(np.mean(aps)), 'median_ap': float(np.median(aps)),
+                      'sd': float(np.std(aps, ddof=1)) if len(aps) > 1 else None,
+                      'spread': float(max(aps) - min(aps)),
                       'seeds': len(aps), 'flops': next(r['flops'] for r in rows
                                                         if r['name'] == name)}
+  if 'nasfpn' in per_name:
+    for name, entry in per_name.items():
+      if name != 'nasfpn':
+        entry['against_nasfpn'] = against_nasfpn(rows, name)
   first = [row for row in rows if row['rank'] is not None and row['seed'] == rows[0]['seed']]
   tau = None
   if len(first) > 1 and all(r['proxy_reward'] is not None for r in first):  # not for --keys
@@ -201,6 +210,28 @@ def summary(rows: Sequence[Dict[str, Any]], chosen: str) -> Dict[str, Any]:
   result = {'architectures': per_name, 'chosen': chosen, 'top_k_tau_proxy_vs_ap': tau}
   if 'nasfpn' in per_name:
     result['chosen_minus_nasfpn_ap'] = per_name[chosen]['mean_ap'] - per_name['nasfpn']['mean_ap']
+  return result
+
+
+def against_nasfpn(rows: Sequence[Dict[str, Any]], name: str, resamples: int = 10000,
+                   seed: int = 0) -> Dict[str, Any]:
+  """`name` against NAS-FPN seed by seed, over the seeds both trained (a seed draws the same
+  data order for both, so the pairs share that part of the noise): {'seeds', 'wins' (seeds
+  where `name` has the higher AP), 'difference' (mean AP difference), 'interval' (95% bootstrap
+  of it, seeds resampled with `seed`; None under 2 seeds), 'above_by_spread' (the issue's goal:
+  the difference exceeds NAS-FPN's spread over all its seeds, max - min)}."""
+  ap = {(row['name'], row['seed']): row['AP'] for row in rows}
+  shared = sorted(s for n, s in ap if n == name and ('nasfpn', s) in ap)
+  differences = np.array([ap[name, s] - ap['nasfpn', s] for s in shared])
+  nasfpn = [v for (n, _), v in ap.items() if n == 'nasfpn']
+  result = {'seeds': len(shared), 'wins': int(np.sum(differences > 0)),
+            'difference': float(differences.mean()) if shared else None, 'interval': None,
+            'above_by_spread': bool(shared) and float(differences.mean()) > max(nasfpn) - min(
+                nasfpn)}
+  if len(shared) > 1:
+    picks = np.random.default_rng(seed).integers(0, len(shared), (resamples, len(shared)))
+    result['interval'] = [float(v) for v in np.percentile(differences[picks].mean(axis=1),
+                                                          [2.5, 97.5])]
   return result
 
 

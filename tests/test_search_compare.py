@@ -214,13 +214,33 @@ def test_retrain_trains_the_top_k_once_then_the_best_of_them_and_the_baselines_p
   assert [row['rank'] for row in rows[:3]] == [1, 2, 3]
   result = search_retrain.summary(rows, chosen)
   assert result['chosen_minus_nasfpn_ap'] == pytest.approx(0.05)
-  assert result['architectures']['searched2'] == {
-      'mean_ap': pytest.approx(0.41), 'spread': pytest.approx(0.02), 'seeds': 3,
+  assert {k: v for k, v in result['architectures']['searched2'].items()
+          if k != 'against_nasfpn'} == {
+      'mean_ap': pytest.approx(0.41), 'median_ap': pytest.approx(0.41),
+      'sd': pytest.approx(0.01), 'spread': pytest.approx(0.02), 'seeds': 3,
       'flops': len(search_retrain.model_dir_name('searched2', top[1]['key'], 0))}
+  assert result['architectures']['searched2']['against_nasfpn'] == {
+      'seeds': 3, 'wins': 3, 'difference': pytest.approx(0.05),
+      'interval': [pytest.approx(0.05), pytest.approx(0.05)], 'above_by_spread': True}
   # The proxy's rewards of the top 3 paired with their first-seed APs (0.30, 0.40, 0.20).
   assert result['top_k_tau_proxy_vs_ap'] == pytest.approx(search_retrain.search_proxy_gate
                                                           .kendall_tau([r['reward'] for r in top],
                                                                        [0.30, 0.40, 0.20]))
+
+
+def test_against_nasfpn_pairs_the_seeds_both_trained():
+  nasfpn = {0: 0.52, 1: 0.50, 2: 0.55, 4: 0.51}
+  ours = {0: 0.53, 1: 0.49, 2: 0.58, 3: 0.70}  # seed 3 has no NAS-FPN to pair with
+  rows = [{'name': n, 'seed': s, 'AP': ap} for n, aps in (('nasfpn', nasfpn), ('x', ours))
+          for s, ap in aps.items()]
+  result = search_retrain.against_nasfpn(rows, 'x', resamples=20000)
+  differences = [0.01, -0.01, 0.03]
+  assert (result['seeds'], result['wins']) == (3, 2)
+  assert result['difference'] == pytest.approx(np.mean(differences))
+  # The bootstrap's interval of the mean of three differences lies within their range.
+  low, high = result['interval']
+  assert -0.01 - 1e-9 <= low < np.mean(differences) < high <= 0.03 + 1e-9
+  assert result['above_by_spread'] is False  # 0.01 against NAS-FPN's spread 0.05
 
 
 def test_a_finished_model_dir_is_reused_only_for_the_model_it_holds(synthetic_records, tmp_path):
