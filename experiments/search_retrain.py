@@ -81,6 +81,9 @@ def define_flags():
   flags.DEFINE_integer('train_steps', None, "Steps of every model (default: demo.gin's).",
                        lower_bound=1)
   flags.DEFINE_multi_string('gin_bindings', [], 'Bindings on top of demo.gin for every model.')
+  flags.DEFINE_integer('parallel', 1, 'Runs trained at once, each in a process of its own with '
+                       "its share of the CPU's threads (a GPU's memory shared): for a GPU or "
+                       'many cores, where one demo run leaves most of it idle.', lower_bound=1)
   flags.mark_flags_as_mutual_exclusive(['search_dirs', 'keys'], required=True)
 
 
@@ -134,11 +137,12 @@ def trained_spelling(model_dir: pathlib.Path, table, key, space: SearchSpace):
 
 def run(output_dir: pathlib.Path, search_dirs: Sequence[str], seeds: Sequence[int],
         top_k: int = 5, train_steps=None, gin_bindings: Sequence[str] = (),
-        keys: Sequence[str] = (),
-        baselines: Sequence[str] = BASELINES) -> Tuple[List[Dict[str, Any]], str]:
+        keys: Sequence[str] = (), baselines: Sequence[str] = BASELINES,
+        parallel: int = 1) -> Tuple[List[Dict[str, Any]], str]:
   """Trains (or reuses) the top searched tables once (`keys` instead of the searches' top: no
-  proxy reward then), then the best of them and the `baselines` with every seed; returns the
-  rows (one per run) and the chosen one's name."""
+  proxy reward then), then the best of them and the `baselines` with every seed, `parallel`
+  runs at a time (`demo_runs.train_all`); returns the rows (one per run) and the chosen one's
+  name."""
   space = SearchSpace(min_level=DEMO_LEVELS['min_level'], max_level=DEMO_LEVELS['max_level'])
   if keys:
     try:
@@ -158,31 +162,39 @@ def run(output_dir: pathlib.Path, search_dirs: Sequence[str], seeds: Sequence[in
   total = len(top) + (len(seeds) - 1) + len(baselines) * len(seeds)
   started = time.time()
 
-  def train(name, seed):
-    key = space.key(tables[name]) if space.contains(tables[name]) else None  # FPN: 5 cells
-    model_dir = output_dir / model_dir_name(name, key, seed)
-    eta = ''
-    if rows:  # from the runs so far (a reused one takes seconds)
-      left = (time.time() - started) / len(rows) * (total - len(rows))
-      eta = f', ETA {datetime.timedelta(seconds=int(left))}'
-    demo_runs.say(f'run {len(rows) + 1} of {total}: {name} (seed {seed}){eta}')
-    metrics = demo_runs.train_and_evaluate(
-        model_dir, bindings + [block_specs_binding(trained_spelling(model_dir, tables[name], key,
-                                                                    space))], seed=seed)
-    if name not in flops:
-      flops[name] = model_flops(model_dir)
-    rank = int(name[len('searched'):]) if name.startswith('searched') else None
-    rows.append({'name': name, 'rank': rank, 'key': key, 'proxy_reward': rewards.get(key),
-                 'seed': seed, 'AP': metrics['AP'], 'AP50': metrics['AP50'],
-                 'flops': flops[name]})
+  def train(names_and_seeds):
+    """Trains (name, seed) pairs, `parallel` at a time, and adds their rows in this order."""
+    planned = []
+    for name, seed in names_and_seeds:
+      key = space.key(tables[name]) if space.contains(tables[name]) else None  # FPN: 5 cells
+      model_dir = output_dir / model_dir_name(name, key, seed)
+      table = trained_spelling(model_dir, tables[name], key, space)
+      planned.append((name, seed, key, demo_runs.Run(
+          model_dir, bindings + [block_specs_binding(table)], seed)))
+    done_before = len(rows)
 
-  for rank in range(1, len(top) + 1):
-    train(f'searched{rank}', seeds[0])
+    def starting(index):
+      name, seed = planned[index][:2]
+      eta = ''
+      if rows or index:  # from the runs so far (a reused one takes seconds)
+        left = (time.time() - started) / (done_before + index) * (total - done_before - index)
+        eta = f', ETA {datetime.timedelta(seconds=int(left))}'
+      demo_runs.say(f'run {done_before + index + 1} of {total}: {name} (seed {seed}){eta}')
+
+    results = demo_runs.train_all([run for *_, run in planned], parallel, starting)
+    for (name, seed, key, run), metrics in zip(planned, results):
+      if name not in flops:
+        flops[name] = model_flops(run.model_dir)
+      rank = int(name[len('searched'):]) if name.startswith('searched') else None
+      rows.append({'name': name, 'rank': rank, 'key': key, 'proxy_reward': rewards.get(key),
+                   'seed': seed, 'AP': metrics['AP'], 'AP50': metrics['AP50'],
+                   'flops': flops[name]})
+
+  train([(f'searched{rank}', seeds[0]) for rank in range(1, len(top) + 1)])
   chosen = max(rows, key=lambda row: row['AP'])['name']  # the first on ties: the proxy's order
-  for seed in seeds:  # Seeds outermost: an interrupted run has every architecture once first.
-    for name in (chosen,) + baselines:
-      if not (name == chosen and seed == seeds[0]):
-        train(name, seed)
+  # Seeds outermost: an interrupted run has every architecture once first.
+  train([(name, seed) for seed in seeds for name in (chosen,) + baselines
+         if not (name == chosen and seed == seeds[0])])
   return rows, chosen
 
 
@@ -268,7 +280,8 @@ def main(argv):
   del argv
   output_dir = pathlib.Path(FLAGS.output_dir)
   rows, chosen = run(output_dir, FLAGS.search_dirs, [int(s) for s in FLAGS.seeds], FLAGS.top_k,
-                     FLAGS.train_steps, FLAGS.gin_bindings, FLAGS.keys or (), FLAGS.baselines)
+                     FLAGS.train_steps, FLAGS.gin_bindings, FLAGS.keys or (), FLAGS.baselines,
+                     FLAGS.parallel)
   draw(rows, str(output_dir / 'search_retrain.png'))
   path = output_dir / 'search_retrain.jsonl'
   demo_runs.write_rows(merged_rows(path, rows), path)

@@ -185,7 +185,7 @@ def test_retrain_trains_the_top_k_once_then_the_best_of_them_and_the_baselines_p
       '_seed', 1)[0]: f'searched{rank}' for rank, record in enumerate(top, 1)}
   assert len(names) == 3 and all(name.startswith('searched-') for name in names)
 
-  def train_and_evaluate(model_dir, bindings, seed):
+  def train_and_evaluate(model_dir, bindings, seed, gin_file):
     name = model_dir.name.rsplit('_seed', 1)[0]
     name = names.get(name, name)
     trained.append((name, seed, bindings[-1]))
@@ -370,7 +370,7 @@ def test_retrain_by_keys_trains_those_pyramids_beside_the_baselines_asked_for(tm
   trained = []
   best = search_retrain.model_dir_name('searched', keys[1], 3).rsplit('_seed', 1)[0]
 
-  def train_and_evaluate(model_dir, bindings, seed):
+  def train_and_evaluate(model_dir, bindings, seed, gin_file):
     trained.append((model_dir.name, seed, bindings[-1]))
     return {'AP': 0.5 if model_dir.name.startswith(best) else 0.4, 'AP50': 0.9, 'step': 1}
 
@@ -421,7 +421,7 @@ def test_retrain_reuses_a_model_dir_holding_another_spelling_of_the_same_key(tmp
   monkeypatch.setattr(search_retrain.demo_runs, 'synthetic_records',
                       lambda *args: {'train': 't', 'val': 'v'})
   monkeypatch.setattr(search_retrain.demo_runs, 'train_and_evaluate',
-                      lambda model_dir, bindings, seed: trained.append(bindings[-1]) or {
+                      lambda model_dir, bindings, seed, gin: trained.append(bindings[-1]) or {
                           'AP': 0.5, 'AP50': 0.9, 'step': 1})
   monkeypatch.setattr(search_retrain, 'model_flops', lambda model_dir: 1)
   monkeypatch.setattr(search_retrain.demo_runs, 'say', lambda line: None)

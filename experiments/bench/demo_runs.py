@@ -2,10 +2,13 @@
 evaluated with `RetinaNetTrainer` in a model dir of its own (reused when finished), and the
 FLOPs and CPU latency of a trained model's exits. What experiments/anytime.py and stacking.py
 share; `synthetic_records` also feeds the benchmark's AP model."""
+import concurrent.futures
 import functools
 import json
+import multiprocessing
+import os
 import pathlib
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import gin
 import tensorflow as tf
@@ -18,6 +21,7 @@ from nasfpn_tf.data import create_coco_tfrecord, synthetic
 from nasfpn_tf.export.saved_model import load_model
 from nasfpn_tf.models import factory
 from nasfpn_tf.models.retinanet import RetinaNet
+from nasfpn_tf.search.proxy import configure_threads
 from nasfpn_tf.training import distribute
 from nasfpn_tf.training import trainer as trainer_lib
 from nasfpn_tf.utils import model_stats
@@ -88,6 +92,59 @@ def train_and_evaluate(model_dir: pathlib.Path, bindings: Sequence[str],
                                          mode='train_and_eval')
   trainer.run()
   return json.loads(metrics_path.read_text())
+
+
+class Run(NamedTuple):
+  """One `train_and_evaluate` call of `train_all`."""
+  model_dir: pathlib.Path
+  bindings: Sequence[str]
+  seed: int = 0
+  gin_file: str = DEMO_GIN
+
+
+def _start_worker(num_threads: int) -> None:
+  """A `train_all` process, before its first TensorFlow op: its share of the CPU's threads, and
+  GPU memory grown as needed (the default takes all of it, and the next process has none)."""
+  configure_threads(num_threads)
+  for gpu in tf.config.list_physical_devices('GPU'):
+    tf.config.experimental.set_memory_growth(gpu, True)
+
+
+def _train_in_worker(run: Run) -> Dict[str, Any]:
+  tf_keras.backend.clear_session()
+  return train_and_evaluate(run.model_dir, run.bindings, run.seed, run.gin_file)
+
+
+def train_all(runs: Sequence[Run], parallel: int = 1,
+              starting: Callable[[int], None] = lambda index: None) -> List[Dict[str, Any]]:
+  """`train_and_evaluate` of every run; returns their metrics in the order of `runs`. With
+  `parallel` > 1, that many at once, each in a worker process of its own (spawned: its own
+  TensorFlow and gin, the CPU's threads split between them, GPU memory shared): for a GPU or a
+  machine of many cores, where one demo run does not use it all. `starting(i)` is called as
+  run i starts (progress)."""
+  if parallel < 1:
+    raise ValueError(f'parallel must be >= 1, got {parallel}.')
+  if parallel == 1:
+    results = []
+    for index, run in enumerate(runs):
+      starting(index)
+      results.append(train_and_evaluate(run.model_dir, run.bindings, run.seed, run.gin_file))
+    return results
+  results: List[Optional[Dict[str, Any]]] = [None] * len(runs)
+  threads = max(1, (os.cpu_count() or 1) // parallel)
+  with concurrent.futures.ProcessPoolExecutor(
+      parallel, mp_context=multiprocessing.get_context('spawn'), initializer=_start_worker,
+      initargs=(threads,)) as pool:
+    pending, next_index = {}, 0
+    while next_index < len(runs) or pending:
+      while next_index < len(runs) and len(pending) < parallel:
+        starting(next_index)
+        pending[pool.submit(_train_in_worker, runs[next_index])] = next_index
+        next_index += 1
+      finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+      for future in finished:
+        results[pending.pop(future)] = future.result()
+  return results
 
 
 def _bound_value(binding: str) -> Any:
