@@ -190,9 +190,12 @@ def run(output_dir: str, model_dirs: Sequence[str], num_val: int, num_extra: int
         f"{row['ap_extra']:.4f} on {num_extra} ({row['seconds']:.0f} s)")
   rows = [r for r in journal.read() if r['model_dir'] in set(model_dirs)]
   summary = summarize(rows)
+  def sd(value):
+    return '-' if value is None else f'{value:.4f}'
   for arch, entry in summary['architectures'].items():
-    say(f"{arch}: seeds {entry['seeds']}, AP {entry['mean_val']:.4f} (SD {entry['sd_val']}) on "
-        f"the demo's images, {entry['mean_extra']:.4f} (SD {entry['sd_extra']}) on the extra")
+    say(f"{arch}: seeds {entry['seeds']}, AP {entry['mean_val']:.4f} (SD {sd(entry['sd_val'])}) "
+        f"on the demo's images, {entry['mean_extra']:.4f} (SD {sd(entry['sd_extra'])}) on the "
+        'extra ones')
   if summary['duplicates']:
     say(f"left out, a second dir of an architecture and seed: {summary['duplicates']}")
   plot(rows, out / 'demo_eval_noise.png')
