@@ -89,3 +89,16 @@ def test_a_model_dir_is_evaluated_on_its_own_images_and_more_once(synthetic_reco
   monkeypatch.setattr(noise, 'evaluate', lambda *a: pytest.fail('evaluated again'))
   assert noise.run(str(out), dirs, num_val=4, num_extra=6, image_size=96,
                    batch_size=2)['num_models'] == 2
+
+
+def test_the_plot_shows_every_model_and_zooms_on_those_near_the_best(tmp_path):
+  rows = [_row('nasfpn', 0, 0.52, 0.53), _row('nasfpn', 1, 0.50, 0.49), _row('fpn', 0, 0.44, 0.45),
+          _row('random', 0, 0.08, 0.09)]
+  with training_helpers.saved_figures() as figures:
+    noise.plot(rows, tmp_path / 'plot.png')
+  everything, zoom = figures[0].axes
+  points = lambda ax: sorted(tuple(p) for c in ax.collections for p in c.get_offsets())  # noqa
+  assert points(everything) == sorted((r['ap_val'], r['ap_extra']) for r in rows)
+  assert points(zoom) == [(0.44, 0.45), (0.50, 0.49), (0.52, 0.53)]  # within 0.1 of 0.53
+  assert [t.get_text() for t in zoom.get_legend().get_texts()] == ['fpn', 'nasfpn']
+  training_helpers.read_png(tmp_path / 'plot.png')
