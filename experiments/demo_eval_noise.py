@@ -18,6 +18,10 @@ then the pooled SD over seeds, the SD of the difference between the two sets' AP
 seed's AP that the choice of 200 images makes), Kendall's tau of the architectures' mean AP on
 the two sets, and of seed 0 against seed 1 on each; the last line is JSON. Draws
 OUTPUT_DIR/demo_eval_noise.png: each model's AP on the extra images against the demo's.
+
+--reference=experiments/bench/demo_reference_zen4.json also writes that demo-gate reference's
+pyramids with their AP on the extra images (OUTPUT_DIR/demo_reference_extra.json), for
+`search_proxy_demo_gate.py --reference=...`: the proxies ranked against the larger image set.
 """
 import json
 import os
@@ -25,7 +29,7 @@ import pathlib
 import re
 import sys
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 # The shared parts in experiments/bench/, also when this file is loaded by path (tests).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -37,11 +41,15 @@ import tensorflow as tf  # noqa: E402
 
 from bench import demo_runs  # noqa: E402
 from bench.timing import say  # noqa: E402
+import search_proxy_demo_gate  # noqa: E402  (load_reference, SPACE)
 import search_proxy_gate  # noqa: E402  (kendall_tau)
+import search_retrain  # noqa: E402  (model_dir_name)
 from nasfpn_tf.data import create_coco_tfrecord, input_pipeline, synthetic  # noqa: E402
 from nasfpn_tf.evaluation.evaluate import evaluate_detector  # noqa: E402
 from nasfpn_tf.search.journal import Journal  # noqa: E402
+from nasfpn_tf.training import precision  # noqa: E402
 from nasfpn_tf.training.trainer import METRICS_FILE  # noqa: E402
+from nasfpn_tf.utils.files import atomic_write  # noqa: E402
 
 FLAGS = flags.FLAGS
 SEED_SUFFIX = re.compile(r'^(?P<architecture>.+)_seed(?P<seed>\d+)$')
@@ -54,6 +62,10 @@ def define_flags() -> None:
   flags.DEFINE_integer('num_extra', 2000, 'Further validation images of the same split.')
   flags.DEFINE_integer('image_size', 256, "The synthetic generator's nominal size (the demo's).")
   flags.DEFINE_integer('eval_batch_size', 20, 'Images per evaluation batch.')
+  flags.DEFINE_string('reference', None, "A demo gate's reference (search_proxy_demo_gate.py "
+                      "--reference): also write its pyramids' AP on the extra images, per seed "
+                      'evaluated here, as OUTPUT_DIR/demo_reference_extra.json, a reference of '
+                      'its own for the gate.')
 
 
 def architecture_and_seed(model_dir: str):
@@ -151,6 +163,30 @@ def summarize(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
       'num_with_seeds_0_and_1': len(both)}
 
 
+def reference_on_extra(reference_path: str, rows: Sequence[Dict[str, Any]]):
+  """(a demo gate reference holding the pyramids of `reference_path` with their AP on the extra
+  images, for the seeds `rows` hold; the names of its pyramids of which none was evaluated). A
+  pyramid's model dirs are found by search_retrain's names: a fixed table's own name, a searched
+  one's key digest."""
+  by_run = {(r['architecture'], r['seed']): r for r in rows}
+  pyramids, missing = {}, []
+  for name, entry in search_proxy_demo_gate.load_reference(reference_path).items():
+    table = entry['rows']
+    if not isinstance(table, str):
+      table = search_retrain.model_dir_name(
+          'searched', search_proxy_demo_gate.SPACE.key(table), 0).rsplit('_seed', 1)[0]
+    ap = {str(seed): by_run[table, seed]['ap_extra'] for seed in sorted(entry['ap'])
+          if (table, seed) in by_run}
+    if ap:
+      pyramids[name] = {'block_specs': entry['block_specs'], 'ap': ap}
+    else:
+      missing.append(name)
+  num_extra = rows[0]['num_extra'] if rows else 0
+  return {'about': f'The pyramids of {reference_path} with their AP on {num_extra} further '
+                   'synthetic validation images (experiments/demo_eval_noise.py), per seed.',
+          'machine': precision.cpu_name(), 'pyramids': pyramids}, missing
+
+
 # The right panel's span below the best AP: the pyramids near the best, where seeds decide.
 ZOOM_SPAN = 0.1
 
@@ -181,7 +217,7 @@ def plot(rows: Sequence[Dict[str, Any]], path: pathlib.Path) -> None:
 
 
 def run(output_dir: str, model_dirs: Sequence[str], num_val: int, num_extra: int,
-        image_size: int, batch_size: int) -> Dict[str, Any]:
+        image_size: int, batch_size: int, reference: Optional[str] = None) -> Dict[str, Any]:
   out = pathlib.Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
   for model_dir in model_dirs:
@@ -207,6 +243,11 @@ def run(output_dir: str, model_dirs: Sequence[str], num_val: int, num_extra: int
   if summary['duplicates']:
     say(f"left out, a second dir of an architecture and seed: {summary['duplicates']}")
   plot(rows, out / 'demo_eval_noise.png')
+  if reference:
+    extra, missing = reference_on_extra(reference, rows)
+    atomic_write(out / 'demo_reference_extra.json', json.dumps(extra, indent=2) + '\n')
+    say(f"{out / 'demo_reference_extra.json'}: {len(extra['pyramids'])} pyramids"
+        + (f"; none evaluated of {missing}" if missing else ''))
   print(json.dumps({k: v for k, v in summary.items() if k != 'architectures'}), flush=True)
   return summary
 
@@ -216,7 +257,7 @@ def main(argv) -> None:
   if not FLAGS.model_dirs:
     raise app.UsageError('--model_dirs: give the trained demo model dirs to evaluate.')
   run(FLAGS.output_dir, FLAGS.model_dirs, FLAGS.num_val, FLAGS.num_extra, FLAGS.image_size,
-      FLAGS.eval_batch_size)
+      FLAGS.eval_batch_size, FLAGS.reference)
 
 
 if __name__ == '__main__':

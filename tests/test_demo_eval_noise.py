@@ -102,3 +102,22 @@ def test_the_plot_shows_every_model_and_zooms_on_those_near_the_best(tmp_path):
   assert points(zoom) == [(0.44, 0.45), (0.50, 0.49), (0.52, 0.53)]  # within 0.1 of 0.53
   assert [t.get_text() for t in zoom.get_legend().get_texts()] == ['fpn', 'nasfpn']
   training_helpers.read_png(tmp_path / 'plot.png')
+
+
+def test_a_gate_reference_is_rewritten_with_the_ap_on_the_extra_images(tmp_path):
+  gate = training_helpers.load_experiment('search_proxy_demo_gate')
+  key = gate.SPACE.key(gate.SPACE.sample(np.random.default_rng(0)))
+  digest = noise.search_retrain.model_dir_name('searched', key, 0).rsplit('_seed', 1)[0]
+  reference = tmp_path / 'reference.json'
+  reference.write_text(json.dumps({'pyramids': {
+      'nasfpn': {'block_specs': 'nasfpn', 'ap': {'0': 0.52, '1': 0.50, '2': 0.51}},
+      'mine': {'block_specs': key, 'ap': {'0': 0.47}},
+      'gone': {'block_specs': 'fpn', 'ap': {'0': 0.44}}}}))
+  rows = [_row('nasfpn', 0, 0.52, 0.53), _row('nasfpn', 1, 0.50, 0.49), _row(digest, 0, 0.47, 0.46)]
+  extra, missing = noise.reference_on_extra(str(reference), rows)
+  assert missing == ['gone']
+  assert extra['pyramids'] == {'nasfpn': {'block_specs': 'nasfpn', 'ap': {'0': 0.53, '1': 0.49}},
+                               'mine': {'block_specs': key, 'ap': {'0': 0.46}}}
+  (tmp_path / 'extra.json').write_text(json.dumps(extra))
+  loaded = gate.load_reference(str(tmp_path / 'extra.json'))  # the gate reads it back
+  assert loaded['mine']['ap'] == {0: 0.46} and loaded['nasfpn']['rows'] == 'nasfpn'
