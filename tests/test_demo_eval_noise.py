@@ -121,3 +121,18 @@ def test_a_gate_reference_is_rewritten_with_the_ap_on_the_extra_images(tmp_path)
   (tmp_path / 'extra.json').write_text(json.dumps(extra))
   loaded = gate.load_reference(str(tmp_path / 'extra.json'))  # the gate reads it back
   assert loaded['mine']['ap'] == {0: 0.46} and loaded['nasfpn']['rows'] == 'nasfpn'
+
+
+def test_the_shipped_extra_reference_holds_the_gate_references_pyramids_and_seeds():
+  gate = training_helpers.load_experiment('search_proxy_demo_gate')
+  bench = training_helpers.REPO / 'experiments' / 'bench'
+  demo = gate.load_reference(str(bench / 'demo_reference_zen4.json'))
+  extra = gate.load_reference(str(bench / 'demo_reference_extra_zen5.json'))
+  assert list(extra) == list(demo)
+  for name, entry in demo.items():
+    assert extra[name]['block_specs'] == entry['block_specs']
+    assert set(extra[name]['ap']) == set(entry['ap'])
+    # Each run's AP on the 2000 further images lies near its AP on the demo's 200 (within 0.02:
+    # the evaluation's part of a run's AP has an SD of about 0.004, docs/search.md).
+    for seed, ap in entry['ap'].items():
+      assert abs(extra[name]['ap'][seed] - ap) < 0.02, (name, seed)
