@@ -50,7 +50,9 @@ flags.DEFINE_enum('proxy', 'cpu', list(PROXIES), 'cpu: the embedded data (or --d
                   'frozen cached backbone features, ~30 s a trial on 2 cores; e2e: the CPU '
                   'proxy\'s images, split and pretrained backbone, the demo\'s detector trained '
                   'whole from it, backbone included, for 300 steps '
-                  '(gin_configs/search_proxy_e2e.gin), minutes a trial on 2 cores; paper: '
+                  '(gin_configs/search_proxy_e2e.gin), minutes a trial on 2 cores, and not '
+                  'yet a proxy to search with: its rewards ranked pyramids at random against '
+                  'the demo (README, "The proxy task"); paper: '
                   'the paper\'s proxy (ResNet-10, 512 px, 10 epochs) on --data_dir; synthetic: '
                   'no training, agreement with a target table (tests the search machinery).')
 flags.DEFINE_string('data_dir', None, '--proxy=cpu or e2e: a folder of your converter records '
