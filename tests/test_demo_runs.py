@@ -33,13 +33,16 @@ def test_parallel_runs_train_in_processes_of_their_own_and_keep_their_order(synt
   # The training parsed its gin in the workers: this process's config was left as it was.
   with pytest.raises(ValueError):
     gin.query_parameter('build_train_dataset.file_pattern')
-  # Finished model dirs are reused, in this process too: the same metrics, nothing trained.
-  again = demo_runs.train_all(runs[:1], parallel=1)
+  # Finished model dirs are reused, in this process too: the same metrics, nothing trained. A
+  # lone run is not sent to a worker whatever `parallel` says: this process parses its gin.
+  again = demo_runs.train_all(runs[:1], parallel=4)
   assert again == results[:1]
+  assert gin.query_parameter('build_train_dataset.file_pattern') == synthetic_records['train']
 
 
 def test_a_failing_run_in_a_worker_raises_its_error_here(synthetic_records, tmp_path):
-  runs = _runs(synthetic_records, tmp_path, [0], extra=['RetinaNetTrainer.no_such_setting = 1'])
+  runs = _runs(synthetic_records, tmp_path, [0, 1],
+               extra=['RetinaNetTrainer.no_such_setting = 1'])
   with pytest.raises(ValueError, match='no_such_setting'):
     demo_runs.train_all(runs, parallel=2)
   with pytest.raises(ValueError, match='parallel must be >= 1'):

@@ -120,11 +120,13 @@ def train_all(runs: Sequence[Run], parallel: int = 1,
   """`train_and_evaluate` of every run; returns their metrics in the order of `runs`. With
   `parallel` > 1, that many at once, each in a worker process of its own (spawned: its own
   TensorFlow and gin, the CPU's threads split between them, GPU memory shared): for a GPU or a
-  machine of many cores, where one demo run does not use it all. `starting(i)` is called as
-  run i starts (progress)."""
+  machine of many cores, where one demo run does not use it all; never more workers than runs,
+  and a single run trains in this process. `starting(i)` is called as run i starts (progress).
+  """
   if parallel < 1:
     raise ValueError(f'parallel must be >= 1, got {parallel}.')
-  if parallel == 1:
+  parallel = min(parallel, len(runs))  # A lone run keeps every thread, in this process.
+  if parallel <= 1:
     results = []
     for index, run in enumerate(runs):
       starting(index)
