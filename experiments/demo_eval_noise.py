@@ -46,6 +46,7 @@ import search_proxy_gate  # noqa: E402  (kendall_tau)
 import search_retrain  # noqa: E402  (model_dir_name)
 from nasfpn_tf.data import create_coco_tfrecord, input_pipeline, synthetic  # noqa: E402
 from nasfpn_tf.evaluation.evaluate import evaluate_detector  # noqa: E402
+from nasfpn_tf.export.saved_model import load_model  # noqa: E402
 from nasfpn_tf.search.journal import Journal  # noqa: E402
 from nasfpn_tf.training import precision  # noqa: E402
 from nasfpn_tf.training.trainer import METRICS_FILE  # noqa: E402
@@ -96,9 +97,7 @@ def evaluate(model_dir: str, file_pattern: str, num_val: int, batch_size: int) -
   """AP and AP50 of the model dir's last checkpoint on the first `num_val` images of the
   records and on the rest."""
   start = time.perf_counter()
-  model, _, step = demo_runs.load_model(model_dir)
-  if num_val % batch_size:
-    raise ValueError(f'--num_val={num_val} must be a multiple of --eval_batch_size={batch_size}.')
+  model, _, step = load_model(model_dir)
   dataset = input_pipeline.build_eval_dataset(file_pattern, batch_size, model.get_config())
   detect = tf.function(model.detect)
   demo = evaluate_detector(detect, dataset.take(num_val // batch_size))
@@ -218,10 +217,14 @@ def plot(rows: Sequence[Dict[str, Any]], path: pathlib.Path) -> None:
 
 def run(output_dir: str, model_dirs: Sequence[str], num_val: int, num_extra: int,
         image_size: int, batch_size: int, reference: Optional[str] = None) -> Dict[str, Any]:
-  out = pathlib.Path(output_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  """Evaluates the model dirs not in OUTPUT_DIR's journal yet; prints, plots and returns the
+  summary of all of them (`summarize`)."""
+  if num_val % batch_size:  # The demo's images must be whole batches: they are taken first.
+    raise ValueError(f'--num_val={num_val} must be a multiple of --eval_batch_size={batch_size}.')
   for model_dir in model_dirs:
     architecture_and_seed(model_dir)  # Every name checked before any work.
+  out = pathlib.Path(output_dir)
+  out.mkdir(parents=True, exist_ok=True)
   journal = Journal(out / 'rows.jsonl')
   done = {r['model_dir'] for r in journal.recover()}
   todo = [d for d in model_dirs if d not in done]

@@ -18,11 +18,14 @@ def _row(arch, seed, ap_val, ap_extra, name=None):
           'ap_val': ap_val, 'ap_extra': ap_extra, 'num_val': 200, 'num_extra': 2000}
 
 
-def test_names_give_architecture_and_seed_and_a_bad_name_is_named():
+def test_names_give_architecture_and_seed_and_a_bad_name_is_named(tmp_path):
   assert noise.architecture_and_seed('/r/searched-27e18497df9b_seed12') == (
       'searched-27e18497df9b', 12)
   with pytest.raises(ValueError, match='--model_dirs: /r/nasfpn is not named'):
     noise.architecture_and_seed('/r/nasfpn')
+  with pytest.raises(ValueError, match='--num_val=30 must be a multiple of --eval_batch_size=20'):
+    noise.run(str(tmp_path / 'out'), ['/r/nasfpn_seed0'], 30, 10, 256, 20)
+  assert not (tmp_path / 'out').exists()  # refused before any work
 
 
 def test_summary_against_numpy_and_scipy():
