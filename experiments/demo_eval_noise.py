@@ -44,7 +44,7 @@ from bench.timing import say  # noqa: E402
 import search_proxy_demo_gate  # noqa: E402  (load_reference, SPACE)
 import search_proxy_gate  # noqa: E402  (kendall_tau)
 import search_retrain  # noqa: E402  (model_dir_name)
-from nasfpn_tf.data import create_coco_tfrecord, input_pipeline, synthetic  # noqa: E402
+from nasfpn_tf.data import input_pipeline  # noqa: E402
 from nasfpn_tf.evaluation.evaluate import evaluate_detector  # noqa: E402
 from nasfpn_tf.export.saved_model import load_model  # noqa: E402
 from nasfpn_tf.search.journal import Journal  # noqa: E402
@@ -76,21 +76,6 @@ def architecture_and_seed(model_dir: str):
     raise ValueError(f'--model_dirs: {model_dir} is not named <architecture>_seed<N> (as '
                      'experiments/search_retrain.py names its model dirs).')
   return match['architecture'], int(match['seed'])
-
-
-def val_records(output_dir: pathlib.Path, num_images: int, image_size: int) -> str:
-  """The synthetic val split's first `num_images` (seed 0: the demo's images come first) as one
-  TFRecord shard in image order, written once; returns its file pattern."""
-  root = output_dir / f'val_{num_images}_{image_size}px'
-  if not (root / 'DONE').exists():
-    say(f'writing {num_images} synthetic validation images to {root}')
-    synthetic.generate(root / 'raw', num_train=0, num_val=num_images, image_size=image_size,
-                       seed=0, num_processes=2)
-    create_coco_tfrecord.convert(str(root / 'raw' / 'annotations' / 'instances_val.json'),
-                                 str(root / 'raw' / 'val'), str(root / 'val'), num_shards=1,
-                                 num_threads=2)
-    (root / 'DONE').write_text('ok')
-  return str(root / 'val-*.tfrecord')
 
 
 def evaluate(model_dir: str, file_pattern: str, num_val: int, batch_size: int) -> Dict[str, Any]:
@@ -228,7 +213,9 @@ def run(output_dir: str, model_dirs: Sequence[str], num_val: int, num_extra: int
   journal = Journal(out / 'rows.jsonl')
   done = {r['model_dir'] for r in journal.recover()}
   todo = [d for d in model_dirs if d not in done]
-  file_pattern = val_records(out, num_val + num_extra, image_size) if todo else None
+  # The synthetic val split's first images (seed 0: the demo's come first), one shard in order.
+  file_pattern = demo_runs.synthetic_records(
+      out, 0, num_val + num_extra, image_size)['val'] if todo else None
   for i, model_dir in enumerate(todo, 1):
     row = evaluate(model_dir, file_pattern, num_val, batch_size)
     check_recorded(row)

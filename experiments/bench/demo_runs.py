@@ -32,19 +32,24 @@ DEMO_GIN = 'demo.gin'
 DEMO_NUM_TRAIN, DEMO_NUM_VAL = 2000, 200
 
 
-def synthetic_records(work_dir: pathlib.Path, num_train: int, num_val: int) -> Dict[str, str]:
-  """The synthetic shapes (256 px nominal, seed 0, ids 1..9: the images of `make demo` at its
-  sizes) as TFRecords in work_dir, made once."""
-  root = pathlib.Path(work_dir) / f'synthetic_{num_train}_{num_val}'
+def synthetic_records(work_dir: pathlib.Path, num_train: int, num_val: int,
+                      image_size: int = 256) -> Dict[str, str]:
+  """The synthetic shapes (seed 0, ids 1..9; at 256 px nominal, the images of `make demo` at
+  its sizes) as TFRecords in work_dir, made once; the val split in one shard, in image order.
+  `num_train` 0: no train split (its pattern then matches nothing)."""
+  suffix = '' if image_size == 256 else f'_{image_size}px'
+  root = pathlib.Path(work_dir) / f'synthetic_{num_train}_{num_val}{suffix}'
   done = root / 'DONE'
   if not done.exists():
     say(f'writing {num_train} + {num_val} synthetic images to {root}')
-    synthetic.generate(root / 'raw', num_train=num_train, num_val=num_val, image_size=256,
-                       seed=0)
-    for split in ('train', 'val'):
-      create_coco_tfrecord.convert(str(root / 'raw' / 'annotations' / f'instances_{split}.json'),
-                                   str(root / 'raw' / split), str(root / split),
-                                   num_shards=4 if split == 'train' else 1, num_threads=2)
+    synthetic.generate(root / 'raw', num_train=num_train, num_val=num_val,
+                       image_size=image_size, seed=0, num_processes=2)
+    for split, count in (('train', num_train), ('val', num_val)):
+      if count:
+        create_coco_tfrecord.convert(
+            str(root / 'raw' / 'annotations' / f'instances_{split}.json'),
+            str(root / 'raw' / split), str(root / split),
+            num_shards=4 if split == 'train' else 1, num_threads=2)
     done.write_text('ok')
   return {'train': str(root / 'train-*.tfrecord'), 'val': str(root / 'val-*.tfrecord'),
           'val_json': str(root / 'raw' / 'annotations' / 'instances_val.json')}
