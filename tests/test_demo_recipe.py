@@ -44,6 +44,13 @@ def test_the_summary_agrees_with_numpy():
        np.mean([0.45, 0.43, 0.49]), 105.0])
   assert as_is['seeds'] == 3 and as_is['share_at_aim'] == pytest.approx(2 / 3)
   assert summary[1]['share_at_aim'] == 0.5
+  # Against as_is seed by seed: lr's seeds 0 and 1 (-0.07, +0.08).
+  assert as_is['paired_seeds'] == 3 and as_is['AP50_minus_as_is'] == 0.0
+  assert as_is['ahead_of_as_is'] == 0
+  assert summary[1]['paired_seeds'] == 2 and summary[1]['ahead_of_as_is'] == 1
+  assert summary[1]['AP50_minus_as_is'] == pytest.approx(np.mean([0.55 - 0.62, 0.66 - 0.58]))
+  alone = demo_recipe.summarize([dict(rows[1], seed=7)], aim=0.6)
+  assert alone[0]['paired_seeds'] == 0 and alone[0]['AP50_minus_as_is'] is None
   one = demo_recipe.summarize(rows[:1], aim=0.7)
   assert one[0]['AP50_sd'] == 0.0 and one[0]['share_at_aim'] == 0.0
 
