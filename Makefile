@@ -109,7 +109,7 @@ DEMO_RECORDS := $(DEMO_DIR)/records
 DEMO_GIN_ARGS ?=
 # The demo's config by what this machine trains fast (nasfpn_tf/training/precision.py, demo_gin):
 # demo.gin (SGD, 1100 steps) in bfloat16 (AMX-BF16, a GPU) or in float32 with AVX-512 (Zen 4, 5),
-# demo_float32.gin (AdamW, 500 steps: half the time, a less certain AP50) on AVX2-only CPUs;
+# demo_float32.gin (AdamW, 500 steps with a long warm-up: half the time) on AVX2-only CPUs;
 # evaluated only when the demo runs.
 DEMO_GIN ?= $(or $(shell $(PY) -m nasfpn_tf.training.precision --demo_gin 2>/dev/null),demo.gin)
 # TensorFlow's C++ INFO/WARNING lines (CUDA probing, oneDNN notices) hide the progress lines.

@@ -151,9 +151,9 @@ def demo_gin(flags: Optional[FrozenSet[str]] = None,
              accelerator: Optional[bool] = None) -> str:
   """The demo's gin file on this machine: 'demo.gin' (SGD, 1100 steps of 8 images) wherever its
   step is fast enough for 10 minutes, i.e. in bfloat16 (AMX-BF16, a GPU or TPU) and in float32
-  with AVX-512 (e.g. AMD Zen 4, Zen 5); 'demo_float32.gin' (AdamW, 500 steps: half the images,
-  so about half the time, with a less certain AP50) on CPUs without AVX-512 (AVX2-only, e.g.
-  AMD Zen 3).
+  with AVX-512 (e.g. AMD Zen 4, Zen 5); 'demo_float32.gin' (AdamW, 500 steps of which 300 warm
+  up: half the images, so about half the time) on CPUs without AVX-512 (AVX2-only, e.g. AMD
+  Zen 3).
 
   `flags`, `accelerator`: as `training_precision` takes them (default: this machine's).
   """
