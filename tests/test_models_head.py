@@ -2,8 +2,11 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras
 from official.vision.modeling.heads import dense_prediction_heads
 
+from nasfpn_tf.layers import common
+from nasfpn_tf.models.fcos_head import FCOSHead
 from nasfpn_tf.models.head import RetinaNetHead
 
 
@@ -65,3 +68,18 @@ def test_config_round_trip():
                        num_filters=8, use_separable_conv=True, kernel_regularizer='l2')
   clone = RetinaNetHead.from_config(head.get_config())
   assert clone.get_config() == head.get_config()
+
+
+def test_predictors_pad_their_output_channels_in_bfloat16():
+  """The class and box predictors are PaddedOutputConv2D (the separable head keeps TFM's
+  SeparableConv2D, whose bfloat16 gradient did not show the fault); FCOS's too."""
+  head = RetinaNetHead(3, 4, num_classes=91, num_anchors_per_location=9, num_convs=1,
+                       num_filters=8)
+  assert type(head.classifier) is type(head.box_regressor) is common.PaddedOutputConv2D
+  assert type(head.cls_convs[0]) is tf_keras.layers.Conv2D
+  separable = RetinaNetHead(3, 4, num_classes=91, num_anchors_per_location=9, num_convs=1,
+                            num_filters=8, use_separable_conv=True)
+  assert type(separable.classifier) is tf_keras.layers.SeparableConv2D
+  fcos = FCOSHead(3, 4, num_classes=91, num_convs=1, num_filters=8)
+  assert all(type(layer) is common.PaddedOutputConv2D
+             for layer in (fcos.classifier, fcos.box_regressor, fcos.centerness))

@@ -84,7 +84,8 @@ class FCOSHead(tf_keras.layers.Layer):
           pointwise_initializer=tf_keras.initializers.RandomNormal(stddev=0.01),
           depthwise_regularizer=self._kernel_regularizer,
           pointwise_regularizer=self._kernel_regularizer, bias_regularizer=self._bias_regularizer)
-    return tf_keras.layers.Conv2D(
+    # Padded in bfloat16 (an odd class count makes oneDNN's backward return NaN now and then).
+    return common.PaddedOutputConv2D(
         filters, 3, padding='same', name=name, bias_initializer=bias_initializer,
         kernel_initializer=tf_keras.initializers.RandomNormal(stddev=0.01),
         kernel_regularizer=self._kernel_regularizer, bias_regularizer=self._bias_regularizer)

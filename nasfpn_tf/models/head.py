@@ -60,8 +60,11 @@ class RetinaNetHead(tf_keras.layers.Layer):
              for i in range(self._config['num_convs'])]
     norms = [[common.norm_layer(**norm, name=f'{prefix}-conv-norm_{level}_{i}')
               for i in range(self._config['num_convs'])] for level in levels]
-    predictor = conv_class(predictor_filters, 3, padding='same', bias_initializer=predictor_bias,
-                           name=predictor_name, **self._kernel_kwargs(separable, tower=False))
+    # Padded in bfloat16: an odd count (9 x 91) makes oneDNN's backward return NaN now and then.
+    predictor_class = tf_keras.layers.SeparableConv2D if separable else common.PaddedOutputConv2D
+    predictor = predictor_class(predictor_filters, 3, padding='same',
+                                bias_initializer=predictor_bias, name=predictor_name,
+                                **self._kernel_kwargs(separable, tower=False))
     return convs, norms, predictor
 
   def _kernel_kwargs(self, separable, tower):
