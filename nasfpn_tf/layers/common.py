@@ -39,10 +39,10 @@ class PaddedOutputConv2D(tf_keras.layers.Conv2D):
 
   For predictors (RetinaNet's 9 x 91 = 819 class logits). On CPUs, oneDNN's bfloat16 backward of
   such a convolution (the gradient to its input, reduced over the output channels) reads past
-  an odd or not 32-aligned channel count and, now and then, returns NaN for a whole image
-  (TF 2.20 on an AVX512-BF16 Zen 5: 819 or 817 channels about 1 call in 500, 818 or 832 never in
-  thousands; oneDNN issue 5717 is the same fault on AMX). One such call stops training with a
-  NaN in every variable below the head. Same variables, names and config as `Conv2D`, so
+  an odd channel count and now and then returns NaN for a whole image (oneDNN issue 5717 is the
+  same fault on AMX for counts not a multiple of 32): one such call stops training with a NaN in
+  every variable below the head. How often, and what padding changed: docs/precision.md and
+  experiments/bfloat16_conv_nan.py. Same variables, names and config as `Conv2D`, so
   checkpoints and `set_weights` are unchanged.
   """
 
