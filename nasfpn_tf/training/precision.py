@@ -7,7 +7,9 @@ trains in float32 unless forced, and the run's first line says so:
   5-8x slower than float32 (issue 22: the demo at under 1.4 images/s against 7.2 in float32).
 - CPUs with AVX512-BF16 but no AMX (e.g. AMD Zen 4 and Zen 5): bfloat16 training of the
   RetinaNet on real COCO images stopped learning while its loss stayed finite and its weights
-  went NaN (issue 10; the README's "Mixed precision" section).
+  went NaN (issue 10, a Zen 4; the README's "Mixed precision" section). The NaN was oneDNN's
+  bfloat16 gradient of the class predictor, since padded (`layers.common.PaddedOutputConv2D`),
+  after which bfloat16 learned coco128 on a Zen 5; not yet measured again for this choice.
 Every part that trains (the trainer, the search's CPU proxy and its cache, the experiments and
 the benchmark) takes this one decision, `training_precision`.
 """
@@ -126,7 +128,9 @@ def training_precision(mixed_precision: Optional[str], force_bfloat16: bool = Fa
     if force_bfloat16:
       return 'bfloat16', ('Training precision: mixed_bfloat16 on a CPU with AVX512-BF16 and no '
                           'AMX, forced by RetinaNetTrainer.force_bfloat16: bfloat16 training did '
-                          'not learn on such CPUs (AMD EPYC) in our runs; watch the loss.')
+                          'not learn on a Zen 4 in our runs (issue 10); on a Zen 5 it learned '
+                          'once the class predictor was padded (docs/precision.md); watch the '
+                          'loss.')
     return None, ('Training precision: float32, not the requested bfloat16: this CPU has '
                   'AVX512-BF16 and no AMX (e.g. AMD Zen 4, Zen 5), where bfloat16 training on '
                   'real COCO images stopped learning in our runs (see README, "Mixed '
