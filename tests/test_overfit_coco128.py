@@ -1,5 +1,6 @@
 """Real COCO images train: a short run must learn in float32 and in bfloat16 (issue 10: bfloat16
-stopped learning on AMD Zen 4 with a finite loss), and experiments/overfit_coco128.py takes any
+stopped learning on AMD Zen 4 and went NaN; session 27: oneDNN's gradient of the class predictor,
+now padded), and experiments/overfit_coco128.py takes any
 coco128-like folder and prints its JSON summary line."""
 import json
 import os

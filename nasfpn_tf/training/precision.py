@@ -1,15 +1,15 @@
 """Which Keras mixed-precision policy a requested training precision gets on this hardware.
 
-A requested bfloat16 is used where the hardware does it fast and soundly: GPUs, TPUs and CPUs
-with AMX-BF16 (Intel Sapphire Rapids and later). Everywhere else `mixed_precision='bfloat16'`
-trains in float32 unless forced, and the run's first line says so:
-- CPUs without bfloat16 hardware (AVX2-only, e.g. AMD Zen 3): TensorFlow emulates bfloat16 there,
-  5-8x slower than float32 (issue 22: the demo at under 1.4 images/s against 7.2 in float32).
-- CPUs with AVX512-BF16 but no AMX (e.g. AMD Zen 4 and Zen 5): bfloat16 training of the
-  RetinaNet on real COCO images stopped learning while its loss stayed finite and its weights
-  went NaN (issue 10, a Zen 4; the README's "Mixed precision" section). The NaN was oneDNN's
-  bfloat16 gradient of the class predictor, since padded (`layers.common.PaddedOutputConv2D`),
-  after which bfloat16 learned coco128 on a Zen 5; not yet measured again for this choice.
+A requested bfloat16 is used where the hardware does it: GPUs, TPUs and CPUs with AMX-BF16 (Intel
+Sapphire Rapids and later) or AVX512-BF16 (e.g. AMD Zen 4, Zen 5). On CPUs without bfloat16
+hardware (AVX2-only, e.g. AMD Zen 3) TensorFlow emulates bfloat16, 5-8x slower than float32
+(issue 22: the demo at under 1.4 images/s against 7.2 in float32), so `mixed_precision='bfloat16'`
+trains in float32 there unless forced, and the run's first line says so.
+AVX512-BF16 CPUs trained in float32 from issue 10 (a Zen 4, where bfloat16 training on real COCO
+images stopped learning and its weights went NaN) to session 27, when the NaN was found to be
+oneDNN's bfloat16 gradient of the class predictor, since padded (`layers.common.
+PaddedOutputConv2D`): on a Zen 5 bfloat16 then learned coco128 as float32 does, and trained the
+demo in 429 s against float32's 591 s the same day (docs/precision.md).
 Every part that trains (the trainer, the search's CPU proxy and its cache, the experiments and
 the benchmark) takes this one decision, `training_precision`.
 """
@@ -125,17 +125,7 @@ def training_precision(mixed_precision: Optional[str], force_bfloat16: bool = Fa
   if hardware == 'AMX-BF16':
     return 'bfloat16', 'Training precision: mixed_bfloat16 (AMX-BF16).'
   if hardware == 'AVX512-BF16':
-    if force_bfloat16:
-      return 'bfloat16', ('Training precision: mixed_bfloat16 on a CPU with AVX512-BF16 and no '
-                          'AMX, forced by RetinaNetTrainer.force_bfloat16: bfloat16 training did '
-                          'not learn on a Zen 4 in our runs (issue 10); on a Zen 5 it learned '
-                          'once the class predictor was padded (docs/precision.md); watch the '
-                          'loss.')
-    return None, ('Training precision: float32, not the requested bfloat16: this CPU has '
-                  'AVX512-BF16 and no AMX (e.g. AMD Zen 4, Zen 5), where bfloat16 training on '
-                  'real COCO images stopped learning in our runs (see README, "Mixed '
-                  'precision"). Set RetinaNetTrainer.force_bfloat16 = True to train in bfloat16 '
-                  'anyway.')
+    return 'bfloat16', 'Training precision: mixed_bfloat16 (AVX512-BF16).'
   if force_bfloat16:
     return 'bfloat16', ('Training precision: mixed_bfloat16 on a CPU without bfloat16 hardware, '
                         'forced by RetinaNetTrainer.force_bfloat16: emulated, 5-8x slower than '
@@ -154,8 +144,9 @@ DEMO_FLOAT32_GIN = 'demo_float32.gin'
 def demo_gin(flags: Optional[FrozenSet[str]] = None,
              accelerator: Optional[bool] = None) -> str:
   """The demo's gin file on this machine: 'demo.gin' (SGD, 1100 steps of 8 images) wherever its
-  step is fast enough for 10 minutes, i.e. in bfloat16 (AMX-BF16, a GPU or TPU) and in float32
-  with AVX-512 (e.g. AMD Zen 4, Zen 5); 'demo_float32.gin' (AdamW, 500 steps of which 300 warm
+  step is fast enough for 10 minutes, i.e. in bfloat16 (AMX-BF16, AVX512-BF16 such as AMD Zen 4
+  and Zen 5, a GPU or TPU) and in float32 with AVX-512 but no bfloat16 (e.g. Intel Skylake-SP to
+  Ice Lake); 'demo_float32.gin' (AdamW, 500 steps of which 300 warm
   up: half the images, so about half the time) on CPUs without AVX-512 (AVX2-only, e.g. AMD
   Zen 3).
 

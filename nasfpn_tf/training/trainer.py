@@ -64,10 +64,10 @@ class RetinaNetTrainer:
     train_steps, global_batch_size: the run length and the batch over all replicas.
     optimizer, momentum, weight_decay: 'sgd' with `momentum` (its decay: the model's
       `build_retinanet.l2_weight_decay`) or 'adamw' with decoupled `weight_decay`.
-    mixed_precision: None, 'bfloat16', or 'float16' (with dynamic loss scaling). On a CPU with
-      AVX512-BF16 and no AMX, 'bfloat16' trains in float32 (it did not learn there; see
-      `training.precision`) unless force_bfloat16; the run's first line says which.
-    force_bfloat16: train in bfloat16 even where it did not learn in our runs.
+    mixed_precision: None, 'bfloat16', or 'float16' (with dynamic loss scaling). On a CPU without
+      bfloat16 hardware (AVX2-only), 'bfloat16' trains in float32 (emulated bfloat16 is 5-8x
+      slower; see `training.precision`) unless force_bfloat16; the run's first line says which.
+    force_bfloat16: train in bfloat16 even where it is emulated.
     clip_gradient_norm: clip the summed gradients to this global norm (None: off).
     steps_per_execution: train steps per tf.function call (an in-graph loop: fewer host round
       trips on TPUs); logs and checkpoints fall on its multiples.
