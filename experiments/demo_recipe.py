@@ -36,13 +36,15 @@ from matplotlib.figure import Figure  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import demo_runs  # noqa: E402
+from nasfpn_tf.search import search_dir  # noqa: E402
 from nasfpn_tf.utils.files import atomic_write  # noqa: E402
 
 FLAGS = flags.FLAGS
 AS_IS = 'as_is'
-# Seconds of a run's training and evaluation (of the call that finished it), with the gin file
-# and bindings it was trained with, written in its model dir when it finishes.
+# Seconds of a run's training and evaluation, written in its model dir when it finishes.
 SECONDS_FILE = 'demo_recipe_seconds.json'
+# The gin file and bindings a model dir is trained with (it is named by its variant only).
+RECIPE_FILE = 'demo_recipe.json'
 
 
 def define_flags():
@@ -86,20 +88,15 @@ def run(output_dir: pathlib.Path, gin_file: str, variants: Sequence[Tuple[str, L
     for name, bindings in variants:
       model_dir = output_dir / f'{name}_seed{seed}'
       seconds_path = model_dir / SECONDS_FILE
-      recipe = {'gin_file': gin_file, 'bindings': bindings}
-      if seconds_path.exists():  # The dir is named by the variant: its settings must match.
-        trained = json.loads(seconds_path.read_text())
-        if {key: trained.get(key) for key in recipe} != recipe:
-          raise ValueError(
-              f'{model_dir} was trained as {trained.get("gin_file")} with '
-              f'{trained.get("bindings")}, not as --variant {name!r} now asks ({gin_file} with '
-              f'{bindings}): give the variant another name or remove that dir.')
+      search_dir.check_identity(model_dir, {'gin_file': gin_file, 'bindings': bindings},
+                                file_name=RECIPE_FILE, what='demo_recipe run',
+                                flag=f'--variant name than {name!r}')
       start = time.time()
       metrics = demo_runs.train_and_evaluate(
           model_dir, demo_runs.demo_bindings(records, extra=[*common_bindings, *bindings]), seed,
           gin_file)
       if not seconds_path.exists():
-        atomic_write(seconds_path, json.dumps({'seconds': time.time() - start, **recipe}))
+        atomic_write(seconds_path, json.dumps({'seconds': time.time() - start}))
       rows.append({'variant': name, 'bindings': bindings, 'seed': seed, 'AP': metrics['AP'],
                    'AP50': metrics['AP50'],
                    'seconds': json.loads(seconds_path.read_text())['seconds']})

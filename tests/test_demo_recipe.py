@@ -76,7 +76,7 @@ def test_variants_train_with_their_bindings_and_a_rerun_reuses_them(synthetic_re
                          common_bindings=common) == rows
   # A variant name reused with other settings names the dir instead of reusing it.
   changed = [variants[0], ('slow', ['StepDecayWithWarmup.base_learning_rate = 0.002'])]
-  with pytest.raises(ValueError, match="slow_seed0 was trained as demo.gin with"):
+  with pytest.raises(ValueError, match="slow_seed0 holds another demo_recipe run.*bindings"):
     demo_recipe.run(tmp_path, 'demo.gin', changed, [0], records=synthetic_records,
                     common_bindings=common)
   demo_recipe.draw(rows, 0.6, tmp_path / 'demo_recipe.png')
